@@ -1,0 +1,3 @@
+from openk2.cli import main
+
+main()

@@ -1,0 +1,180 @@
+"""Sigmoid-routed mixture of experts with a shared expert and aux-loss-free load balancing.
+
+Routing follows DeepSeek-V3 / K2 (`noaux_tc`): fp32 sigmoid scores; experts are *selected* on
+scores + `e_score_correction_bias` (group-limited top-k); the gate weights are the *unbiased* scores of
+the chosen experts, renormalized when `norm_topk_prob`, times `routed_scaling_factor`. Routed experts are
+3-D weights computed with sort-based dispatch and grouped matmuls (no Python loop over experts).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openk2.model.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (the dense layers and the shared experts)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """HF `mlp.gate`: `weight` [E, D] and the fp32 selection bias `e_score_correction_bias` [E]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E = cfg.n_routed_experts
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (expert ids [T, K], gate weights [T, K] fp32, sigmoid scores [T, E] fp32)."""
+        scores_TE = torch.sigmoid(F.linear(x_TD.float(), self.weight.float()))
+        with torch.no_grad():
+            choice_TE = scores_TE + self.e_score_correction_bias
+            if self.n_group > 1:
+                T, E = choice_TE.shape
+                choice_TGe = choice_TE.view(T, self.n_group, E // self.n_group)
+                group_scores_TG = choice_TGe.topk(2, dim=-1).values.sum(dim=-1)
+                top_groups_TG = group_scores_TG.topk(self.topk_group, dim=-1).indices
+                keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, top_groups_TG, True)
+                choice_TE = choice_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
+            expert_ids_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
+        # The bias only selects experts; gate weights come from the unbiased scores.
+        weights_TK = scores_TE.gather(1, expert_ids_TK)
+        if self.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return expert_ids_TK, weights_TK * self.scaling, scores_TE
+
+
+class _GroupedMM(torch.autograd.Function):
+    """`F.grouped_mm` with an explicit backward: torch's own CPU backward for grouped_mm fails on
+    strides in torch 2.13, while the forward kernels it needs (grouped dX and dW) work."""
+
+    @staticmethod
+    def forward(ctx, x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_SK, w_EKN, offs_E)
+        return F.grouped_mm(x_SK, w_EKN, offs=offs_E)
+
+    @staticmethod
+    def backward(ctx, grad_SN: torch.Tensor):
+        x_SK, w_EKN, offs_E = ctx.saved_tensors
+        grad_SN = grad_SN.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.grouped_mm(grad_SN, w_EKN.transpose(-2, -1), offs=offs_E)
+        if ctx.needs_input_grad[1]:
+            grad_w = F.grouped_mm(x_SK.t(), grad_SN, offs=offs_E)
+        return grad_x, grad_w, None
+
+
+def grouped_matmul(x_SK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor, impl: str) -> torch.Tensor:
+    """Rows of x_SK sorted by expert (counts_E rows each) times that expert's w_EKN[e]."""
+    if impl == "grouped_mm":
+        offs_E = counts_E.cumsum(0).to(torch.int32)
+        if x_SK.is_cuda:
+            return F.grouped_mm(x_SK, w_EKN, offs=offs_E)
+        return _GroupedMM.apply(x_SK, w_EKN, offs_E)
+    # padded_bmm: scatter rows into an [E, capacity, K] block, one bmm, gather back.
+    E = w_EKN.shape[0]
+    starts_E = counts_E.cumsum(0) - counts_E
+    expert_S = torch.repeat_interleave(torch.arange(E, device=x_SK.device), counts_E, output_size=x_SK.shape[0])
+    slot_S = torch.arange(x_SK.shape[0], device=x_SK.device) - starts_E[expert_S]
+    capacity = int(counts_E.max()) if x_SK.shape[0] else 0
+    x_ECK = x_SK.new_zeros(E, capacity, x_SK.shape[1]).index_put((expert_S, slot_S), x_SK)
+    return torch.bmm(x_ECK, w_EKN)[expert_S, slot_S]
+
+
+def default_moe_impl(device: torch.device) -> str:
+    return "grouped_mm" if hasattr(F, "grouped_mm") else "padded_bmm"
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts as 3-D weights: gate_proj/up_proj [E, F, D], down_proj [E, D, F]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, D, Fd = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = nn.Parameter(torch.empty(E, Fd, D))
+        self.up_proj = nn.Parameter(torch.empty(E, Fd, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, Fd))
+        self.impl = cfg.moe_impl
+
+    def forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        impl = default_moe_impl(x_SD.device) if self.impl == "auto" else self.impl
+        gate_SF = grouped_matmul(x_SD, self.gate_proj.transpose(-2, -1), counts_E, impl)
+        up_SF = grouped_matmul(x_SD, self.up_proj.transpose(-2, -1), counts_E, impl)
+        return grouped_matmul(F.silu(gate_SF) * up_SF, self.down_proj.transpose(-2, -1), counts_E, impl)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            if cfg.n_shared_experts > 0 else None
+        )
+        self.seq_aux_loss_coef = cfg.seq_aux_loss_coef
+        # Tokens routed to each expert since the last bias update (training forwards only).
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x_ND = x_BTD.reshape(B * T, D)
+        expert_ids_NK, weights_NK, scores_NE = self.gate(x_ND)
+        flat_ids = expert_ids_NK.reshape(-1)
+        counts_E = torch.bincount(flat_ids, minlength=self.n_experts)
+        if self.training:
+            self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
+            if self.seq_aux_loss_coef > 0:
+                self.aux_loss = self._seq_aux_loss(expert_ids_NK.view(B, T, -1), scores_NE.view(B, T, -1))
+        # Sort token-slots by expert, run each expert on its contiguous rows, then unsort.
+        order = flat_ids.argsort(stable=True)
+        token_of_slot = order // self.top_k
+        y_sorted_SD = self.experts(x_ND.index_select(0, token_of_slot), counts_E)
+        y_NKD = y_sorted_SD.new_empty(y_sorted_SD.shape).index_copy(0, order, y_sorted_SD).view(B * T, -1, D)
+        # Gate weights are applied after the experts, in fp32; a sum over K (not scatter_add) is deterministic.
+        y_ND = (y_NKD.float() * weights_NK.unsqueeze(-1)).sum(dim=1).to(x_BTD.dtype)
+        if self.shared_experts is not None:
+            y_ND = y_ND + self.shared_experts(x_ND)
+        return y_ND.view(B, T, D)
+
+    def _seq_aux_loss(self, ids_BTK: torch.Tensor, scores_BTE: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3 sequence-wise balance loss: coef * sum_e f_e * P_e, averaged over sequences."""
+        B, T, K = ids_BTK.shape
+        E = self.n_experts
+        with torch.no_grad():
+            counts_BE = torch.zeros(B, E, device=ids_BTK.device).scatter_add_(
+                1, ids_BTK.view(B, -1), torch.ones(B, T * K, device=ids_BTK.device)
+            )
+            f_BE = counts_BE * E / (K * T)
+        p_BE = (scores_BTE / scores_BTE.sum(dim=-1, keepdim=True)).mean(dim=1)
+        return self.seq_aux_loss_coef * (f_BE * p_BE).sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, rate: float) -> torch.Tensor:
+        """Aux-loss-free balancing step: bias += rate * sign(mean load - load), mean-centred (torchtitan).
+        Returns the load counts used. Call after the optimizer step; under data/expert parallelism
+        all-reduce `tokens_per_expert` first so every rank applies the same update."""
+        counts_E = self.tokens_per_expert.clone()
+        if counts_E.sum() > 0:
+            delta_E = rate * torch.sign(counts_E.mean() - counts_E)
+            self.gate.e_score_correction_bias += delta_E - delta_E.mean()
+        self.tokens_per_expert.zero_()
+        return counts_E

@@ -1,0 +1,233 @@
+"""The Kimi K2 / DeepSeek-V3 decoder, free of any parallelism code.
+
+Module names mirror HF `DeepseekV3ForCausalLM`, so the state dict keys are the HF weight names except the
+routed experts, which live as 3-D tensors (`mlp.experts.{gate,up,down}_proj`) and are split per expert
+only on export (`openk2.model.hf`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openk2.model.attention import MLA
+from openk2.model.config import ModelConfig
+from openk2.model.kv_cache import KVCache
+from openk2.model.moe import MLP, MoE
+from openk2.model.rope import rope_cos_sin, rope_inv_freq
+
+IGNORE_INDEX = -100
+
+# Parameter groups by name (never by ndim): matrices, 3-D experts and the router go to Muon.
+_ADAMW_PATTERN = re.compile(r"(embed_tokens|lm_head|norm)\.weight$|\.bias$")
+_MUON_PATTERN = re.compile(r"(_proj\.weight|experts\.(gate|up|down)_proj|mlp\.gate\.weight)$")
+# Output projections that write into the residual stream get a depth-scaled init (GPT-2 style).
+_RESIDUAL_OUT_PATTERN = re.compile(r"(o_proj\.weight|down_proj\.weight|experts\.down_proj)$")
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, layer_idx)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp: MLP | MoE = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x_BTD, cos_BTR, sin_BTR, cache=None) -> torch.Tensor:
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_BTR, sin_BTR, cache)
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+
+
+class Decoder(nn.Module):
+    """HF `DeepseekV3Model`: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+
+class K2Model(nn.Module):
+    """Kimi K2 causal LM (HF `DeepseekV3ForCausalLM`).
+
+    Build small models directly (`K2Model(cfg)` then `init_weights()`), or on the meta device for big ones
+    (`with torch.device("meta"): m = K2Model(cfg)`, then `m.to_empty(device=...)` and `m.init_weights()`).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope: tuple[torch.Tensor, float] | None = None
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> K2Model:
+        """All initialization in one place: N(0, initializer_range) matrices and embeddings, residual output
+        projections scaled by 1/sqrt(2 * layers), unit norms, zero biases and router selection biases."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                nn.init.normal_(p, 0.0, out_std if _RESIDUAL_OUT_PATTERN.search(name) else std, generator=gen)
+        self.reset_buffers()
+        return self
+
+    @torch.no_grad()
+    def reset_buffers(self, keep_router_bias: bool = False) -> None:
+        """(Re)create buffers: needed after meta-device construction or `to_empty`."""
+        self._rope = None
+        for m in self.moe_layers():
+            m.tokens_per_expert.zero_()
+            if not keep_router_bias:
+                m.gate.e_score_correction_bias.zero_()
+
+    # --------------------------------------------------------------- modules
+    def attention_layers(self) -> list[MLA]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """{"muon": [...], "adamw": [...]} as (name, parameter) pairs; every parameter in exactly one."""
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"muon": [], "adamw": []}
+        unassigned = []
+        for name, p in self.named_parameters():
+            in_adamw, in_muon = bool(_ADAMW_PATTERN.search(name)), bool(_MUON_PATTERN.search(name))
+            if in_adamw == in_muon:
+                unassigned.append(name)
+            else:
+                groups["adamw" if in_adamw else "muon"].append((name, p))
+        if unassigned:
+            raise RuntimeError(f"parameters in no (or both) optimizer groups: {unassigned}")
+        return groups
+
+    @contextlib.contextmanager
+    def recording_max_logits(self) -> Iterator[None]:
+        """Within the block, training forwards record per-head max logits into `attn.max_logit_H`."""
+        attns = self.attention_layers()
+        previous = [a.record_max_logits for a in attns]
+        for a in attns:
+            a.record_max_logits = True
+        try:
+            yield
+        finally:
+            for a, prev in zip(attns, previous, strict=True):
+                a.record_max_logits = prev
+
+    def update_expert_biases(self, rate: float | None = None) -> dict[str, float]:
+        """Aux-loss-free balancing for every MoE layer; returns the worst max/mean load ratio seen."""
+        rate = self.config.bias_update_rate if rate is None else rate
+        worst = 0.0
+        for m in self.moe_layers():
+            counts = m.update_bias(rate)
+            if counts.sum() > 0:
+                worst = max(worst, float(counts.max() / counts.mean()))
+        return {"max_load_ratio": worst}
+
+    # --------------------------------------------------------------- forward
+    def _cos_sin(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope is None or self._rope[0].device != positions_BT.device:
+            self._rope = rope_inv_freq(self.config, positions_BT.device)
+        inv_freq, attention_factor = self._rope
+        return rope_cos_sin(inv_freq, positions_BT, attention_factor, dtype)
+
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        reduction: str = "mean",
+        position_ids_BT: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        valid_BT: torch.Tensor | None = None,
+        last_logits_only: bool = False,
+    ) -> CausalLMOutput:
+        """Logits [B, T, V] and, with `labels`, the cross-entropy over tokens whose label is not -100.
+
+        `labels[b, t]` is the target for position t, i.e. already shifted (the openk2 loader yields
+        (inputs, targets) pairs). `reduction="sum"` returns the summed loss for token-count normalization
+        across micro-batches. `cache`/`valid_BT`/`position_ids_BT` are used by `generate`.
+        """
+        B, T = input_ids_BT.shape
+        x_BTD = self.model.embed_tokens(input_ids_BT)
+        if position_ids_BT is None:
+            position_ids_BT = torch.arange(T, device=input_ids_BT.device).unsqueeze(0)
+        cos_BTR, sin_BTR = self._cos_sin(position_ids_BT, x_BTD.dtype)
+        if cache is not None:
+            cache.begin_chunk(valid_BT if valid_BT is not None else input_ids_BT.new_ones(B, T, dtype=torch.bool))
+        for layer in self.model.layers:
+            x_BTD = layer(x_BTD, cos_BTR, sin_BTR, None if cache is None else cache.layers[layer.self_attn.layer_idx])
+        if cache is not None:
+            cache.end_chunk(T)
+        x_BTD = self.model.norm(x_BTD)
+        if last_logits_only:
+            x_BTD = x_BTD[:, -1:]
+        logits_BTV = self.lm_head(x_BTD)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits_BTV.float().view(-1, logits_BTV.shape[-1]), labels.reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum",
+            )
+            if reduction == "mean":
+                loss = loss / (labels != IGNORE_INDEX).sum().clamp(min=1)
+            if self.training:
+                aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+                if aux:
+                    loss = loss + torch.stack(aux).sum() * (1.0 if reduction == "mean" else labels.numel())
+                    for m in self.moe_layers():
+                        m.aux_loss = None
+        return CausalLMOutput(logits=logits_BTV, loss=loss)
+
+    # ------------------------------------------------------------- generate
+    def generate(self, input_ids_BT, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Cached generation; see `openk2.model.generate.generate` for the arguments."""
+        from openk2.model.generate import generate
+
+        return generate(self, input_ids_BT, max_new_tokens, **kwargs)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        cfg, w = self.config, self.lm_head.weight
+        return KVCache(cfg.num_hidden_layers, batch, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                       w.device, w.dtype)
+
+
+def build_model(
+    cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, seed: int = 0
+) -> K2Model:
+    """Construct on the meta device, materialize on `device`, and initialize."""
+    with torch.device("meta"):
+        model = K2Model(cfg)
+    model.to_empty(device=device)
+    model.init_weights(seed=seed)
+    if dtype is not None:
+        model.to(dtype)
+        for m in model.moe_layers():  # the selection bias stays fp32 (HF keeps it fp32 too)
+            m.gate.e_score_correction_bias.data = m.gate.e_score_correction_bias.float()
+    return model
