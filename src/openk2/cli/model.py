@@ -1,20 +1,13 @@
-"""The `openk2` command line."""
+"""Model commands: presets and parameter counts."""
 
 from __future__ import annotations
 
 import json
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="openk2: the Kimi K2 recipe, end to end.", no_args_is_help=True, add_completion=False)
-console = Console()
-
-
-def _fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}")
-    raise typer.Exit(2)
+from openk2.cli.app import app, console, fail
 
 
 @app.command()
@@ -29,7 +22,7 @@ def params(
     try:
         rows = {n: count_params(get_preset(n)).as_dict() for n in names}
     except ConfigError as e:
-        _fail(str(e))
+        fail(str(e))
     if as_json:
         print(json.dumps(rows[preset] if preset else rows, indent=2))
         return
@@ -54,10 +47,3 @@ def speedrun() -> None:
     """The main job: the whole recipe on the embedded world corpus (grows with each stage)."""
     params(preset=None, as_json=False)
 
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

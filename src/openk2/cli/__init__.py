@@ -1,0 +1,11 @@
+"""The `openk2` command line. Each module below registers its commands on `app`."""
+
+from openk2.cli import model  # noqa: F401  (registers commands)
+from openk2.cli.app import app
+
+
+def main() -> None:
+    app()
+
+
+__all__ = ["app", "main"]
