@@ -1,6 +1,9 @@
 """The `openk2` command line. Each module below registers its commands on `app`."""
 
-from openk2.cli import model  # noqa: F401  (registers commands)
+from openk2.cli import (
+    hf,  # noqa: F401
+    model,  # noqa: F401  (registers commands)
+)
 from openk2.cli.app import app
 
 

@@ -27,7 +27,7 @@ IGNORE_INDEX = -100
 
 # Parameter groups by name (never by ndim): matrices, 3-D experts and the router go to Muon.
 _ADAMW_PATTERN = re.compile(r"(embed_tokens|lm_head|norm)\.weight$|\.bias$")
-_MUON_PATTERN = re.compile(r"(_proj\.weight|experts\.(gate|up|down)_proj|mlp\.gate\.weight)$")
+_MUON_PATTERN = re.compile(r"(_proj(_with_mqa)?\.weight|experts\.(gate|up|down)_proj|mlp\.gate\.weight)$")
 # Output projections that write into the residual stream get a depth-scaled init (GPT-2 style).
 _RESIDUAL_OUT_PATTERN = re.compile(r"(o_proj\.weight|down_proj\.weight|experts\.down_proj)$")
 
@@ -101,6 +101,8 @@ class K2Model(nn.Module):
     def reset_buffers(self, keep_router_bias: bool = False) -> None:
         """(Re)create buffers: needed after meta-device construction or `to_empty`."""
         self._rope = None
+        if self.config.tie_word_embeddings:  # to_empty() replaces each parameter separately: re-tie
+            self.lm_head.weight = self.model.embed_tokens.weight
         for m in self.moe_layers():
             m.tokens_per_expert.zero_()
             if not keep_router_bias:

@@ -1,0 +1,1 @@
+"""Pretraining: typed TOML configs, the WSD schedule, atomic checkpoints, metrics and the trainer."""

@@ -1,0 +1,197 @@
+"""Typed training configuration loaded from TOML, with dotted `--set key=value` overrides.
+
+Every key is a dataclass field; an unknown key is an error that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class TrainConfigError(ValueError):
+    """An invalid training configuration or override."""
+
+
+@dataclass
+class ModelSection:
+    preset: str = "nano"
+    # Any ModelConfig field, e.g. {num_hidden_layers = 4}. vocab_size follows the tokenizer unless set here.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    # [{path = "...", weight = 1.0, kind = "auto", text_field = "text"}]; empty = the embedded world corpus.
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    tokenizer: str = ""  # a tokenizer directory; empty = train one on the data (cached)
+    vocab_size: int = 4096  # when training the tokenizer
+    val_fraction: float = 0.02
+    on_error: str = "fail"  # corrupt JSONL lines: "fail" or "skip"
+    world_seed: int = 0
+    world_people: int = 600
+    cache_dir: str = ""  # where tokenized shards and tokenizers are cached; empty = <run.dir>/../.cache
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 200
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 2e-2
+    warmup_steps: int = 20
+    decay_fraction: float = 0.3  # the last fraction of max_steps decays to final_lr_fraction * lr
+    decay_shape: str = "cosine"  # "cosine" (K2) or "linear"
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
+    optimizer: str = "muonclip"  # "muonclip" or "adamw"
+    qk_clip_tau: float = 100.0  # <= 0 disables QK-Clip
+    momentum: float = 0.95
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 1
+    checkpoint_every: int = 50
+    keep_last: int = 2
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 on CUDA) | "float32" | "bfloat16"
+    deterministic: bool = True
+
+
+@dataclass
+class InitSection:
+    # Start from another run's checkpoint (weights only) with this config's schedule, seq_len and RoPE/YaRN.
+    from_checkpoint: str = ""
+    # Applied to the model config when starting from a checkpoint, e.g. YaRN for long context.
+    rope_scaling: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunSection:
+    dir: str = "runs/nano"
+    tensorboard: bool = True
+    progress: bool = True
+    force: bool = False  # resume even if the stored config differs
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    init: InitSection = field(default_factory=InitSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        cfg = cls()
+        for section, values in d.items():
+            if section not in _SECTIONS:
+                raise TrainConfigError(f"unknown section [{section}]; valid sections: {', '.join(_SECTIONS)}")
+            if not isinstance(values, dict):
+                raise TrainConfigError(f"[{section}] must be a table, got {values!r}")
+            for key, value in values.items():
+                _assign(cfg, f"{section}.{key}", value)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        t = self.train
+        checks = [
+            (t.max_steps > 0, "train.max_steps must be > 0"),
+            (t.batch_size > 0 and t.grad_accum > 0 and t.seq_len > 1, "batch_size, grad_accum, seq_len must be > 0"),
+            (t.optimizer in ("muonclip", "adamw"), f"train.optimizer must be muonclip or adamw, got {t.optimizer!r}"),
+            (t.decay_shape in ("cosine", "linear"), f"train.decay_shape must be cosine or linear: {t.decay_shape!r}"),
+            (0 <= t.decay_fraction <= 1, "train.decay_fraction must lie in [0, 1]"),
+            (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}"),
+            (t.dtype in ("auto", "float32", "bfloat16"), f"train.dtype must be auto, float32 or bfloat16: {t.dtype!r}"),
+            (self.data.on_error in ("fail", "skip"), "data.on_error must be fail or skip"),
+            (t.keep_last >= 1, "train.keep_last must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise TrainConfigError(msg)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def valid_keys() -> list[str]:
+    cfg = TrainConfig()
+    return [f"{s}.{f.name}" for s in _SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
+
+
+def _assign(cfg: TrainConfig, dotted: str, value: Any) -> None:
+    section, _, key = dotted.partition(".")
+    target = getattr(cfg, section, None) if section in _SECTIONS else None
+    if target is None or not key:
+        raise TrainConfigError(f"unknown key {dotted!r}; valid keys: {', '.join(valid_keys())}")
+    if key.startswith("overrides.") and section == "model":  # model.overrides.num_hidden_layers=4
+        target.overrides[key.split(".", 1)[1]] = value
+        return
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    if key not in fields:
+        raise TrainConfigError(f"unknown key {dotted!r}; valid keys: {', '.join(valid_keys())}")
+    default = getattr(type(target)(), key)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise TrainConfigError(f"{dotted} must be true or false, got {value!r}")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(default) in (int, float, str, list, dict) and not isinstance(value, type(default)):
+        raise TrainConfigError(f"{dotted} must be {type(default).__name__}, got {value!r}")
+    setattr(target, key, value)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=3e-4' -> ('train.lr', 0.0003); values are parsed as TOML, falling back to a bare string."""
+    if "=" not in text:
+        raise TrainConfigError(f"override {text!r} must look like key=value (e.g. train.lr=3e-4)")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise TrainConfigError(f"config file {p} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise TrainConfigError(f"{p}: invalid TOML: {e}") from e
+    cfg = TrainConfig.from_dict(data)
+    for text in overrides:
+        key, value = parse_override(text)
+        _assign(cfg, key, value)
+    cfg.validate()
+    return cfg
+
+
+def diff_configs(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two config dicts (for refusing a mismatched resume)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "<missing>"), new.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict) and key != "overrides":
+            out += diff_configs(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
