@@ -16,16 +16,31 @@ _DTYPES = ("bf16", "fp32")
 
 
 def resolve_model_source(path: str | Path) -> K2Model:
-    """Load the model that `path` names. Today: a HF checkpoint directory. The one place to add other
-    sources (a training run directory, once the trainer exists)."""
+    """Load the model that `path` names: a HF checkpoint directory or a training run directory (its latest
+    checkpoint). The one place to add other sources."""
     from openk2.model.hf import CONFIG_NAME, CheckpointError, load_hf
+    from openk2.train.checkpoint import latest_checkpoint, load_model_from_run
 
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     if (path / CONFIG_NAME).is_file():
         return load_hf(path)
-    raise CheckpointError(f"{path}: not a model source (expected a HF checkpoint directory with {CONFIG_NAME})")
+    if latest_checkpoint(path) is not None:
+        return load_model_from_run(path)
+    raise CheckpointError(
+        f"{path}: not a model source (expected a HF checkpoint directory with {CONFIG_NAME}, "
+        "or a training run directory with checkpoints/step_*)"
+    )
+
+
+def tokenizer_dir_of(path: str | Path) -> Path | None:
+    """Where the tokenizer of a model source lives: the HF directory itself or `<run>/tokenizer`."""
+    path = Path(path)
+    for candidate in (path, path / "tokenizer"):
+        if (candidate / "tokenizer.json").is_file():
+            return candidate
+    return None
 
 
 def _summary(model: K2Model) -> str:
@@ -42,7 +57,7 @@ def _summary(model: K2Model) -> str:
 
 @app.command("export-hf")
 def export_hf(
-    src: Path = typer.Argument(..., help="Model source: a HF checkpoint directory."),
+    src: Path = typer.Argument(..., help="Model source: a HF checkpoint directory or a training run directory."),
     dst: Path = typer.Argument(..., help="Output directory (config.json + safetensors shards)."),
     dtype: str = typer.Option(None, "--dtype", help="Weight dtype: bf16 or fp32 (default: the source's)."),
     max_shard_gb: float = typer.Option(5.0, "--max-shard-gb", help="Largest shard size in GiB."),
@@ -58,9 +73,14 @@ def export_hf(
     try:
         model = resolve_model_source(src)
         out = save_hf(model, dst, dtype=torch_dtype, max_shard_bytes=int(max_shard_gb * 2**30))
-    except (CheckpointError, ConfigError) as e:
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
         fail(str(e))
-    console.print(f"exported {_summary(model)}")
+    tok_dir = tokenizer_dir_of(src)
+    if tok_dir is not None and tok_dir.resolve() != Path(out).resolve():
+        from openk2.data.tokenizer import Tokenizer
+
+        Tokenizer.load(tok_dir).save(out)  # serving and chat read the tokenizer next to the weights
+    console.print(f"exported {_summary(model)}" + (" with its tokenizer" if tok_dir else ""))
     console.print(f"to {out}" + (f" as {dtype}" if dtype else ""))
 
 

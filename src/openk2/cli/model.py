@@ -40,10 +40,3 @@ def _human(n: int) -> str:
         if n >= div:
             return f"{n / div:.2f}{unit}"
     return str(n)
-
-
-@app.command()
-def speedrun() -> None:
-    """The main job: the whole recipe on the embedded world corpus (grows with each stage)."""
-    params(preset=None, as_json=False)
-

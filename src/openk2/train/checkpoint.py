@@ -84,3 +84,16 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     return torch.load(Path(path) / "state.pt", map_location=map_location, weights_only=False)
+
+
+def load_model_from_run(run_dir: Path, device: str | torch.device = "cpu"):
+    """The model of a run directory's latest checkpoint (a `K2Model` in eval mode)."""
+    from openk2.model import ModelConfig, build_model
+
+    ckpt = latest_checkpoint(Path(run_dir))
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint (expected {Path(run_dir) / 'checkpoints'}/step_*)")
+    state = load_checkpoint(ckpt, map_location=device)
+    model = build_model(ModelConfig.from_hf_dict(state["model_config"]), device=device)
+    model.load_state_dict(state["model"])
+    return model.eval()

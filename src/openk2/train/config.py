@@ -33,7 +33,7 @@ class DataSection:
     # [{path = "...", weight = 1.0, kind = "auto", text_field = "text"}]; empty = the embedded world corpus.
     sources: list[dict[str, Any]] = field(default_factory=list)
     tokenizer: str = ""  # a tokenizer directory; empty = train one on the data (cached)
-    vocab_size: int = 4096  # when training the tokenizer
+    vocab_size: int = 2048  # when training the tokenizer (the default world supports ~2.4k merges)
     val_fraction: float = 0.02
     on_error: str = "fail"  # corrupt JSONL lines: "fail" or "skip"
     world_seed: int = 0

@@ -1,0 +1,1 @@
+"""Data: the embedded fictional world corpus, text sources, tokenized shards and the packing loader."""

@@ -1,0 +1,99 @@
+"""From config to batches: sources (or the embedded world) -> tokenizer -> token shards -> packed loader.
+
+Everything expensive is cached under `data.cache_dir` (default: `<run.dir>/../.cache`) by content keys, so a
+second run, a resume or the speedrun reuses the tokenizer and shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from openk2.data.loader import PackedLoader, validation_batches
+from openk2.data.shards import build_shards, tokenizer_fingerprint
+from openk2.data.sources import Source, SourceSpec, TextListSource, iter_documents, source_fingerprint
+from openk2.data.tokenizer import Tokenizer, train_tokenizer
+from openk2.data.world import World, world_documents
+from openk2.train.config import TrainConfig, TrainConfigError
+
+
+@dataclass
+class PreparedData:
+    tokenizer: Tokenizer
+    shards_dir: Path
+    loader: PackedLoader
+    val_batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    token_bytes: torch.Tensor  # UTF-8 bytes per token id, for bits per byte
+    world: World | None = None
+
+
+def cache_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.run.dir).resolve().parent / ".cache"
+
+
+def world_for(cfg: TrainConfig) -> World:
+    return World.generate(seed=cfg.data.world_seed, n_people=cfg.data.world_people)
+
+
+def build_sources(cfg: TrainConfig) -> tuple[list[Source], World | None]:
+    if not cfg.data.sources:
+        world = world_for(cfg)
+        return [
+            TextListSource("world", world_documents(world, "train")),
+            # Held-out biography styles of the same people: validation only.
+            TextListSource("world-val", world_documents(world, "validation"), split="val"),
+        ], world
+    specs = []
+    for i, s in enumerate(cfg.data.sources):
+        if not isinstance(s, dict) or "path" not in s:
+            raise TrainConfigError(f"data.sources[{i}] must be a table with a 'path', got {s!r}")
+        try:
+            specs.append(SourceSpec(**s))
+        except TypeError as e:
+            raise TrainConfigError(f"data.sources[{i}]: {e}") from e
+    return specs, None
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def get_tokenizer(cfg: TrainConfig, sources: list[Source], progress: bool = True) -> Tokenizer:
+    """The configured tokenizer directory, or one trained on the training sources (cached by content)."""
+    if cfg.data.tokenizer:
+        path = Path(cfg.data.tokenizer)
+        if not (path / "tokenizer.json").is_file():
+            raise TrainConfigError(f"data.tokenizer={path} has no tokenizer.json")
+        return Tokenizer.load(path)
+    train_sources = [s for s in sources if s.split != "val"]
+    key = _key([source_fingerprint(s) for s in train_sources], cfg.data.vocab_size)
+    path = cache_dir(cfg) / f"tokenizer-{cfg.data.vocab_size}-{key}"
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer.load(path)
+    texts = (doc for s in train_sources for doc in iter_documents(s, on_error=cfg.data.on_error))
+    tokenizer = train_tokenizer(texts, cfg.data.vocab_size, show_progress=progress)
+    tokenizer.save(path)
+    return tokenizer
+
+
+def prepare_data(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> PreparedData:
+    t = cfg.train
+    sources, world = build_sources(cfg)
+    tokenizer = get_tokenizer(cfg, sources, progress=cfg.run.progress)
+    key = _key(tokenizer_fingerprint(tokenizer), [source_fingerprint(s) for s in sources], cfg.data.val_fraction)
+    shards_dir = cache_dir(cfg) / f"shards-{key}"
+    build_shards(sources, shards_dir, tokenizer, val_fraction=cfg.data.val_fraction, on_error=cfg.data.on_error,
+                 progress=cfg.run.progress)
+    loader = PackedLoader(shards_dir, t.batch_size, t.seq_len, rank=rank, world_size=world_size, seed=t.seed)
+
+    def val() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return validation_batches(shards_dir, t.batch_size, t.seq_len, rank=rank, world_size=world_size,
+                                  max_batches=t.eval_batches)
+
+    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long)
+    return PreparedData(tokenizer, shards_dir, loader, val, token_bytes, world)

@@ -1,0 +1,119 @@
+"""`openk2 speedrun`: the whole recipe on a laptop, each stage measured, ending in `runs/<name>/report.md`.
+
+Stages today: world corpus -> tokenizer -> shards -> pretraining with MuonClip -> evaluation (validation loss
+and bits per byte, knowledge probes, samples) -> report with plots. Later stages (SFT, RL, benchmarks) append
+to the same run directory and report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from openk2.data.world import world_probes
+from openk2.model import count_params
+from openk2.train.config import TrainConfig, load_config
+from openk2.train.data_setup import prepare_data
+from openk2.train.evaluation import complete, probe_report
+from openk2.train.metrics import read_metrics
+from openk2.train.trainer import Trainer
+
+PROBE_PEOPLE = 60  # people per split probed at the end (6 attributes x 2 phrasings each)
+
+
+def speedrun(name: str = "nano", config: str | Path | None = None, overrides: list[str] = ()) -> Path:
+    cfg = load_config(config, [f"run.dir='runs/{name}'", *overrides])
+    run_dir = Path(cfg.run.dir)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    data = prepare_data(cfg)
+    timings["data (world, tokenizer, shards)"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, data)
+    last = trainer.train()
+    timings["pretrain"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model, tok = trainer.model.eval(), data.tokenizer
+    final = trainer.evaluate()
+    probes = probe_report(model, tok, world_probes(data.world, max_people=PROBE_PEOPLE)) if data.world else {}
+    person = data.world.train_people[0].name if data.world else "The"
+    sample_prompts = [f"{person} was born", f"{person} studied", "The company", "Q: Where does"]
+    samples = complete(model, tok, sample_prompts, max_new_tokens=40, temperature=0.7)
+    timings["evaluation"] = time.perf_counter() - t0
+
+    summary = {"name": name, "config": cfg.to_dict(), "last_step": last, "final_eval": final, "probes": probes,
+               "samples": dict(zip(sample_prompts, samples, strict=True)), "timings_s": timings,
+               "params": count_params(trainer.model_config).as_dict()}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    plots = write_plots(run_dir)
+    write_report(run_dir, cfg, summary, plots)
+    print(f"report: {run_dir / 'report.md'}")
+    return run_dir / "report.md"
+
+
+def write_plots(run_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    if not rows:
+        return []
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(steps, [r["loss"] for r in rows], label="train", lw=0.8)
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if val:
+        axes[0].plot(*zip(*val, strict=True), "o-", label="validation")
+    axes[0].set(title="loss (nats/token)", xlabel="step")
+    axes[0].legend()
+    axes[1].plot(steps, [r["lr"] for r in rows])
+    axes[1].set(title="learning rate (WSD)", xlabel="step")
+    per_layer = [r.get("max_logit_per_layer") or [] for r in rows]
+    for layer in range(max(len(p) for p in per_layer)):
+        axes[2].plot(steps, [p[layer] if layer < len(p) else float("nan") for p in per_layer], lw=0.8,
+                     label=f"layer {layer}")
+    axes[2].set(title="max attention logit per layer", xlabel="step")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(run_dir / "training.png", dpi=110)
+    plt.close(fig)
+    return ["training.png"]
+
+
+def write_report(run_dir: Path, cfg: TrainConfig, s: dict[str, Any], plots: list[str]) -> None:
+    last, final, probes, params = s["last_step"], s["final_eval"], s["probes"], s["params"]
+    lines = [
+        f"# openk2 speedrun: {s['name']}", "",
+        f"Model `{cfg.model.preset}`: {params['total'] / 1e6:.1f}M parameters, {params['activated'] / 1e6:.1f}M "
+        f"activated per token. Optimizer {cfg.train.optimizer} (tau={cfg.train.qk_clip_tau}).", "",
+        "| metric | value |", "|---|---:|",
+        f"| steps | {last.get('step')} |",
+        f"| tokens | {last.get('tokens', 0):,} |",
+        f"| final train loss | {last.get('loss', float('nan')):.3f} |",
+        f"| validation loss | {final.get('val_loss', float('nan')):.3f} |",
+        f"| validation bits/byte | {final.get('val_bpb', float('nan')):.3f} |",
+        f"| max attention logit (last step) | {last.get('max_logit', float('nan')):.1f} |",
+        f"| throughput (tokens/s) | {last.get('tok_per_s', 0):.0f} |",
+    ]
+    for key in ("seen/recall", "seen/qa", "seen", "unseen"):
+        if key in probes:
+            note = " (held-out people: chance level)" if key == "unseen" else ""
+            lines.append(f"| probe accuracy {key}{note} | {probes[key]:.1%} |")
+    lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in s["timings_s"].items()]
+    if plots:
+        lines += ["", "## Training curves", ""] + [f"![{p}]({p})" for p in plots]
+    if probes:
+        lines += ["", "## Probe accuracy by attribute (seen people)", "", "| attribute | accuracy |", "|---|---:|"]
+        lines += [f"| {k.split('/', 1)[1]} | {v:.1%} |" for k, v in probes.items()
+                  if k.startswith("seen/") and k.count("/") == 1 and k.split("/")[1] not in ("recall", "qa")]
+    lines += ["", "## Samples (temperature 0.7)", ""]
+    lines += [f"- **{p}**{c!r}" for p, c in s["samples"].items()]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
