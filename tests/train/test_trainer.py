@@ -113,3 +113,20 @@ def test_start_from_checkpoint_with_new_schedule_and_yarn(tmp_path):
     assert t.step == 0
     t.train()
     assert read_metrics(tmp_path / "long" / "metrics.jsonl")[-1]["tokens"] == 2 * 2 * 128
+
+
+def test_run_directory_exports_to_hf_with_its_tokenizer(tmp_path):
+    from typer.testing import CliRunner
+
+    from openk2.cli import app
+    from openk2.model import load_hf
+    from openk2.serve.model_dir import load_model_dir
+
+    Trainer(_cfg(tmp_path, "a", "train.max_steps=2", "train.checkpoint_every=2")).train()
+    result = CliRunner().invoke(app, ["export-hf", str(tmp_path / "a"), str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    state = load_checkpoint(latest_checkpoint(tmp_path / "a"))["model"]
+    assert torch.equal(load_hf(tmp_path / "hf").state_dict()["lm_head.weight"], state["lm_head.weight"])
+    bundle = load_model_dir(tmp_path / "a")  # serving reads run directories directly too
+    assert bundle.tokenizer.vocab_size == bundle.model.config.vocab_size == 700

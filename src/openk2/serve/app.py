@@ -1,0 +1,171 @@
+"""The HTTP server: FastAPI routes over `OpenAIService`, OpenAI-style errors, auth, and disconnect handling.
+
+Routes: `GET /health`, `GET /v1/models`, `GET /v1/models/{model}`, `POST /v1/chat/completions`,
+`POST /v1/completions` (both with `stream: true` as server-sent events ending in `data: [DONE]`).
+
+Every error is `{"error": {"message", "type", "param", "code"}}`: 400 for malformed JSON and invalid requests,
+401 for a missing/wrong API key (when the server has one), 404 for unknown models and routes, 405, 413 for
+oversized bodies, 503 when overloaded, 500 for anything unexpected (the server keeps running). A client that
+disconnects, streaming or not, cancels its generations, which frees their cache rows at the next engine step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from openk2.serve.protocol import APIError, error_body
+from openk2.serve.service import OpenAIService
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 32 * 2**20
+
+
+def _error(status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+           code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type, param, code), status_code=status)
+
+
+def create_app(service: OpenAIService, api_key: str | None = None, manage_engine: bool = True) -> FastAPI:
+    """The FastAPI app. With `manage_engine`, the app's lifespan starts and stops the engine."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_engine:
+            service.start()
+        try:
+            yield
+        finally:
+            if manage_engine:
+                service.stop()
+
+    app = FastAPI(title="openk2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(exc.status_code, str(exc.detail), kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, f"invalid request: {exc.errors()}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, f"internal error: {exc!r}", "server_error")
+
+    def check_auth(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           type="authentication_error", code="invalid_api_key")
+
+    async def read_json(request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return service.health()
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        check_auth(request)
+        return service.models()
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str, request: Request) -> dict[str, Any]:
+        check_auth(request)
+        return service.model(model)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        check_auth(request)
+        job = service.prepare_chat(await read_json(request))
+        if job.stream:
+            return _sse(service.stream_chat(job))
+        return await _unless_disconnected(request, lambda: service.run_chat(job))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        check_auth(request)
+        job = service.prepare_completion(await read_json(request))
+        if job.stream:
+            return _sse(service.stream_completion(job))
+        return await _unless_disconnected(request, lambda: service.run_completion(job))
+
+    return app
+
+
+def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except APIError as e:  # after the headers went out, an error can only be an event
+            yield f"data: {json.dumps(e.body())}\n\n"
+        except Exception as e:
+            log.exception("stream failed")
+            yield f"data: {json.dumps(error_body(f'internal error: {e!r}', 'server_error'))}\n\n"
+        finally:
+            # On disconnect Starlette cancels this generator; closing the chunks cancels the generations.
+            await chunks.aclose()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _unless_disconnected(request: Request, run: Callable[[], Awaitable[dict[str, Any]]]) -> Response:
+    """The JSON response of `run()`, which is cancelled (and so are its generations) if the client disconnects
+    first; then the response (status 499, nginx's "client closed request") goes nowhere."""
+    work = asyncio.ensure_future(run())
+
+    async def watch() -> None:
+        # The body has been read, so the next ASGI message is the disconnect (uvicorn sends it when the
+        # connection drops, or once our response is complete).
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+    if work.cancelled():
+        return Response(status_code=499)
+    return JSONResponse(work.result())

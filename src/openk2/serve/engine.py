@@ -1,0 +1,541 @@
+"""The batching scheduler: one thread owns the model and serves every request in shared forward passes.
+
+Continuous batching over a `SlotKVCache`. Requests are submitted from any thread (or event loop) and wait
+in a FIFO queue. Each iteration of the engine loop
+
+1. drops cancelled sequences (their cache rows are freed at once),
+2. admits waiting sequences into free rows with ONE batched, left-padded prefill (bounded by a token
+   budget, so a burst of long prompts cannot stall the running sequences for long), sampling each new
+   sequence's first token from the prefill logits, and
+3. runs ONE decode forward for all running sequences (one token each) and samples the next token of each.
+
+A sequence leaves as soon as it finishes, so a new request joins at the next iteration instead of waiting
+for the whole batch. Sampling is per sequence (temperature, top-p, seed, logit bias), each with its own
+`torch.Generator`, so a seeded request's samples do not depend on what else is running (up to float
+rounding of batched matmuls). Log-probabilities come from the log-softmax of the raw logits, before
+temperature, top-p, bias or bans.
+
+Results are streamed as events (`TokenEvent`, `PromptLogprobsEvent`, then exactly one `FinishEvent`) into
+a `Generation` handle, iterated with `async for` when submitted from a running event loop, else with `for`.
+The engine never dies from a failing forward: the sequences in it get a `FinishEvent("error")` and the loop
+goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from openk2.model.generate import left_pad, sample_next
+from openk2.serve.slot_cache import SlotKVCache
+
+if TYPE_CHECKING:
+    from openk2.model.transformer import K2Model
+
+log = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate one sequence. `temperature` 0 is greedy; `logprobs` = k returns the chosen token's
+    log-probability plus the k most likely alternatives (0: just the chosen one; None: nothing)."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    banned_token_ids: tuple[int, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for k in (self.logprobs, self.prompt_logprobs):
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {k}")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    logprob: TokenLogprob | None = None
+
+
+@dataclass(frozen=True)
+class PromptLogprobsEvent:
+    entries: list[TokenLogprob | None]  # one per prompt token; the first is None (nothing predicts it)
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    reason: str  # "stop" (a stop token), "length", "cancelled" or "error"
+    n_generated: int  # tokens sampled, including a stop token
+    stop_token_id: int | None = None
+    error: str | None = None
+
+
+Event = TokenEvent | PromptLogprobsEvent | FinishEvent
+
+
+class Generation:
+    """Handle of one submitted sequence. Iterate it for its events (the last is a `FinishEvent`);
+    `cancel()` frees its cache row at the engine's next iteration."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
+        self.cancelled = False
+        self.finish: FinishEvent | None = None
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self._aq: asyncio.Queue[Event] | None = asyncio.Queue() if self._loop is not None else None
+        self._q: queue.SimpleQueue[Event] | None = queue.SimpleQueue() if self._loop is None else None
+
+    def cancel(self) -> None:
+        if not self.cancelled and self.finish is None:
+            self.cancelled = True
+            self.engine._wake()
+
+    async def batches(self) -> AsyncIterator[list[Event]]:
+        """Events in batches: everything that arrived since the consumer last looked (one per engine step
+        when it keeps up, more when it falls behind, so a slow consumer does less work per token)."""
+        if self._aq is None:
+            raise RuntimeError("this Generation was submitted outside an event loop; iterate it with `for`")
+        while self.finish is None:
+            batch = [await self._aq.get()]
+            while not self._aq.empty():
+                batch.append(self._aq.get_nowait())
+            for event in batch:
+                if isinstance(event, FinishEvent):
+                    self.finish = event
+            yield batch
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    def __iter__(self) -> Iterator[Event]:
+        if self._q is None:
+            raise RuntimeError("this Generation was submitted inside an event loop; iterate it with `async for`")
+        while self.finish is None:
+            event = self._q.get()
+            if isinstance(event, FinishEvent):
+                self.finish = event
+            yield event
+
+    def result(self) -> tuple[list[int], FinishEvent]:
+        """Blocking: the generated token ids and the finish event (sync handles only)."""
+        ids = [e.token_id for e in self if isinstance(e, TokenEvent)]
+        assert self.finish is not None
+        return ids, self.finish
+
+
+@dataclass
+class _Seq:
+    gen: Generation
+    generator: torch.Generator | None
+    n_out: int = 0
+    last_token: int = -1
+    finished: bool = False
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.gen.params
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.gen.prompt_ids)
+
+
+@dataclass
+class EngineStats:
+    submitted: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    errors: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    decode_steps: int = 0
+    batch_size_sum: int = 0  # summed over decode steps, for the mean batch size
+    started: float = field(default_factory=time.time)
+
+
+class Engine:
+    """Continuous-batching generation over `model`; see the module docstring.
+
+    `max_batch` rows of `max_len` tokens are preallocated (`max_batch * max_len * cache.bytes_per_token`
+    bytes). `vocab_limit` keeps sampling inside the tokenizer's vocabulary when the embedding has more rows.
+    """
+
+    def __init__(
+        self,
+        model: K2Model,
+        *,
+        max_batch: int = 16,
+        max_len: int | None = None,
+        prefill_tokens: int = 4096,
+        vocab_limit: int | None = None,
+        max_waiting: int = 4096,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        cfg = model.config
+        self.model = model.eval()
+        self.device = model.lm_head.weight.device
+        self.max_batch = max_batch
+        self.max_len = int(max_len or cfg.max_position_embeddings)
+        self.prefill_tokens = max(prefill_tokens, 1)
+        self.vocab_limit = min(vocab_limit or cfg.vocab_size, cfg.vocab_size)
+        self.max_waiting = max_waiting
+        self.cache = SlotKVCache(cfg.num_hidden_layers, max_batch, self.max_len,
+                                 cfg.kv_lora_rank + cfg.qk_rope_head_dim, self.device, model.lm_head.weight.dtype)
+        self.stats = EngineStats()
+        self._rows: list[_Seq] = []  # row i of the cache <-> _rows[i]
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._inbox: list[_Seq] = []
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._seed_rng = random.Random()
+        self._outbox: list[tuple[Generation, Event]] = []
+
+    # ------------------------------------------------------------------ control (any thread)
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="openk2-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the loop; unfinished sequences end with `FinishEvent("cancelled")`."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._cv:
+            leftovers = self._rows + list(self._waiting) + self._inbox
+            self._rows, self._inbox = [], []
+            self._waiting.clear()
+        for s in leftovers:
+            self._finish(s, "cancelled")
+        self._flush()
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def n_active(self) -> int:
+        return len(self._rows)
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self._waiting) + len(self._inbox)
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
+        """Queue one sequence. Raises ValueError for an empty prompt, ids outside the vocabulary, or a
+        prompt + max_tokens beyond `max_len`; OverflowError when the waiting queue is full."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= self.model.config.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
+        if len(prompt) + params.max_tokens > self.max_len or len(prompt) > self.max_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"context of {self.max_len} tokens")
+        if not self.running:
+            raise RuntimeError("the engine is not running (call start())")
+        gen = Generation(self, prompt, params)
+        generator = None
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        with self._cv:
+            if self.n_waiting >= self.max_waiting:
+                raise OverflowError(f"{self.n_waiting} requests are already waiting")
+            self._inbox.append(_Seq(gen, generator))
+            self.stats.submitted += 1
+            self._cv.notify_all()
+        return gen
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------------ the loop (engine thread)
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not (self._stopping or self._inbox or self._rows or self._waiting):
+                        self._cv.wait()
+                    if self._stopping:
+                        return
+                    self._waiting.extend(self._inbox)
+                    self._inbox.clear()
+                try:
+                    self._step()
+                except Exception as e:  # a bug in the loop itself: fail what is running, keep serving
+                    log.exception("engine step failed")
+                    self._fail_all(f"engine error: {e!r}")
+                finally:
+                    self._flush()
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        if self._waiting and len(self._rows) < self.max_batch:
+            self._admit()
+            self._flush()  # first tokens go out now, not after the decode step
+        if self._rows:
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        if any(s.gen.cancelled for s in self._waiting):
+            keep = collections.deque()
+            for s in self._waiting:
+                if s.gen.cancelled:
+                    self._finish(s, "cancelled")
+                else:
+                    keep.append(s)
+            self._waiting = keep
+        gone = [i for i, s in enumerate(self._rows) if s.gen.cancelled]
+        for i in gone:
+            self._finish(self._rows[i], "cancelled")
+        self._remove_rows(gone)
+
+    def _take_prefill_batch(self) -> list[_Seq]:
+        """FIFO head and the following sequences of the same kind (prompt logprobs or not) that fit."""
+        free = self.max_batch - len(self._rows)
+        head = self._waiting[0]
+        full_logits = head.params.prompt_logprobs is not None
+        batch: list[_Seq] = []
+        longest = 0
+        while self._waiting and len(batch) < free:
+            s = self._waiting[0]
+            if (s.params.prompt_logprobs is not None) != full_logits:
+                break
+            new_longest = max(longest, s.prompt_len)
+            if batch and new_longest * (len(batch) + 1) > self.prefill_tokens:
+                break
+            batch.append(self._waiting.popleft())
+            longest = new_longest
+        return batch
+
+    def _admit(self) -> None:
+        batch = self._take_prefill_batch()
+        lo = len(self._rows)
+        self._rows.extend(batch)
+        hi = len(self._rows)
+        try:
+            ids_BT, valid_BT = left_pad([s.gen.prompt_ids for s in batch])
+            ids_BT, valid_BT = ids_BT.to(self.device), valid_BT.to(self.device)
+            view = self.cache.rows(lo, hi)
+            full = batch[0].params.prompt_logprobs is not None
+            logits_BTV = self.model(ids_BT, position_ids_BT=view.positions(valid_BT), cache=view,
+                                    valid_BT=valid_BT, last_logits_only=not full).logits
+        except Exception as e:
+            log.exception("prefill failed")
+            for s in batch:
+                self._finish(s, "error", error=f"prefill failed: {e!r}")
+            self._remove_rows(range(lo, hi))
+            return
+        self.stats.prefill_tokens += sum(s.prompt_len for s in batch)
+        if full:
+            T = ids_BT.shape[1]
+            for s, logits_TV in zip(batch, logits_BTV, strict=True):
+                n = s.prompt_len
+                self._send(s.gen, PromptLogprobsEvent(self._prompt_logprobs(logits_TV[T - n:], s.gen.prompt_ids,
+                                                                     s.params.prompt_logprobs)))
+        done = [lo + i for i, s in enumerate(batch) if s.params.max_tokens == 0]
+        for r in done:
+            self._finish(self._rows[r], "length")
+        live = [r for r in range(lo, hi) if r not in done]
+        if live:
+            last_logits = logits_BTV[:, -1]
+            idx = [r - lo for r in live]
+            finished = self._emit([self._rows[r] for r in live], last_logits[idx] if len(idx) < len(batch)
+                                  else last_logits)
+            done += [live[i] for i in finished]
+        self._remove_rows(done)
+
+    def _decode(self) -> None:
+        B = len(self._rows)
+        ids_B1 = torch.tensor([[s.last_token] for s in self._rows], device=self.device)
+        valid_B1 = torch.ones(B, 1, dtype=torch.bool, device=self.device)
+        view = self.cache.rows(0, B)
+        try:
+            logits_BV = self.model(ids_B1, position_ids_BT=view.positions(valid_B1), cache=view,
+                                   valid_BT=valid_B1).logits[:, -1]
+        except Exception as e:
+            log.exception("decode step failed")
+            self._fail_all(f"decode failed: {e!r}")
+            return
+        self.stats.decode_steps += 1
+        self.stats.batch_size_sum += B
+        self.stats.decode_tokens += B
+        self._remove_rows(self._emit(list(self._rows), logits_BV))  # seqs are the rows: indices are rows
+
+    # ------------------------------------------------------------------ sampling and events
+    def _emit(self, seqs: list[_Seq], logits_BV: torch.Tensor) -> list[int]:
+        """Sample one token per sequence, send the events; returns the indices (into seqs) that finished."""
+        tokens, logprobs = self._sample(seqs, logits_BV)
+        finished = []
+        for i, (s, tok, lp) in enumerate(zip(seqs, tokens, logprobs, strict=True)):
+            s.n_out += 1
+            s.last_token = tok
+            if tok in s.params.stop_token_ids:
+                self._finish(s, "stop", stop_token_id=tok)
+                finished.append(i)
+                continue
+            self._send(s.gen, TokenEvent(tok, lp))
+            if s.n_out >= s.params.max_tokens or s.prompt_len + s.n_out >= self.max_len:
+                self._finish(s, "length")
+                finished.append(i)
+        return finished
+
+    def _sample(self, seqs: list[_Seq], logits_BV: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+        logits_BV = logits_BV[:, : self.vocab_limit].float()
+        B = len(seqs)
+        proc_BV = logits_BV
+        modified = [i for i, s in enumerate(seqs) if s.params.banned_token_ids or s.params.logit_bias]
+        if modified:
+            proc_BV = logits_BV.clone()
+            for i in modified:
+                p = seqs[i].params
+                if p.logit_bias:
+                    ids = torch.tensor([t for t, _ in p.logit_bias], device=proc_BV.device)
+                    keep = ids < self.vocab_limit
+                    bias = torch.tensor([b for _, b in p.logit_bias], device=proc_BV.device)
+                    proc_BV[i].index_add_(0, ids[keep], bias[keep])
+                if p.banned_token_ids:
+                    banned = [t for t in p.banned_token_ids if t < self.vocab_limit]
+                    proc_BV[i, banned] = float("-inf")
+        tokens = [0] * B
+        greedy = [i for i, s in enumerate(seqs) if s.params.temperature <= 0]
+        if greedy:
+            picked = (proc_BV if len(greedy) == B else proc_BV[greedy]).argmax(dim=-1).tolist()
+            for i, t in zip(greedy, picked, strict=True):
+                tokens[i] = t
+        for i, s in enumerate(seqs):
+            if s.params.temperature > 0:
+                tokens[i] = int(sample_next(proc_BV[i : i + 1], s.params.temperature, s.params.top_p,
+                                            generator=s.generator)[0])
+        logprobs: list[TokenLogprob | None] = [None] * B
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if want:
+            lsm_WV = torch.log_softmax(logits_BV[want], dim=-1)
+            chosen = lsm_WV.gather(1, torch.tensor([[tokens[i]] for i in want], device=lsm_WV.device))
+            k = max(seqs[i].params.logprobs for i in want)
+            top_vals, top_ids = (lsm_WV.topk(k, dim=-1) if k > 0 else (lsm_WV[:, :0], lsm_WV[:, :0].long()))
+            chosen, top_vals, top_ids = chosen[:, 0].tolist(), top_vals.tolist(), top_ids.tolist()
+            for j, i in enumerate(want):
+                kk = seqs[i].params.logprobs
+                logprobs[i] = TokenLogprob(tokens[i], chosen[j], tuple(zip(top_ids[j][:kk], top_vals[j][:kk],
+                                                                            strict=True)))
+        return tokens, logprobs
+
+    def _prompt_logprobs(self, logits_TV: torch.Tensor, ids: list[int], k: int) -> list[TokenLogprob | None]:
+        """Logprob of prompt token t+1 under the logits at t (and the top k there); None for the first.
+        Normalized over the first `vocab_limit` ids, like sampling (the service rejects prompt ids beyond)."""
+        lsm_TV = torch.log_softmax(logits_TV[:-1, : self.vocab_limit].float(), dim=-1)
+        targets_T1 = torch.tensor(ids[1:], device=lsm_TV.device).clamp(max=self.vocab_limit - 1)[:, None]
+        chosen = lsm_TV.gather(1, targets_T1)[:, 0]
+        out: list[TokenLogprob | None] = [None]
+        if k > 0:
+            top_vals, top_ids = lsm_TV.topk(k, dim=-1)
+            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        for t, (tok, lp) in enumerate(zip(ids[1:], chosen.tolist(), strict=True)):
+            top = tuple(zip(top_ids[t], top_vals[t], strict=True)) if k > 0 else ()
+            out.append(TokenLogprob(tok, lp, top))
+        return out
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _finish(self, s: _Seq, reason: str, stop_token_id: int | None = None, error: str | None = None) -> None:
+        if s.finished:
+            return
+        s.finished = True
+        if reason == "cancelled":
+            self.stats.cancelled += 1
+        elif reason == "error":
+            self.stats.errors += 1
+        else:
+            self.stats.completed += 1
+        self._send(s.gen, FinishEvent(reason, s.n_out, stop_token_id, error))
+
+    def _send(self, gen: Generation, event: Event) -> None:
+        self._outbox.append((gen, event))
+
+    def _flush(self) -> None:
+        """Deliver the step's events: one wake-up per consumer event loop, not one per token (each wake-up
+        makes the loop thread contend for the GIL with this one)."""
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, Event]]] = {}
+        for gen, event in outbox:
+            if gen._loop is None:
+                gen._q.put(event)
+            else:
+                by_loop.setdefault(gen._loop, []).append((gen, event))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the consumer's event loop is closed: nobody listens, free the rows
+                for gen, _ in items:
+                    gen.cancelled = True
+
+    def _remove_rows(self, rows: Sequence[int] | range) -> None:
+        """Free rows, keeping the live ones contiguous at 0..B-1 by moving the last row into each hole."""
+        for r in sorted(set(rows), reverse=True):
+            last = len(self._rows) - 1
+            if r != last:
+                self.cache.move(last, r)
+                self._rows[r] = self._rows[last]
+            else:
+                self.cache.reset(r)
+            self._rows.pop()
+
+    def _fail_all(self, error: str) -> None:
+        for s in self._rows:
+            self._finish(s, "error", error=error)
+        self._remove_rows(range(len(self._rows)))
+
+
+def _deliver(items: list[tuple[Generation, Event]]) -> None:
+    for gen, event in items:
+        gen._aq.put_nowait(event)
