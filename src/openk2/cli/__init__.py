@@ -1,8 +1,11 @@
 """The `openk2` command line. Each module below registers its commands on `app`."""
 
 from openk2.cli import (
+    experiment,  # noqa: F401
     hf,  # noqa: F401
     model,  # noqa: F401  (registers commands)
+    serve,  # noqa: F401
+    train,  # noqa: F401
 )
 from openk2.cli.app import app
 
