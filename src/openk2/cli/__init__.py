@@ -4,6 +4,7 @@ from openk2.cli import (
     experiment,  # noqa: F401
     hf,  # noqa: F401
     model,  # noqa: F401  (registers commands)
+    plan,  # noqa: F401
     serve,  # noqa: F401
     train,  # noqa: F401
 )

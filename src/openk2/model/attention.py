@@ -1,10 +1,10 @@
 """Multi-head Latent Attention (MLA) as in DeepSeek-V3 / Kimi K2.
 
-Training runs the expanded form through `scaled_dot_product_attention`. Cached generation runs the
-absorbed form: the cache holds only the normalized latent `c_kv` and the rotated shared `k_pe`
-(`kv_lora_rank + qk_rope_head_dim` values per token per layer), `W_uk` is folded into the query and `W_uv`
-into the output, so attention is one multi-query attention over the latent.
-"""
+Training runs the expanded form, through `scaled_dot_product_attention` or, on CPU for short sequences,
+`blocked_causal_attention`. Cached generation runs the absorbed form: the cache holds only the normalized
+latent `c_kv` and the rotated shared `k_pe` (`kv_lora_rank + qk_rope_head_dim` values per token per layer),
+`W_uk` is folded into the query and `W_uv` into the output, so attention is one multi-query attention over
+the latent."""
 
 from __future__ import annotations
 
@@ -24,6 +24,34 @@ if TYPE_CHECKING:
 _MAX_LOGIT_QUERY_BLOCK = 512
 # The low-rank norms use HF's default eps regardless of `rms_norm_eps` (DeepseekV3RMSNorm(rank)).
 _LORA_NORM_EPS = 1e-6
+# Training attention on CPU up to this length uses `blocked_causal_attention` (its memory grows as T^2).
+_BLOCKED_ATTENTION_MAX_LEN = 1024
+_BLOCKED_ATTENTION_QUERY_ROWS = 128
+
+
+def blocked_causal_attention(
+    q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor, v_BHTV: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal softmax attention as batched matmuls over blocks of query rows, each against only the keys up to
+    its last row: the fully-masked upper-right blocks are never computed (1/4 of the work at T = 2 blocks).
+
+    On CPU this beats SDPA's kernels for short sequences: 17 vs 24 ms fwd + bwd at the bench's [8, 4, 256, 48]
+    (flash, V padded to 48) and 26 ms (math path, which also computes the masked half).
+    """
+    B, H, T, Q = q_BHTQ.shape
+    q_MTQ, k_MTQ = q_BHTQ.reshape(B * H, T, Q), k_BHTQ.reshape(B * H, T, Q)
+    v_MTV = v_BHTV.reshape(B * H, T, -1)
+    rows = _BLOCKED_ATTENTION_QUERY_ROWS
+    out = []
+    for start in range(0, T, rows):
+        stop = min(start + rows, T)
+        future_tS = torch.ones(stop - start, stop, dtype=torch.bool, device=q_BHTQ.device).triu(start + 1)
+        bias_tS = torch.zeros(future_tS.shape, dtype=q_BHTQ.dtype, device=q_BHTQ.device).masked_fill_(
+            future_tS, float("-inf")
+        )
+        scores_MtS = torch.baddbmm(bias_tS, q_MTQ[:, start:stop], k_MTQ[:, :stop].transpose(1, 2), alpha=scale)
+        out.append(torch.bmm(scores_MtS.softmax(dim=-1), v_MTV[:, :stop]))
+    return torch.cat(out, dim=1).view(B, H, T, -1)
 
 
 class MLA(nn.Module):
@@ -72,49 +100,63 @@ class MLA(nn.Module):
         B, T, _ = x_BTD.shape
         H = self.n_heads
         q_BTHQ = self._queries(x_BTD).view(B, T, H, self.qk_dim)
-        q_nope_BTHN, q_pe_BTHR = q_BTHQ.split([self.nope_dim, self.rope_dim], dim=-1)
         ckv_BTC, k_pe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         ckv_BTC = self.kv_a_layernorm(ckv_BTC)
+        if cache is not None:
+            out_BTHV = self._absorbed(q_BTHQ, ckv_BTC, k_pe_BTR, cos_BTR, sin_BTR, cache)
+            return self.o_proj(out_BTHV.reshape(B, T, H * self.v_dim))
+
+        q_nope_BTHN, q_pe_BTHR = q_BTHQ.split([self.nope_dim, self.rope_dim], dim=-1)
         cos, sin = cos_BTR.unsqueeze(2), sin_BTR.unsqueeze(2)  # broadcast over heads
         q_pe_BTHR = apply_rope(q_pe_BTHR, cos, sin)
         k_pe_BTR = apply_rope(k_pe_BTR.unsqueeze(2), cos, sin).squeeze(2)
-        if cache is not None:
-            out_BTHV = self._absorbed(q_nope_BTHN, q_pe_BTHR, ckv_BTC, k_pe_BTR, cache)
-            return self.o_proj(out_BTHV.reshape(B, T, H * self.v_dim))
-
         kv_BTHX = self.kv_b_proj(ckv_BTC).view(B, T, H, self.nope_dim + self.v_dim)
         k_nope_BTHN, v_BTHV = kv_BTHX.split([self.nope_dim, self.v_dim], dim=-1)
-        q_BHTQ = torch.cat((q_nope_BTHN, q_pe_BTHR), dim=-1).transpose(1, 2)
-        k_BHTQ = torch.cat((k_nope_BTHN, k_pe_BTR.unsqueeze(2).expand(B, T, H, self.rope_dim)), dim=-1)
-        k_BHTQ = k_BHTQ.transpose(1, 2)
+        # Concatenating the transposed parts lays q and k out [B, H, T, Q] contiguously, as the matmuls want them.
+        q_BHTQ = torch.cat((q_nope_BTHN.transpose(1, 2), q_pe_BTHR.transpose(1, 2)), dim=-1)
+        k_pe_BHTR = k_pe_BTR.unsqueeze(1).expand(B, H, T, self.rope_dim)
+        k_BHTQ = torch.cat((k_nope_BTHN.transpose(1, 2), k_pe_BHTR), dim=-1)
         if self.record_max_logits:
             self._record_max_logits(q_BHTQ, k_BHTQ)
-        out_BHTV = F.scaled_dot_product_attention(
-            q_BHTQ, k_BHTQ, v_BTHV.transpose(1, 2), is_causal=True, scale=self.scale
-        )
+        v_BHTV = v_BTHV.transpose(1, 2)
+        if q_BHTQ.device.type == "cpu" and T <= _BLOCKED_ATTENTION_MAX_LEN:
+            out_BHTV = blocked_causal_attention(q_BHTQ, k_BHTQ, v_BHTV, self.scale)
+        else:
+            if self.v_dim < self.qk_dim:
+                # Zero-padding V to the QK head dim lets SDPA use its fused (flash) kernel instead of the math path
+                # that materializes [B, H, T, T] scores; the padded output columns are zero.
+                v_BHTV = F.pad(v_BHTV, (0, self.qk_dim - self.v_dim))
+            out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.scale)
+            out_BHTV = out_BHTV[..., : self.v_dim]
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
     def _absorbed(
         self,
-        q_nope_BTHN: torch.Tensor,
-        q_pe_BTHR: torch.Tensor,
+        q_BTHQ: torch.Tensor,
         ckv_BTC: torch.Tensor,
         k_pe_BTR: torch.Tensor,
+        cos_BTR: torch.Tensor,
+        sin_BTR: torch.Tensor,
         cache: LayerCache,
     ) -> torch.Tensor:
-        B, T, H, _ = q_nope_BTHN.shape
-        latent_BSL, mask_BTS = cache.append(torch.cat((ckv_BTC, k_pe_BTR), dim=-1))
-        w_HXC = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk_HNC, w_uv_HVC = w_HXC.split([self.nope_dim, self.v_dim], dim=1)
-        q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHN, w_uk_HNC)
-        # All heads share one latent key/value: fold heads into the query axis (multi-query attention).
-        q_B1ML = torch.cat((q_lat_BTHC, q_pe_BTHR), dim=-1).reshape(B, 1, T * H, -1)
-        mask_B1MS = mask_BTS.repeat_interleave(H, dim=1).unsqueeze(1)
-        latent_B1SL = latent_BSL.unsqueeze(1)
-        o_lat_B1MC = F.scaled_dot_product_attention(
-            q_B1ML, latent_B1SL, latent_B1SL[..., : self.kv_lora_rank], attn_mask=mask_B1MS, scale=self.scale
+        """Attention over the cached latents; written for few queries (decode), where per-op costs dominate."""
+        B, T, H, _ = q_BTHQ.shape
+        N, C = self.nope_dim, self.kv_lora_rank
+        # One rope call for the query heads and the shared key (as an extra head).
+        pe_BTXR = apply_rope(
+            torch.cat((q_BTHQ[..., N:], k_pe_BTR.unsqueeze(2)), dim=2), cos_BTR.unsqueeze(2), sin_BTR.unsqueeze(2)
         )
-        return torch.einsum("bthc,hvc->bthv", o_lat_B1MC.view(B, T, H, self.kv_lora_rank), w_uv_HVC)
+        latent_BSL, mask_BTS = cache.append(torch.cat((ckv_BTC, pe_BTXR[:, :, H]), dim=-1))
+        w_HXC = self.kv_b_proj.weight.view(H, N + self.v_dim, C)
+        q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_BTHQ[..., :N], w_HXC[:, :N])
+        # All heads share one latent key/value: fold heads into the query axis (multi-query attention).
+        q_BML = torch.cat((q_lat_BTHC, pe_BTXR[:, :, :H]), dim=-1).view(B, T * H, -1)
+        # Plain matmul + softmax: SDPA's CPU math path costs several extra ops per call to handle masks.
+        scores_BMS = torch.bmm(q_BML, latent_BSL.transpose(1, 2)).mul_(self.scale)
+        scores_BMS.view(B, T, H, -1).masked_fill_(~mask_BTS.unsqueeze(2), float("-inf"))
+        probs_BMS = scores_BMS.float().softmax(dim=-1).to(latent_BSL.dtype)
+        o_lat_BMC = torch.bmm(probs_BMS, latent_BSL[..., :C])
+        return torch.einsum("bthc,hvc->bthv", o_lat_BMC.view(B, T, H, C), w_HXC[:, N:])
 
     @torch.no_grad()
     def _record_max_logits(self, q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor) -> None:

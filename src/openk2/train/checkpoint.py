@@ -23,7 +23,9 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.pt").is_file())
+    # state.pt: single-process checkpoints; dcp.json: distributed ones (openk2.parallel.dist_checkpoint).
+    return sorted(p for p in root.iterdir()
+                  if _STEP_DIR.match(p.name) and ((p / "state.pt").is_file() or (p / "dcp.json").is_file()))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -93,6 +95,10 @@ def load_model_from_run(run_dir: Path, device: str | torch.device = "cpu"):
     ckpt = latest_checkpoint(Path(run_dir))
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint (expected {Path(run_dir) / 'checkpoints'}/step_*)")
+    if (ckpt / "dcp.json").is_file():  # written by a parallel run: gathered from its shards in this process
+        from openk2.parallel.dist_checkpoint import load_full_model
+
+        return load_full_model(ckpt, device=device)
     state = load_checkpoint(ckpt, map_location=device)
     model = build_model(ModelConfig.from_hf_dict(state["model_config"]), device=device)
     model.load_state_dict(state["model"])

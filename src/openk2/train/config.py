@@ -37,17 +37,17 @@ class DataSection:
     val_fraction: float = 0.02
     on_error: str = "fail"  # corrupt JSONL lines: "fail" or "skip"
     world_seed: int = 0
-    world_people: int = 600
+    world_people: int = 400
     cache_dir: str = ""  # where tokenized shards and tokenizers are cached; empty = <run.dir>/../.cache
 
 
 @dataclass
 class TrainSection:
-    max_steps: int = 200
+    max_steps: int = 400
     batch_size: int = 8  # sequences per micro-batch
     grad_accum: int = 1
     seq_len: int = 256
-    lr: float = 2e-2
+    lr: float = 1e-2
     warmup_steps: int = 20
     decay_fraction: float = 0.3  # the last fraction of max_steps decays to final_lr_fraction * lr
     decay_shape: str = "cosine"  # "cosine" (K2) or "linear"
@@ -58,10 +58,10 @@ class TrainSection:
     qk_clip_tau: float = 100.0  # <= 0 disables QK-Clip
     momentum: float = 0.95
     seed: int = 0
-    eval_every: int = 50
+    eval_every: int = 100
     eval_batches: int = 8
     log_every: int = 1
-    checkpoint_every: int = 50
+    checkpoint_every: int = 200
     keep_last: int = 2
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 on CUDA) | "float32" | "bfloat16"
@@ -74,6 +74,23 @@ class InitSection:
     from_checkpoint: str = ""
     # Applied to the model config when starting from a checkpoint, e.g. YaRN for long context.
     rope_scaling: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ParallelSection:
+    """Parallel layout and activation memory (openk2.parallel; docs/scaling.md). The defaults are one process."""
+
+    dp_replicate: int = 1  # HSDP replicas
+    dp_shard: int = -1  # FSDP degree; -1 = the ranks left after pp and dp_replicate
+    ep: int = 1  # expert parallelism, borrowed from dp_shard (must divide it and the routed experts)
+    pp: int = 1  # pipeline stages (ranks)
+    pp_schedule: str = "1f1b"  # "1f1b" | "interleaved_1f1b"
+    pp_virtual_stages: int = 1  # stages per pp rank (interleaved 1F1B)
+    pp_layers: list[int] = field(default_factory=list)  # decoder layers per stage; empty = even split
+    microbatches: int = 0  # pipeline micro-batches per batch; 0 = one per stage
+    recompute: str = "none"  # "none" | "selective" (K2: norms, SwiGLU, MLA up-proj) | "selective+moe_down"
+    fp8_activations: bool = False  # store MoE up-projection and SwiGLU inputs in FP8 (e4m3, 1x128 tiles)
+    offload_activations: bool = False  # keep the remaining saved activations in host memory (CUDA only)
 
 
 @dataclass
@@ -91,6 +108,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     init: InitSection = field(default_factory=InitSection)
     run: RunSection = field(default_factory=RunSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -124,6 +142,16 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise TrainConfigError(msg)
+        from openk2.parallel.layout import LayoutError, ParallelLayout
+
+        try:  # the world-size-independent checks; the rest run at launch (ParallelLayout.resolve)
+            ParallelLayout.from_section(self.parallel).resolve(self._static_world_size())
+        except LayoutError as e:
+            raise TrainConfigError(str(e)) from e
+
+    def _static_world_size(self) -> int:
+        p = self.parallel
+        return p.pp * p.dp_replicate * (p.dp_shard if p.dp_shard > 0 else max(p.ep, 1))
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}

@@ -91,11 +91,12 @@ class Trainer:
         return cfg
 
     def _check_run_config(self, resume_from: Path | None) -> None:
-        stored = self.run_dir / "config.json"
+        stored = self.run_dir / "train_config.json"  # not config.json: that name marks a HF checkpoint
         current = self.cfg.to_dict()
         if resume_from is not None and stored.exists() and not self.cfg.run.force:
             changed = [d for d in diff_configs(json.loads(stored.read_text()), current)
-                       if not d.startswith(("run.force", "train.max_steps", "run.progress"))]
+                       # The parallel layout may change between runs: checkpoints are resharded on resume.
+                       if not d.startswith(("run.force", "train.max_steps", "run.progress", "parallel."))]
             if changed:
                 raise TrainConfigError(
                     f"{self.run_dir} was written by a different config; refusing to resume. Changed keys:\n  "
@@ -152,7 +153,7 @@ class Trainer:
         for x_BT, y_BT in micro:
             x_BT, y_BT = x_BT.to(dev, non_blocking=True), y_BT.to(dev, non_blocking=True)
             with self.policy.autocast():
-                loss_sum = self.model(x_BT, labels=y_BT, reduction="sum").loss
+                loss_sum = self.model(x_BT, labels=y_BT, reduction="sum", return_logits=False).loss
             # Normalize by the step's valid-token count so accumulation equals one big batch.
             (loss_sum / n_tokens).backward()
             total += float(loss_sum.detach())
@@ -192,7 +193,7 @@ class Trainer:
                 break
             x_BT, y_BT = x_BT.to(self.policy.device), y_BT.to(self.policy.device)
             with self.policy.autocast():
-                loss_sum += float(self.model(x_BT, labels=y_BT, reduction="sum").loss)
+                loss_sum += float(self.model(x_BT, labels=y_BT, reduction="sum", return_logits=False).loss)
             valid = y_BT != -100
             n_tokens += int(valid.sum())
             n_bytes += int(token_bytes[y_BT[valid]].sum())
@@ -239,4 +240,8 @@ class Trainer:
 
 def run_pretrain(cfg: TrainConfig) -> dict[str, Any]:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    from openk2.parallel.trainer import run_distributed_pretrain, wants_distributed
+
+    if wants_distributed(cfg):  # torchrun, a [parallel] layout or switch, or a distributed checkpoint to resume
+        return run_distributed_pretrain(cfg)
     return Trainer(cfg).train()

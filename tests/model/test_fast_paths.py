@@ -1,0 +1,169 @@
+"""The performance paths equal the plain ones: chunked linear cross-entropy, gathered MoE for few tokens,
+the absorbed cached attention, the gate/up-fused grouped matmul."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import openk2.model.moe as moe_module
+from openk2.model import K2Model, build_model, get_preset
+from openk2.model.transformer import linear_cross_entropy
+
+
+def _random_model(**overrides) -> K2Model:
+    """Tiny model with non-trivial norms and router biases (the init leaves them 1 and 0)."""
+    model = build_model(get_preset("tiny", initializer_range=0.1, **overrides), seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+        for m in model.moe_layers():
+            m.gate.e_score_correction_bias.copy_(0.1 * torch.randn(m.gate.e_score_correction_bias.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 7, 64])
+def test_linear_cross_entropy_matches_plain(chunk_rows):
+    torch.manual_seed(0)
+    x = torch.randn(50, 16, requires_grad=True)
+    w = torch.randn(30, 16, requires_grad=True)
+    labels = torch.randint(0, 30, (50,))
+    labels[[0, 3, 4, 49]] = -100
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = linear_cross_entropy(x, w, labels, chunk_rows)
+    ref = F.cross_entropy(x2 @ w2.t(), labels, ignore_index=-100, reduction="sum")
+    (loss * 0.3).backward()  # a non-unit upstream gradient
+    (ref * 0.3).backward()
+    assert torch.allclose(loss, ref, atol=1e-5, rtol=1e-6)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
+    assert x.grad[0].abs().max() == 0  # ignored rows get no gradient
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_model_loss_without_logits_matches_plain_path(reduction):
+    model = _random_model(seq_aux_loss_coef=0.01).train()
+    ids = torch.randint(0, 256, (3, 20))
+    labels = torch.randint(0, 256, (3, 20))
+    labels[0, :6] = -100
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=labels, reduction=reduction, return_logits=return_logits)
+        out.loss.backward()
+        assert (out.logits is None) == (not return_logits)
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-5, rtol=1e-6)
+    for name, g in grads_a.items():
+        assert torch.allclose(g, grads_b[name], atol=1e-5), name
+
+
+def test_loss_without_logits_under_no_grad():
+    model = _random_model().eval()
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        plain = model(ids, labels=ids).loss
+        fused = model(ids, labels=ids, return_logits=False)
+    assert fused.logits is None and torch.allclose(plain, fused.loss, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 3])
+def test_gathered_moe_equals_dispatched(n_tokens):
+    model = _random_model(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
+    moe = model.moe_layers()[0]
+    x = torch.randn(n_tokens, 64)
+    with torch.no_grad():
+        ids, weights, _ = moe.gate(x)
+        gathered = moe.experts.forward_gathered(x, ids, weights)
+        dispatched = moe._dispatched(x, ids, weights)
+        assert torch.allclose(gathered, dispatched, atol=1e-6)
+        # MoE.forward (gathered for 1 token: 2 * slots < experts; dispatched for 3) agrees too.
+        full = moe(x[None])[0]
+        assert torch.allclose(full, gathered + moe.shared_experts(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("n_tokens", [40, 160])  # 160 tokens x top-2 >= 32 rows per expert: gate/up fused
+def test_dispatched_moe_matches_per_expert_reference(n_tokens):
+    """The dispatched experts (gate weights applied before down_proj) equal the textbook MoE."""
+    model = _random_model()
+    moe = model.moe_layers()[0]
+    x = torch.randn(n_tokens, 64)
+    with torch.no_grad():
+        ids, weights, _ = moe.gate(x)
+        ex = moe.experts
+        ref = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for k in range(ids.shape[1]):
+                e = int(ids[t, k])
+                h = F.silu(ex.gate_proj[e] @ x[t]) * (ex.up_proj[e] @ x[t])
+                ref[t] += weights[t, k] * (ex.down_proj[e] @ h)
+        assert torch.allclose(moe._dispatched(x, ids, weights), ref, atol=1e-5)
+
+
+def test_fused_gate_up_has_the_same_gradients(monkeypatch):
+    model = _random_model().train()
+    ids = torch.randint(0, 256, (4, 40))
+    grads = []
+    for min_rows in (1, 10**9):  # always fused, never fused
+        monkeypatch.setattr(moe_module, "_FUSED_GATE_UP_MIN_ROWS_PER_EXPERT", min_rows)
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None}])
+def test_cached_logits_match_uncached(overrides):
+    """Prefill + decode through the absorbed cached path gives the uncached logits, with left-padded rows."""
+    model = _random_model(**overrides).eval()
+    prompts = [[5, 6, 7, 8, 9], [1, 2]]
+    steps = [[11, 12], [13, 14], [15, 16]]
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    valid = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts])
+    cache = model.new_cache(2, T + len(steps))
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        cached = [model(ids, position_ids_BT=positions, cache=cache, valid_BT=valid).logits]
+        for i, step in enumerate(steps):
+            pos = positions[:, -1:] + 1 + i
+            cached.append(model(torch.tensor(step)[:, None], position_ids_BT=pos, cache=cache,
+                                valid_BT=torch.ones(2, 1, dtype=torch.bool)).logits)
+        cached_BTV = torch.cat(cached, dim=1)
+        for b, p in enumerate(prompts):
+            row = torch.tensor([p + [s[b] for s in steps]])
+            ref = model(row).logits[0]
+            assert torch.allclose(cached_BTV[b, T - len(p):], ref, atol=1e-4), b
+
+
+def test_linear_cross_entropy_rejects_a_second_backward():
+    x = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    loss = linear_cross_entropy(x, w, torch.randint(0, 10, (6,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+def test_blocked_causal_attention_matches_sdpa(monkeypatch):
+    """Training attention: the CPU blocked path equals SDPA (V padded for the flash kernel), with gradients,
+    at a length that leaves a partial last block."""
+    import openk2.model.attention as attention_module
+
+    model = _random_model()
+    attn = model.attention_layers()[0]
+    x = torch.randn(2, 300, 64)
+    cos, sin = model._cos_sin(torch.arange(300)[None], x.dtype)
+    outs = []
+    for max_len in (10**6, 0):  # blocked, then SDPA
+        monkeypatch.setattr(attention_module, "_BLOCKED_ATTENTION_MAX_LEN", max_len)
+        x_ = x.clone().requires_grad_()
+        y = attn(x_, cos, sin)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append((y.detach(), x_.grad))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
+    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-5)
