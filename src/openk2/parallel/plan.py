@@ -107,6 +107,7 @@ class Plan:
     total_gb: float
     k2_states_tb: float  # bf16 params + fp32 grads of the whole model (K2's accounting)
     k2_states_per_gpu_gb: float  # ... over the pp x ep ranks holding one model copy
+    model_parallel_gpus: int  # pp x ep
     microbatches_in_flight: float
 
     def as_dict(self) -> dict:
@@ -187,6 +188,7 @@ def estimate(
         total_gb=(params_per_gpu * (8 + opt_bytes_per_param) + gathered + act) / GB,
         k2_states_tb=k2_tb,
         k2_states_per_gpu_gb=k2_tb * 1e12 / (layout.pp * layout.ep) / GB,
+        model_parallel_gpus=layout.pp * layout.ep,
         microbatches_in_flight=in_flight,
     )
 
@@ -203,7 +205,7 @@ def format_plan(p: Plan) -> str:
         + (f"  (+{p.activation_host_gb:.1f} GB in host memory)" if p.activation_host_gb else ""),
         f"  total                            {p.total_gb:8.1f} GB",
         f"K2's accounting (bf16 params + fp32 grads): {p.k2_states_tb:.2f} TB for the model, "
-        f"{p.k2_states_per_gpu_gb:.1f} GB per GPU over the pp x ep group",
+        f"{p.k2_states_per_gpu_gb:.1f} GB per GPU over the {p.model_parallel_gpus} GPUs (pp x ep) holding one copy",
     ]
     return "\n".join(lines)
 
