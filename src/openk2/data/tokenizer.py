@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+
+from openk2.utils.io import atomic_write_text
 
 BOS = "[BOS]"
 EOS = "[EOS]"
@@ -139,19 +140,6 @@ def train_tokenizer(
     # Added after training so that they take the last ids, in SPECIAL_TOKENS order.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return Tokenizer(tok, model_max_length=model_max_length)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Tokenizer:
@@ -276,8 +264,8 @@ class Tokenizer:
         """Write `tokenizer.json` and `tokenizer_config.json` into `directory`, each atomically."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(d / TOKENIZER_FILE, self._tok.to_str(pretty=False))
-        _atomic_write_text(d / TOKENIZER_CONFIG_FILE, json.dumps(self.hf_config(), indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(d / TOKENIZER_FILE, self._tok.to_str(pretty=False))
+        atomic_write_text(d / TOKENIZER_CONFIG_FILE, json.dumps(self.hf_config(), indent=2, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from openk2.utils.io import atomic_write_text
 
 
 def request_key(endpoint: str, payload: Mapping[str, Any]) -> str:
@@ -50,16 +51,7 @@ class ResponseCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"key": key, "endpoint": endpoint, "request": payload, "response": response,
                            "created": time.time()}, ensure_ascii=False)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, text)
 
     def __contains__(self, key: str) -> bool:
         return self.get_record(key) is not None

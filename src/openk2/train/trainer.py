@@ -29,6 +29,7 @@ from openk2.train.config import TrainConfig, TrainConfigError, diff_configs
 from openk2.train.data_setup import PreparedData, prepare_data
 from openk2.train.metrics import MetricsLogger
 from openk2.train.schedule import wsd_multiplier
+from openk2.utils.io import atomic_write_text
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -102,9 +103,7 @@ class Trainer:
                     f"{self.run_dir} was written by a different config; refusing to resume. Changed keys:\n  "
                     + "\n  ".join(changed) + "\nUse a new run.dir, or --set run.force=true to resume anyway."
                 )
-        tmp = stored.with_suffix(".tmp")
-        tmp.write_text(json.dumps(current, indent=2))
-        tmp.replace(stored)
+        atomic_write_text(stored, json.dumps(current, indent=2))
 
     def _init_from(self, path: Path) -> None:
         ckpt_dir = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
