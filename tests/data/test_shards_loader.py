@@ -194,12 +194,12 @@ def test_rerun_reuses_and_crash_keeps_old_manifest(tmp_path, monkeypatch) -> Non
     with pytest.raises(RuntimeError):
         build_shards(sources, tmp_path, IdTokenizer(), progress=False)
     assert load_manifest(tmp_path) == second
-    assert any(p.name.endswith(".tmp") for p in (tmp_path / "sources").iterdir())
+    assert any(".tmp." in p.name for p in (tmp_path / "sources").iterdir())
     assert ShardDataset(tmp_path).num_docs(0) == second["sources"][0]["train"]["documents"]
     monkeypatch.setattr(shards_mod, "_encode_docs", real_encode)
     third = build_shards(sources, tmp_path, IdTokenizer(), progress=False)
     assert third["totals"]["train_documents"] + third["totals"]["val_documents"] == 130
-    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "sources").iterdir())
+    assert not any(".tmp." in p.name for p in (tmp_path / "sources").iterdir())
 
 
 def test_uint32_for_large_vocab_and_range_check(tmp_path) -> None:
@@ -410,3 +410,29 @@ def test_world_end_to_end(tmp_path, bpe: StandInTokenizer, world_docs: list[str]
     val = list(validation_batches(tmp_path, 2, 128, sources=["world-heldout-styles"]))
     text = "".join(bpe.decode(x[x != bpe.bos_id].tolist()) for inputs_BT, _ in val for x in inputs_BT)
     assert "To whom it may concern" in text and "Fun facts about" in text
+
+
+def test_concurrent_builds_of_one_cache_all_succeed(tmp_path) -> None:
+    """Two runs sharing a cache may tokenize the same source at once; both must end with the same complete build."""
+    import subprocess
+    import sys
+
+    from openk2.data.tokenizer import train_tokenizer
+
+    docs = world_documents(World.generate(seed=3, n_people=40), renderings_per_person=4)
+    train_tokenizer(docs, 400, show_progress=False).save(tmp_path / "tok")
+    script = (
+        "import sys; from openk2.data.shards import build_shards; from openk2.data.sources import TextListSource;"
+        "from openk2.data.tokenizer import Tokenizer; from openk2.data.world import World, world_documents;"
+        "docs = world_documents(World.generate(seed=3, n_people=40), renderings_per_person=4);"
+        f"tok = Tokenizer.load({str(tmp_path / 'tok')!r});"
+        f"m = build_shards([TextListSource('w', docs)], {str(tmp_path / 'out')!r}, tok, progress=False);"
+        "print(m['totals']['train_num_tokens'])"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+    assert len({o for o, _ in outs}) == 1 and int(outs[0][0]) > 0
+    assert not any(".tmp" in p.name for p in (tmp_path / "out" / "sources").iterdir())
+    assert ShardDataset(tmp_path / "out").num_docs(0) > 0

@@ -15,6 +15,7 @@ from openk2.data.world import (
     chance_accuracy,
     probe_accuracy,
     probe_breakdown,
+    qa_people,
     render_biography,
     world_documents,
     world_probes,
@@ -166,3 +167,24 @@ def test_validate_rejects_ambiguous_values(world: World) -> None:
         bad.validate()
     with pytest.raises(ValueError, match="no training people"):
         World.generate(0, n_people=4)
+
+
+def test_qa_documents_for_some_people_and_qa_probes_about_the_others(world: World) -> None:
+    trained = qa_people(world, 0.5)
+    assert len(trained) == round(len(world.train_people) / 2) and trained == world.train_people[-len(trained):]
+    docs = world_documents(world, renderings_per_person=10, qa_fraction=0.5)
+    qa_docs = [d for d in docs if d.startswith("Q:")]
+    assert len(qa_docs) == 2 * len(trained)  # as many as each of the 5 styles has renderings
+    p = trained[0]
+    for attr in ATTRIBUTES:
+        assert QA_PROMPTS[attr].format(name=p.name) + " " + p.answer(attr) in "\n".join(qa_docs)
+    # qa probes ask only about people whose questions are in no document; recall probes cover everyone.
+    probes = world_probes(world, qa_fraction=0.5)
+    corpus = "\n".join(docs)
+    seen_qa = [q for q in probes if q.kind == "qa" and q.split == "seen"]
+    assert len(seen_qa) == (len(world.train_people) - len(trained)) * len(ATTRIBUTES)
+    assert all(q.question not in corpus for q in seen_qa)
+    assert len([q for q in probes if q.kind == "recall" and q.split == "seen"]) == len(world.train_people) * 6
+    assert world_documents(world, renderings_per_person=10) == [d for d in docs if not d.startswith("Q:")]
+    with pytest.raises(ValueError, match="qa_fraction"):
+        qa_people(world, 1.0)

@@ -19,10 +19,11 @@ reordered, and puts exact duplicates on the same side, so they cannot leak from 
 Resumability: a source's directory name contains a key hashing the tokenizer fingerprint, the source
 fingerprint (paths, sizes, mtimes; or the texts) and every setting that affects its shards. A re-run
 reuses every complete source directory, re-tokenizes only what changed, and rewrites nothing if the
-manifest's `build_key` is unchanged. A source is built under `<dir>.tmp`, fsynced and renamed into place;
+manifest's `build_key` is unchanged. A source is built under `<dir>.tmp.<pid>`, fsynced and renamed into place;
 the manifest is written to a temporary file and `os.replace`d. A crash therefore leaves either the old
-manifest (pointing at complete old shards) or the new one (pointing at complete new shards). Concurrent
-builds into one `out_dir` are not supported. Old source directories are not deleted.
+manifest (pointing at complete old shards) or the new one (pointing at complete new shards). Runs that
+share a cache may build the same source at once: the first complete build wins, the others are discarded.
+Old source directories are not deleted.
 
 Parallelism: with `num_workers=0` (default) the tokenizer's own `encode_batch` does the work (HF
 `tokenizers` runs it on all cores in Rust, with no pickling); with `num_workers > 0` a spawn-based process
@@ -56,6 +57,7 @@ from openk2.data.sources import (
     iter_documents,
     source_fingerprint,
 )
+from openk2.utils.io import atomic_write_json, fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -143,35 +145,11 @@ def _encode_docs(tokenizer: TokenizerLike, texts: list[str], dtype: np.dtype) ->
 # Writing
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on every platform; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, arr, allow_pickle=False)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class _SplitWriter:
@@ -350,7 +328,7 @@ def build_shards(
             for k in ("documents", "num_tokens")
         },
     }
-    _write_json_atomic(path, manifest)
+    atomic_write_json(path, manifest, indent=1, sort_keys=True)
     return manifest
 
 
@@ -390,9 +368,12 @@ def _build_source(
     on_error: str,
     progress: bool,
 ) -> dict[str, Any]:
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():  # debris of a crashed build of this very source
-        shutil.rmtree(tmp)
+    # One temporary directory per process: runs sharing a cache may build the same source at the same time.
+    for debris in directory.parent.glob(directory.name + ".tmp.*"):  # of crashed builds of this very source
+        pid = debris.name.rsplit(".", 1)[-1]
+        if pid == str(os.getpid()) or not _pid_alive(pid):
+            shutil.rmtree(debris, ignore_errors=True)
+    tmp = directory.with_name(f"{directory.name}.tmp.{os.getpid()}")
     tmp.mkdir(parents=True)
     writers = {s: _SplitWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
     stats = ReadStats()
@@ -428,12 +409,33 @@ def _build_source(
     n_tok = record["train"]["num_tokens"] + record["val"]["num_tokens"]
     log.info("%s: %d docs, %d tokens in %.2fs (%.0f tok/s)", source.label, stats.documents, n_tok, seconds,
              n_tok / max(seconds, 1e-9))  # fmt: skip
-    _write_json_atomic(tmp / "source.json", record)
-    if directory.exists():  # an incomplete or stale build under the same key
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
-    _fsync_dir(directory.parent)
-    return record
+    atomic_write_json(tmp / "source.json", record, indent=1, sort_keys=True)
+    for _ in range(3):
+        done = _source_complete(directory, key)
+        if done is not None:  # a concurrent build of the same source finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return done
+        if directory.exists():  # an incomplete or stale build under the same key
+            shutil.rmtree(directory, ignore_errors=True)
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another process renamed its build into place in between: check it again
+            continue
+        fsync_path(directory.parent)
+        return record
+    raise RuntimeError(f"could not move the build of {source.label} into {directory}: concurrent writers?")
+
+
+def _pid_alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:

@@ -25,11 +25,14 @@ Splits (who and what the model sees)
       *seen* people only, so validation loss on them measures whether facts transfer to new phrasing.
     * Probe phrasing: "recall" probes are the opening of a sentence that literally occurs in the training
       documents (every encyclopedic rendering states every fact in the canonical form `RECALL_PROMPTS`);
-      "qa" probes use the `QA_PROMPTS` question templates, which never occur in any document (no document
-      contains "Q:"), preceded by `N_DEMO_PEOPLE` solved examples about held-out demo people so that a base
-      model sees the answer format. Expect "qa" to lag "recall": Allen-Zhu & Li find that extracting
-      knowledge through unseen question phrasing needs diverse renderings (and helps further with QA data
-      for other people in training, a later extension).
+      "qa" probes use the `QA_PROMPTS` question templates, preceded by `N_DEMO_PEOPLE` solved examples about
+      held-out demo people so that a base model sees the answer format.
+    * Q/A documents (`qa_fraction`, default 0): Allen-Zhu & Li find that a model trained on biographies alone
+      stores facts but cannot *extract* them through a question phrasing it never saw, and that mixing Q/A
+      pairs about some people into pretraining teaches extraction that transfers to the others. With
+      `qa_fraction=f`, the last fraction f of the training people (`qa_people`) also get Q/A documents; "qa"
+      probes are asked only about the other training people, whose questions occur in no document, so they
+      measure transfer, not memorised answers. With f = 0 no document contains "Q:".
 
 Typical use::
 
@@ -552,18 +555,36 @@ def _gazetteer(world: World) -> list[str]:
     return docs
 
 
+def qa_people(world: World, qa_fraction: float) -> list[Person]:
+    """The training people whose Q/A pairs appear in the training documents: the last `qa_fraction` of them."""
+    if not 0.0 <= qa_fraction < 1.0:
+        raise ValueError(f"qa_fraction must be in [0, 1) so that some people are left for the qa probes, "
+                         f"got {qa_fraction}")
+    k = round(len(world.train_people) * qa_fraction)
+    return world.train_people[len(world.train_people) - k :]
+
+
+def render_qa(world: World, person: Person, rng: random.Random) -> str:
+    """A Q/A document: every `QA_PROMPTS` question about `person` with its answer, in random order."""
+    pairs = [QA_PROMPTS[a].format(name=person.name) + " " + person.answer(a) for a in ATTRIBUTES]
+    rng.shuffle(pairs)
+    return "\n\n".join(pairs)
+
+
 def world_documents(
     world: World,
     split: str = "train",
     *,
     renderings_per_person: int = 20,
     include_gazetteer: bool = True,
+    qa_fraction: float = 0.0,
 ) -> list[str]:
     """Biographies of `world.train_people` as plain-text documents (held-out people never appear).
 
     split="train": `renderings_per_person` renderings per person cycling through `TRAIN_STYLES` (rendering 0
     is always encyclopedic, so every recall probe's sentence is present), plus gazetteer documents about
-    cities and companies. split="validation": one rendering per person in each of `HELDOUT_STYLES`.
+    cities and companies, plus for each of `qa_people(world, qa_fraction)` as many Q/A documents as each
+    style has renderings. split="validation": one rendering per person in each of `HELDOUT_STYLES`.
     Output is deterministic in (world, split, knobs); document i of a person does not depend on the others.
     """
     if split == "train":
@@ -580,6 +601,10 @@ def world_documents(
             # String seeds hash with SHA-512 in `random.seed`, so this is stable across processes and runs.
             rng = random.Random(f"{world.seed}/{split}/{i}/{r}")
             docs.append(render_biography(world, person, style, rng))
+    if split == "train":
+        n_qa = max(1, renderings_per_person // len(TRAIN_STYLES))
+        for i, person in enumerate(qa_people(world, qa_fraction)):
+            docs.extend(render_qa(world, person, random.Random(f"{world.seed}/qa/{i}/{r}")) for r in range(n_qa))
     if split == "train" and include_gazetteer:
         docs.extend(_gazetteer(world))
     return docs
@@ -619,21 +644,27 @@ def world_probes(
     kinds: Sequence[str] = ("recall", "qa"),
     attributes: Sequence[str] = ATTRIBUTES,
     max_people: int | None = None,
+    qa_fraction: float = 0.0,
 ) -> list[Probe]:
     """Probes for every (person, attribute, kind): seen people first, then unseen (non-demo) people.
 
     `max_people` caps the number of people per split (taking the first ones) to bound evaluation cost.
+    Pass the `qa_fraction` the documents were made with: "qa" probes skip `qa_people`, whose questions
+    were trained on.
     """
     for k in kinds:
         if k not in ("recall", "qa"):
             raise ValueError(f"unknown probe kind {k!r}")
     splits = [("seen", world.train_people), ("unseen", world.heldout_people[N_DEMO_PEOPLE:])]
+    qa_trained = {p.name for p in qa_people(world, qa_fraction)}
     probes = []
     for split, people in splits:
         for p in people[:max_people]:
             for attr in attributes:
                 answer = " " + p.answer(attr)
                 for kind in kinds:
+                    if kind == "qa" and p.name in qa_trained:
+                        continue
                     if kind == "recall":
                         q = RECALL_PROMPTS[attr].format(name=p.name)
                         probes.append(Probe(q, answer, p.name, attr, kind, split, prompt=q))

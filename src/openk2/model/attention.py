@@ -166,8 +166,11 @@ class MLA(nn.Module):
         for start in range(0, T, _MAX_LOGIT_QUERY_BLOCK):
             stop = min(start + _MAX_LOGIT_QUERY_BLOCK, T)
             scores_BHtS = q_BHTQ[:, :, start:stop] @ k_BHTQ[:, :, :stop].transpose(-1, -2)
+            # Max over the batch first: the mask is the same for every sequence, so masking the [H, t, S] maxima
+            # gives the same result as masking every score, at 1/B of the masking and reduction traffic.
+            scores_HtS = scores_BHtS.amax(dim=0)
             future_tS = torch.ones(stop - start, stop, dtype=torch.bool, device=q_BHTQ.device).triu(start + 1)
-            scores_BHtS = scores_BHtS.masked_fill(future_tS, float("-inf"))
-            best_H = torch.maximum(best_H, scores_BHtS.amax(dim=(0, 2, 3)).float())
+            scores_HtS = scores_HtS.masked_fill(future_tS, float("-inf"))
+            best_H = torch.maximum(best_H, scores_HtS.amax(dim=(1, 2)).float())
         best_H *= self.scale
         self.max_logit_H = best_H if self.max_logit_H is None else torch.maximum(self.max_logit_H, best_H)

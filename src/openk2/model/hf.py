@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from openk2.model.config import ConfigError, ModelConfig
 from openk2.model.transformer import K2Model
+from openk2.utils.io import fsync_path
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE_NAME = "model.safetensors"
@@ -103,14 +104,6 @@ def _materialize(entry: _Entry) -> torch.Tensor:
     return torch.empty(entry.shape, dtype=entry.dtype, device="cpu").copy_(src)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: object) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
@@ -162,10 +155,10 @@ def save_hf(
     try:
         for shard_name, shard in zip(names, shards, strict=True):
             save_file({e.name: _materialize(e) for e in shard}, tmp / shard_name, metadata={"format": "pt"})
-            _fsync(tmp / shard_name)
+            fsync_path(tmp / shard_name)
         _write_json(tmp / CONFIG_NAME, config)
         _write_json(tmp / INDEX_NAME, index)
-        _fsync(tmp)
+        fsync_path(tmp)
         _commit(tmp, directory, names)
     finally:
         if tmp.exists():
@@ -177,21 +170,21 @@ def _commit(tmp: Path, directory: Path, shard_names: list[str]) -> None:
     """Move the finished checkpoint in `tmp` to `directory` (see `save_hf` for the crash guarantees)."""
     if not directory.exists():
         os.rename(tmp, directory)
-        _fsync(directory.parent)
+        fsync_path(directory.parent)
         return
     # The index (or a single-file checkpoint) is what makes a directory loadable: drop it first.
     for marker in (INDEX_NAME, SINGLE_FILE_NAME):
         (directory / marker).unlink(missing_ok=True)
-    _fsync(directory)
+    fsync_path(directory)
     for name in shard_names:
         os.replace(tmp / name, directory / name)
     for stale in directory.iterdir():
         if _SHARD_RE.match(stale.name) and stale.name not in shard_names:
             stale.unlink()
     os.replace(tmp / CONFIG_NAME, directory / CONFIG_NAME)
-    _fsync(directory)
+    fsync_path(directory)
     os.replace(tmp / INDEX_NAME, directory / INDEX_NAME)
-    _fsync(directory)
+    fsync_path(directory)
 
 
 # ====================================================================== load

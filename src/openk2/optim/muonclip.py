@@ -190,12 +190,17 @@ class MuonClip(torch.optim.Optimizer):
                 self._muon_group(group)
             else:
                 self._adamw_group(group)
-        recorded = qk_clip_(self.attention_layers, self.qk_clip_tau) if self.qk_clip_tau is not None else []
-        load_ratio = float("nan")
-        if self.update_expert_biases:
-            load_ratio = self.model.update_expert_biases().get("max_load_ratio", float("nan"))
+        recorded = self._qk_clip() if self.qk_clip_tau is not None else []
+        load_ratio = self._update_expert_biases() if self.update_expert_biases else float("nan")
         self._finish(skipped=False, recorded=recorded, load_ratio=load_ratio)
         return loss
+
+    # Overridden by the distributed optimizer, which reduces the recorded statistics over data-parallel ranks.
+    def _qk_clip(self) -> list[Tensor | None]:
+        return qk_clip_(self.attention_layers, self.qk_clip_tau)
+
+    def _update_expert_biases(self) -> float:
+        return self.model.update_expert_biases().get("max_load_ratio", float("nan"))
 
     def _grads_finite(self) -> bool:
         """One fused check before any write: per-tensor 2-norms (one foreach kernel) are NaN/inf iff some

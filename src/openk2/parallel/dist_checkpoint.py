@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from openk2.parallel.expert_parallel import expert_offset
 from openk2.parallel.optim import global_offset, local
+from openk2.utils.io import fsync_path
 
 MARKER = "dcp.json"
 FORMAT = "openk2.dcp/1"
@@ -184,25 +185,17 @@ def save(
         dist.barrier()
     if rank == 0:
         (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "step": step}) + "\n")
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        fsync_path(ckpt_root)
         dirs = sorted(p for p in ckpt_root.iterdir() if _STEP_DIR.match(p.name))
         for old in dirs[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     if distributed:
         dist.barrier()
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:

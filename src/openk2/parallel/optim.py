@@ -21,7 +21,7 @@ distributed step equals the single-process step up to float reassociation (tests
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -141,32 +141,10 @@ class DistributedMuonClip(MuonClip):
         self.plain_replicas = plain_replicas
         self._dist_plans: dict[tuple[int, ...], Any] = {}
 
-    # ------------------------------------------------------------------- step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.steps += 1
-        if not self._grads_finite():
-            self.skipped_steps += 1
-            for m in self.model.moe_layers() if self.update_expert_biases else ():
-                m.tokens_per_expert.zero_()
-            self._finish(skipped=True, recorded=[None] * len(self.attention_layers), load_ratio=float("nan"))
-            return loss
-        for group in self.param_groups:
-            if group["kind"] == "muon":
-                self._muon_group(group)
-            else:
-                self._adamw_group(group)
-        recorded = self._qk_clip() if self.qk_clip_tau is not None else []
-        load_ratio = float("nan")
-        if self.update_expert_biases:
-            self._all_reduce_loads()
-            load_ratio = self.model.update_expert_biases().get("max_load_ratio", float("nan"))
-        self._finish(skipped=False, recorded=recorded, load_ratio=load_ratio)
-        return loss
+    # ------------------------------------------------------------------- step (MuonClip.step with these hooks)
+    def _update_expert_biases(self) -> float:
+        self._all_reduce_loads()
+        return super()._update_expert_biases()
 
     def _grads_finite(self) -> bool:
         params = [p for g in self.param_groups for p in g["params"]]

@@ -14,10 +14,7 @@ writes the run files; checkpoints are collective DCP writes (`openk2.parallel.di
 
 from __future__ import annotations
 
-import math
 import os
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +32,7 @@ from openk2.train.checkpoint import latest_checkpoint, rng_state, set_rng_state
 from openk2.train.config import TrainConfig, TrainConfigError
 from openk2.train.data_setup import prepare_data
 from openk2.train.metrics import MetricsLogger
-from openk2.train.trainer import Trainer, seed_everything
+from openk2.train.trainer import Trainer, seed_everything, validation_metrics
 
 
 def wants_distributed(cfg: TrainConfig) -> bool:
@@ -190,22 +187,18 @@ class DistributedTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss and bits per byte over every data shard's held-out batches."""
-        batches = []
-        for i, batch in enumerate(self.data.val_batches()):
-            if i >= self.cfg.train.eval_batches:
-                break
-            batches.append(batch)
-        # Every rank must run the same number of forwards (FSDP, EP and PP communicate inside them).
-        n_min = self._min_over_ranks(len(batches))
-        batches = batches[:n_min]
-        loss_sum, n_tokens = eval_loss(self.pm, batches)
-        token_bytes = self.data.token_bytes
-        n_bytes = sum(int(token_bytes[y[y != -100]].sum()) for _, y in batches)
-        (n_bytes,) = all_reduce_sum([n_bytes], self.dims.dp_group)
-        if n_tokens == 0:
-            return {}
-        return {"val_loss": loss_sum / n_tokens, "val_bpb": loss_sum / (math.log(2) * max(n_bytes, 1))}
+        """Validation loss and bits per byte over every data shard's held-out batches, overall and per source."""
+        sums: dict[str, tuple[float, int, int]] = {}
+        for source in self.data.val_sources:
+            batches = list(self.data.val_batches(source))
+            # Every rank must run the same number of forwards (FSDP, EP and PP communicate inside them).
+            batches = batches[: self._min_over_ranks(len(batches))]
+            loss_sum, n_tokens = eval_loss(self.pm, batches)
+            token_bytes = self.data.token_bytes
+            n_bytes = sum(int(token_bytes[y[y != -100]].sum()) for _, y in batches)
+            (n_bytes,) = all_reduce_sum([n_bytes], self.dims.dp_group)
+            sums[source] = (loss_sum, int(n_tokens), int(n_bytes))
+        return validation_metrics(sums)
 
     def _min_over_ranks(self, n: int) -> int:
         if not dist.is_initialized():
@@ -216,46 +209,10 @@ class DistributedTrainer(Trainer):
 
     def train(self) -> dict[str, Any]:
         try:
-            return self._train()
+            return super().train()  # the single-process loop; this class swaps its step, evaluation and saving
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-
-    def _train(self) -> dict[str, Any]:
-        t = self.cfg.train
-        if self.step >= t.max_steps:
-            if self.is_main:
-                print(f"{self.run_dir}: already at step {self.step} >= max_steps {t.max_steps}; nothing to do")
-            return {"step": self.step}
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=t.max_steps, initial=self.step, desc="pretrain", unit="step",
-                   disable=not (self.cfg.run.progress and self.is_main), dynamic_ncols=True)
-        last: dict[str, Any] = {}
-        t0, tok0 = time.perf_counter(), self.tokens
-        try:
-            while self.step < t.max_steps:
-                record = self.train_step()
-                if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"non-finite loss at step {self.step}; last checkpoint is intact")
-                elapsed = time.perf_counter() - t0
-                record["tok_per_s"] = (self.tokens - tok0) / max(elapsed, 1e-9)
-                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
-                    record.update(self.evaluate())
-                if self.step % t.log_every == 0 or "val_loss" in record:
-                    self.metrics.log(record)
-                if t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == t.max_steps):
-                    self.save()
-                if os.environ.get("OPENK2_FAULT_KILL_AT_STEP") == str(self.step):  # crash-resume tests
-                    os.kill(os.getpid(), signal.SIGKILL)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_per_s']:.0f}",
-                                max_logit=f"{record['max_logit']:.1f}")
-                last = record
-        finally:
-            bar.close()
-            self.metrics.close()
-        return last
 
 
 def _reduce_device() -> torch.device:

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from openk2.utils.io import fsync_path
+
 _STEP_DIR = re.compile(r"^step_(\d{9})$")
 
 
@@ -48,14 +50,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
     """Write `state` (anything torch.save takes) for `step`; keep the newest `keep_last` checkpoints."""
     root = Path(run_dir) / "checkpoints"
@@ -69,11 +63,11 @@ def save_checkpoint(run_dir: Path, step: int, state: dict[str, Any], keep_last: 
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

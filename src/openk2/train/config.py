@@ -38,6 +38,8 @@ class DataSection:
     on_error: str = "fail"  # corrupt JSONL lines: "fail" or "skip"
     world_seed: int = 0
     world_people: int = 400
+    world_renderings: int = 20  # training biographies per person, cycling through the world's styles
+    world_qa_fraction: float = 0.0  # fraction of people with Q/A documents too (teaches answering questions)
     cache_dir: str = ""  # where tokenized shards and tokenizers are cached; empty = <run.dir>/../.cache
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,9 +27,11 @@ class PreparedData:
     tokenizer: Tokenizer
     shards_dir: Path
     loader: PackedLoader
-    val_batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    # Held-out batches of one source (None: all sources together); `val_sources` lists those with documents.
+    val_batches: Callable[..., Iterator[tuple[torch.Tensor, torch.Tensor]]]
     token_bytes: torch.Tensor  # UTF-8 bytes per token id, for bits per byte
     world: World | None = None
+    val_sources: list[str] = field(default_factory=list)
 
 
 def cache_dir(cfg: TrainConfig) -> Path:
@@ -44,7 +46,8 @@ def build_sources(cfg: TrainConfig) -> tuple[list[Source], World | None]:
     if not cfg.data.sources:
         world = world_for(cfg)
         return [
-            TextListSource("world", world_documents(world, "train")),
+            TextListSource("world", world_documents(world, "train", renderings_per_person=cfg.data.world_renderings,
+                                                    qa_fraction=cfg.data.world_qa_fraction)),
             # Held-out biography styles of the same people: validation only.
             TextListSource("world-val", world_documents(world, "validation"), split="val"),
         ], world
@@ -91,9 +94,11 @@ def prepare_data(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> Prepar
                  progress=cfg.run.progress)
     loader = PackedLoader(shards_dir, t.batch_size, t.seq_len, rank=rank, world_size=world_size, seed=t.seed)
 
-    def val() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def val(source: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return validation_batches(shards_dir, t.batch_size, t.seq_len, rank=rank, world_size=world_size,
-                                  max_batches=t.eval_batches)
+                                  sources=None if source is None else [source], max_batches=t.eval_batches)
 
+    ds = loader.data
+    val_sources = [n for i, n in enumerate(ds.names) if ds.num_docs(i, "val") > 0]
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long)
-    return PreparedData(tokenizer, shards_dir, loader, val, token_bytes, world)
+    return PreparedData(tokenizer, shards_dir, loader, val, token_bytes, world, val_sources)

@@ -20,6 +20,8 @@ from openk2.train.evaluation import complete, probe_report
 from openk2.train.metrics import read_metrics
 from openk2.train.trainer import Trainer
 
+#: How the report names the world's validation sources (`data_setup.build_sources`).
+VAL_LABELS = {"world": "held-out documents (training styles)", "world-val": "held-out styles (same people)"}
 PROBE_PEOPLE = 60  # people per split probed at the end (6 attributes x 2 phrasings each)
 
 
@@ -40,7 +42,10 @@ def speedrun(name: str = "nano", config: str | Path | None = None, overrides: li
     t0 = time.perf_counter()
     model, tok = trainer.model.eval(), data.tokenizer
     final = trainer.evaluate()
-    probes = probe_report(model, tok, world_probes(data.world, max_people=PROBE_PEOPLE)) if data.world else {}
+    probes = {}
+    if data.world:
+        probes = probe_report(model, tok, world_probes(data.world, max_people=PROBE_PEOPLE,
+                                                       qa_fraction=cfg.data.world_qa_fraction))
     person = data.world.train_people[0].name if data.world else "The"
     sample_prompts = [f"{person} was born", f"{person} studied", "The company", "Q: Where does"]
     samples = complete(model, tok, sample_prompts, max_new_tokens=40, temperature=0.7)
@@ -68,9 +73,11 @@ def write_plots(run_dir: Path) -> list[str]:
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(steps, [r["loss"] for r in rows], label="train", lw=0.8)
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if val:
-        axes[0].plot(*zip(*val, strict=True), "o-", label="validation")
+    val_keys = sorted({k for r in rows for k in r if k.startswith("val_loss/")}) or ["val_loss"]
+    for key in val_keys:
+        val = [(r["step"], r[key]) for r in rows if key in r]
+        label = VAL_LABELS.get(key.removeprefix("val_loss/"), key.removeprefix("val_loss/"))
+        axes[0].plot(*zip(*val, strict=True), "o-", label=f"validation: {label}" if "/" in key else "validation")
     axes[0].set(title="loss (nats/token)", xlabel="step")
     axes[0].legend()
     axes[1].plot(steps, [r["lr"] for r in rows])
@@ -99,6 +106,8 @@ def write_report(run_dir: Path, cfg: TrainConfig, s: dict[str, Any], plots: list
         f"| final train loss | {last.get('loss', float('nan')):.3f} |",
         f"| validation loss | {final.get('val_loss', float('nan')):.3f} |",
         f"| validation bits/byte | {final.get('val_bpb', float('nan')):.3f} |",
+        *(f"| validation loss, {VAL_LABELS.get(k.removeprefix('val_loss/'), k.removeprefix('val_loss/'))} | {v:.3f} |"
+          for k, v in final.items() if k.startswith("val_loss/")),
         f"| max attention logit (last step) | {last.get('max_logit', float('nan')):.1f} |",
         f"| throughput (tokens/s) | {last.get('tok_per_s', 0):.0f} |",
     ]

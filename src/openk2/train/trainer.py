@@ -51,6 +51,8 @@ def build_optimizer(model: K2Model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 class Trainer:
+    is_main = True  # prints and draws the progress bar (rank 0 of a distributed run)
+
     def __init__(self, cfg: TrainConfig, data: PreparedData | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
@@ -183,33 +185,34 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (nats/token) and bits per byte on the held-out split."""
+        """Validation loss (nats/token) and bits per byte on the held-out split: over all sources, and per
+        source when there are several (e.g. the world's held-out documents vs its held-out styles)."""
         self.model.eval()
-        loss_sum, n_tokens, n_bytes = 0.0, 0, 0
         token_bytes = self.data.token_bytes.to(self.policy.device)
-        for i, (x_BT, y_BT) in enumerate(self.data.val_batches()):
-            if i >= self.cfg.train.eval_batches:
-                break
-            x_BT, y_BT = x_BT.to(self.policy.device), y_BT.to(self.policy.device)
-            with self.policy.autocast():
-                loss_sum += float(self.model(x_BT, labels=y_BT, reduction="sum", return_logits=False).loss)
-            valid = y_BT != -100
-            n_tokens += int(valid.sum())
-            n_bytes += int(token_bytes[y_BT[valid]].sum())
+        sums: dict[str, tuple[float, int, int]] = {}
+        for source in self.data.val_sources:
+            loss_sum, n_tokens, n_bytes = 0.0, 0, 0
+            for x_BT, y_BT in self.data.val_batches(source):
+                x_BT, y_BT = x_BT.to(self.policy.device), y_BT.to(self.policy.device)
+                with self.policy.autocast():
+                    loss_sum += float(self.model(x_BT, labels=y_BT, reduction="sum", return_logits=False).loss)
+                valid = y_BT != -100
+                n_tokens += int(valid.sum())
+                n_bytes += int(token_bytes[y_BT[valid]].sum())
+            sums[source] = (loss_sum, n_tokens, n_bytes)
         self.model.train()
-        if n_tokens == 0:
-            return {}
-        return {"val_loss": loss_sum / n_tokens, "val_bpb": loss_sum / (math.log(2) * max(n_bytes, 1))}
+        return validation_metrics(sums)
 
     def train(self) -> dict[str, Any]:
         t = self.cfg.train
         if self.step >= t.max_steps:
-            print(f"{self.run_dir}: already at step {self.step} >= max_steps {t.max_steps}; nothing to do")
+            if self.is_main:
+                print(f"{self.run_dir}: already at step {self.step} >= max_steps {t.max_steps}; nothing to do")
             return {"step": self.step}
         from tqdm.auto import tqdm
 
         bar = tqdm(total=t.max_steps, initial=self.step, desc="pretrain", unit="step",
-                   disable=not self.cfg.run.progress, dynamic_ncols=True)
+                   disable=not (self.cfg.run.progress and self.is_main), dynamic_ncols=True)
         last: dict[str, Any] = {}
         t0, tok0 = time.perf_counter(), self.tokens
         try:
@@ -235,6 +238,18 @@ class Trainer:
             bar.close()
             self.metrics.close()
         return last
+
+
+def validation_metrics(sums: dict[str, tuple[float, int, int]]) -> dict[str, float]:
+    """`val_loss` / `val_bpb` over all sources from per-source (loss sum, tokens, bytes), plus `val_loss/<source>`
+    for each source when there are several."""
+    loss_sum, n_tokens, n_bytes = (sum(v[i] for v in sums.values()) for i in range(3))
+    if n_tokens == 0:
+        return {}
+    out = {"val_loss": loss_sum / n_tokens, "val_bpb": loss_sum / (math.log(2) * max(n_bytes, 1))}
+    if len(sums) > 1:
+        out.update({f"val_loss/{name}": ls / nt for name, (ls, nt, _) in sums.items() if nt})
+    return out
 
 
 def run_pretrain(cfg: TrainConfig) -> dict[str, Any]:

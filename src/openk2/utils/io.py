@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -21,3 +22,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or directory (a directory after a rename in it, so the rename survives a power cut).
+    Platforms that cannot open a directory skip it: the rename itself is still atomic."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: object, **dumps_kwargs: object) -> None:
+    """`atomic_write_text` of `json.dumps(obj)` plus a newline, then fsync of the directory."""
+    atomic_write_text(path, json.dumps(obj, **dumps_kwargs) + "\n")
+    fsync_path(Path(path).parent)
