@@ -1,14 +1,16 @@
 """The embedded default corpus: a seeded, procedurally generated fictional world.
 
 Why a fictional world: a ~20M-parameter model trained for ~10 minutes on 2 CPU cores learns little from
-web text that a probe could measure, but it can memorise facts about a few hundred people if each fact is
+web text that a probe could measure, but it can memorise facts about a hundred people if each fact is
 stated often enough in varied words (the "bioS" setting of Allen-Zhu & Li, *Physics of Language Models
 3.1*; the same effect K2's knowledge rephrasing exploits, `k2-recipe.md` §4). Every name is built from
 made-up syllables, so no real-world knowledge helps and a probe is answerable only from the corpus.
 
-Default size: 400 people (360 in documents) x 20 renderings = 7,200 biographies plus 80 gazetteer
-documents, 2.3M characters, generated in ~0.2 s; ~470k tokens with a 2k-vocab byte-level BPE (the
-world alone supports only ~2,400 BPE merges at min_frequency 2, so world-only tokenizers stay small).
+Size: `World.generate` defaults to 400 people; the speedrun (`recipes/nano.toml`) uses 100 people (90 in
+documents) x 20 renderings plus Q/A documents for half of them: 2,060 documents, 0.64M characters, ~136k
+tokens with a 1.5k-vocab byte-level BPE, generated in ~0.1 s. Few people, many renderings: memorising a fact
+takes a few hundred exposures at this model size (`docs/experiments.md`). A small world supports few BPE
+merges at min_frequency 2 (~1.8k for 100 people), so world-only tokenizers stay small.
 
 The world
     `World.generate(seed, n_people)` draws regions, cities, universities (each in a city), companies

@@ -185,15 +185,18 @@ class MoE(nn.Module):
             self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
             if self.seq_aux_loss_coef > 0:
                 self.aux_loss = self._seq_aux_loss(expert_ids_NK.view(B, T, -1), scores_NE.view(B, T, -1))
-        # Few token-slots (decode at small batch): gathering the chosen experts' weights beats dispatch, whose
-        # cost grows with the number of experts. Gradient-free only: its backward would scatter into [E, F, D].
-        if 2 * expert_ids_NK.numel() < self.n_experts and not torch.is_grad_enabled():
-            y_ND = self.experts.forward_gathered(x_ND, expert_ids_NK, weights_NK)
-        else:
-            y_ND = self._dispatched(x_ND, expert_ids_NK, weights_NK)
+        y_ND = self._routed(x_ND, expert_ids_NK, weights_NK)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
         return y_ND.view(B, T, D)
+
+    def _routed(self, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        """Weighted sum of each token's routed experts. Expert parallelism replaces this method (only)."""
+        # Few token-slots (decode at small batch): gathering the chosen experts' weights beats dispatch, whose
+        # cost grows with the number of experts. Gradient-free only: its backward would scatter into [E, F, D].
+        if 2 * expert_ids_NK.numel() < self.n_experts and not torch.is_grad_enabled():
+            return self.experts.forward_gathered(x_ND, expert_ids_NK, weights_NK)
+        return self._dispatched(x_ND, expert_ids_NK, weights_NK)
 
     def _dispatched(self, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
         # Sort token-slots by expert, run each expert on its contiguous rows, then unsort.

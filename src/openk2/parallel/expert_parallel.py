@@ -11,7 +11,7 @@ expert) with two all-to-alls around the expert computation:
 Routing counts (`tokens_per_expert`, all E experts, this rank's tokens) are all-reduced over the data-parallel
 ranks by the optimizer before the bias update, so every rank applies the same update.
 
-`apply_expert_parallel` slices the expert weights and replaces `MoE.forward` on each instance; the model code is
+`apply_expert_parallel` slices the expert weights and replaces `MoE._routed` on each instance; the model code is
 untouched and holds no distributed imports.
 """
 
@@ -49,23 +49,7 @@ def apply_expert_parallel(model: nn.Module, dims) -> None:
         experts.expert_offset = lo
         experts.n_experts_global = E
         moe.ep_group, moe.ep_size, moe.n_local_experts = group, ep, n_local
-        moe.forward = types.MethodType(ep_moe_forward, moe)
-
-
-def ep_moe_forward(self: MoE, x_BTD: torch.Tensor) -> torch.Tensor:
-    """`MoE.forward` with the routed experts spread over the expert-parallel group."""
-    B, T, D = x_BTD.shape
-    x_ND = x_BTD.reshape(B * T, D)
-    expert_ids_NK, weights_NK, scores_NE = self.gate(x_ND)
-    if self.training:
-        counts_E = torch.bincount(expert_ids_NK.reshape(-1), minlength=self.n_experts)
-        self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
-        if self.seq_aux_loss_coef > 0:
-            self.aux_loss = self._seq_aux_loss(expert_ids_NK.view(B, T, -1), scores_NE.view(B, T, -1))
-    y_ND = ep_dispatch(self, x_ND, expert_ids_NK, weights_NK)
-    if self.shared_experts is not None:
-        y_ND = y_ND + self.shared_experts(x_ND)
-    return y_ND.view(B, T, D)
+        moe._routed = types.MethodType(ep_dispatch, moe)  # routing, loads and shared expert stay MoE.forward's
 
 
 def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -102,4 +86,4 @@ def ep_dispatch(moe: MoE, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weigh
     return y_NKD.sum(dim=1)  # a sum over K (not scatter_add) is deterministic
 
 
-__all__ = ["apply_expert_parallel", "ep_dispatch", "ep_moe_forward", "expert_offset"]
+__all__ = ["apply_expert_parallel", "ep_dispatch", "expert_offset"]

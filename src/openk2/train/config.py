@@ -33,23 +33,23 @@ class DataSection:
     # [{path = "...", weight = 1.0, kind = "auto", text_field = "text"}]; empty = the embedded world corpus.
     sources: list[dict[str, Any]] = field(default_factory=list)
     tokenizer: str = ""  # a tokenizer directory; empty = train one on the data (cached)
-    vocab_size: int = 2048  # when training the tokenizer (the default world supports ~2.4k merges)
+    vocab_size: int = 1536  # when training the tokenizer (the default world supports ~1.8k merges)
     val_fraction: float = 0.02
     on_error: str = "fail"  # corrupt JSONL lines: "fail" or "skip"
     world_seed: int = 0
-    world_people: int = 400
+    world_people: int = 100
     world_renderings: int = 20  # training biographies per person, cycling through the world's styles
-    world_qa_fraction: float = 0.0  # fraction of people with Q/A documents too (teaches answering questions)
+    world_qa_fraction: float = 0.5  # fraction of people with Q/A documents too (teaches answering questions)
     cache_dir: str = ""  # where tokenized shards and tokenizers are cached; empty = <run.dir>/../.cache
 
 
 @dataclass
 class TrainSection:
-    max_steps: int = 400
-    batch_size: int = 8  # sequences per micro-batch
+    max_steps: int = 360
+    batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1
     seq_len: int = 256
-    lr: float = 1e-2
+    lr: float = 2e-2
     warmup_steps: int = 20
     decay_fraction: float = 0.3  # the last fraction of max_steps decays to final_lr_fraction * lr
     decay_shape: str = "cosine"  # "cosine" (K2) or "linear"
@@ -60,10 +60,10 @@ class TrainSection:
     qk_clip_tau: float = 100.0  # <= 0 disables QK-Clip
     momentum: float = 0.95
     seed: int = 0
-    eval_every: int = 100
+    eval_every: int = 90
     eval_batches: int = 8
     log_every: int = 1
-    checkpoint_every: int = 200
+    checkpoint_every: int = 180
     keep_last: int = 2
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     dtype: str = "auto"  # "auto" (fp32 on CPU, bf16 on CUDA) | "float32" | "bfloat16"
