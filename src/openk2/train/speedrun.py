@@ -61,13 +61,13 @@ def speedrun(name: str = "nano", config: str | Path | None = None, overrides: li
                "samples": dict(zip(sample_prompts, samples, strict=True)), "timings_s": timings,
                "params": count_params(trainer.model_config).as_dict()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    plots = write_plots(run_dir)
+    plots = write_plots(run_dir, cfg.train.qk_clip_tau if cfg.train.optimizer == "muonclip" else None)
     write_report(run_dir, cfg, summary, plots)
     print(f"report: {run_dir / 'report.md'}")
     return run_dir / "report.md"
 
 
-def write_plots(run_dir: Path) -> list[str]:
+def write_plots(run_dir: Path, qk_clip_tau: float | None = None) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,13 +86,15 @@ def write_plots(run_dir: Path) -> list[str]:
         axes[0].plot(*zip(*val, strict=True), "o-", label=f"validation: {label}" if "/" in key else "validation")
     # Log scale: the held-out-style validation loss sits an order of magnitude above the training loss.
     axes[0].set(title="loss (nats/token)", xlabel="step", yscale="log")
-    axes[0].legend()
+    axes[0].legend(loc="center right", fontsize=8)
     axes[1].plot(steps, [r["lr"] for r in rows])
     axes[1].set(title="learning rate (WSD)", xlabel="step")
     per_layer = [r.get("max_logit_per_layer") or [] for r in rows]
     for layer in range(max(len(p) for p in per_layer)):
         axes[2].plot(steps, [p[layer] if layer < len(p) else float("nan") for p in per_layer], lw=0.8,
                      label=f"layer {layer}")
+    if qk_clip_tau and qk_clip_tau > 0:
+        axes[2].axhline(qk_clip_tau, color="gray", ls=":", label=f"QK-Clip tau = {qk_clip_tau:g}")
     axes[2].set(title="max attention logit per layer", xlabel="step")
     axes[2].legend(fontsize=7)
     fig.tight_layout()
