@@ -24,3 +24,13 @@ def test_speedrun_writes_report_plots_and_probe_results(tmp_path, monkeypatch):
     assert {"seen/recall", "seen/qa", "unseen"} <= set(summary["probes"])
     assert all(0.0 <= v <= 1.0 for v in summary["probes"].values())
     assert summary["config"]["data"]["world_qa_fraction"] == 0.5
+
+
+def test_speedrun_again_on_a_finished_run_reports_the_training_it_did(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    overrides = [*TINY, "train.max_steps=3", f"data.cache_dir='{tmp_path / 'cache'}'"]
+    speedrun("again", overrides=overrides)
+    first = json.loads((tmp_path / "runs" / "again" / "summary.json").read_text())["last_step"]
+    speedrun("again", overrides=overrides)  # resumes at max_steps: trains nothing, evaluates and reports again
+    second = json.loads((tmp_path / "runs" / "again" / "summary.json").read_text())["last_step"]
+    assert second["step"] == 3 and second["tokens"] == first["tokens"] > 0 and second["loss"] == first["loss"]

@@ -42,8 +42,11 @@ def speedrun(name: str = "nano", config: str | Path | None = None, overrides: li
 
     t0 = time.perf_counter()
     trainer = Trainer(cfg, data)
-    last = trainer.train()
+    trainer.train()
     timings["pretrain"] = time.perf_counter() - t0
+    # The last logged step, also when this call resumed a finished run and trained nothing.
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    last = rows[-1] if rows else {"step": trainer.step}
 
     t0 = time.perf_counter()
     model, tok = trainer.model.eval(), data.tokenizer
