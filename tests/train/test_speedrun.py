@@ -22,6 +22,8 @@ def test_speedrun_writes_report_plots_and_probe_results(tmp_path, monkeypatch):
     summary = json.loads((run / "summary.json").read_text())
     assert {"val_loss", "val_loss/world", "val_loss/world-val"} <= set(summary["final_eval"])
     assert {"seen/recall", "seen/qa", "unseen"} <= set(summary["probes"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "probe/seen/recall" in r] == [3, 6]  # probed at every validation
     assert all(0.0 <= v <= 1.0 for v in summary["probes"].values())
     assert summary["config"]["data"]["world_qa_fraction"] == 0.5
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from openk2.data.world import world_probes
-from openk2.model import count_params
+from openk2.model import K2Model, count_params
 from openk2.train.config import TrainConfig, load_config
 from openk2.train.data_setup import prepare_data
 from openk2.train.evaluation import complete, probe_report
@@ -22,13 +22,15 @@ from openk2.train.trainer import Trainer
 
 #: How the report names the world's validation sources (`data_setup.build_sources`).
 VAL_LABELS = {"world": "held-out documents (training styles)", "world-val": "held-out styles (same people)"}
-PROBE_PEOPLE = 60
+PROBE_PEOPLE = 60  # people per split probed at each validation (6 attributes x 2 phrasings each)
 PROBE_LABELS = {
     "seen/recall": "recall phrasing, people in the documents",
     "seen/qa": "Q/A phrasing, people in the documents whose questions were never trained on",
     "seen": "all phrasings, people in the documents",
     "unseen": "held-out people (chance level)",
-}  # people per split probed at the end (6 attributes x 2 phrasings each)
+}
+PROBE_SHORT_LABELS = {"seen/recall": "recall, seen people", "seen/qa": "Q/A, untrained questions",
+                      "unseen": "held-out people (chance)"}
 
 
 def speedrun(name: str = "nano", config: str | Path | None = None, overrides: list[str] = ()) -> Path:
@@ -40,21 +42,30 @@ def speedrun(name: str = "nano", config: str | Path | None = None, overrides: li
     data = prepare_data(cfg)
     timings["data (world, tokenizer, shards)"] = time.perf_counter() - t0
 
+    # Knowledge probes at every validation step, so the report can plot accuracy over training.
+    probe_set = world_probes(data.world, max_people=PROBE_PEOPLE, qa_fraction=cfg.data.world_qa_fraction) \
+        if data.world else []
+    reports: dict[int, dict[str, float]] = {}
+
+    def probe_eval(model: K2Model) -> dict[str, float]:
+        report = reports[trainer.step] = probe_report(model.eval(), data.tokenizer, probe_set)
+        return {f"probe/{k}": report[k] for k in PROBE_LABELS if k in report}
+
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, data)
+    trainer = Trainer(cfg, data, extra_eval=probe_eval if probe_set else None)
     trainer.train()
-    timings["pretrain"] = time.perf_counter() - t0
+    timings["pretrain (with periodic validation and probes)"] = time.perf_counter() - t0
     # The last logged step, also when this call resumed a finished run and trained nothing.
     rows = read_metrics(run_dir / "metrics.jsonl")
     last = rows[-1] if rows else {"step": trainer.step}
 
     t0 = time.perf_counter()
     model, tok = trainer.model.eval(), data.tokenizer
-    final = trainer.evaluate()
-    probes = {}
-    if data.world:
-        probes = probe_report(model, tok, world_probes(data.world, max_people=PROBE_PEOPLE,
-                                                       qa_fraction=cfg.data.world_qa_fraction))
+    if last.get("step") == trainer.step and "val_loss" in last:  # validated at the final step already
+        final = {k: v for k, v in last.items() if k.startswith("val_")}
+    else:
+        final = trainer.evaluate()
+    probes = reports.get(trainer.step) or (probe_report(model, tok, probe_set) if probe_set else {})
     person = data.world.train_people[0].name if data.world else "The"
     sample_prompts = [f"{person} was born", f"{person} studied", "The company", "Q: Where does"]
     samples = complete(model, tok, sample_prompts, max_new_tokens=40, temperature=0.7)
@@ -80,7 +91,8 @@ def write_plots(run_dir: Path, qk_clip_tau: float | None = None) -> list[str]:
     if not rows:
         return []
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    probe_keys = [k for k in PROBE_LABELS if any(f"probe/{k}" in r for r in rows) and k != "seen"]
+    fig, axes = plt.subplots(1, 4 if probe_keys else 3, figsize=(20 if probe_keys else 15, 4))
     axes[0].plot(steps, [r["loss"] for r in rows], label="train", lw=0.8)
     val_keys = sorted({k for r in rows for k in r if k.startswith("val_loss/")}) or ["val_loss"]
     for key in val_keys:
@@ -100,6 +112,12 @@ def write_plots(run_dir: Path, qk_clip_tau: float | None = None) -> list[str]:
         axes[2].axhline(qk_clip_tau, color="gray", ls=":", label=f"QK-Clip tau = {qk_clip_tau:g}")
     axes[2].set(title="max attention logit per layer", xlabel="step")
     axes[2].legend(fontsize=7)
+    for key in probe_keys:
+        acc = [(r["step"], 100 * r[f"probe/{key}"]) for r in rows if f"probe/{key}" in r]
+        axes[3].plot(*zip(*acc, strict=True), "o-", label=PROBE_SHORT_LABELS.get(key, key))
+    if probe_keys:
+        axes[3].set(title="knowledge probe accuracy (%)", xlabel="step", ylim=(0, 100))
+        axes[3].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(run_dir / "training.png", dpi=110)
     plt.close(fig)

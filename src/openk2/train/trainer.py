@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,14 @@ def build_optimizer(model: K2Model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 class Trainer:
     is_main = True  # prints and draws the progress bar (rank 0 of a distributed run)
+    extra_eval: Callable[[K2Model], dict[str, float]] | None = None
 
-    def __init__(self, cfg: TrainConfig, data: PreparedData | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, data: PreparedData | None = None,
+                 extra_eval: Callable[[K2Model], dict[str, float]] | None = None) -> None:
+        """`extra_eval(model)` runs after each validation and its metrics join that step's record (e.g. the
+        speedrun's knowledge probes); it may leave the model in eval mode."""
         self.cfg = cfg
+        self.extra_eval = extra_eval
         self.run_dir = Path(cfg.run.dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         t = cfg.train
@@ -224,6 +230,9 @@ class Trainer:
                 record["tok_per_s"] = (self.tokens - tok0) / max(elapsed, 1e-9)
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     record.update(self.evaluate())
+                    if self.extra_eval is not None:
+                        record.update(self.extra_eval(self.model))
+                        self.model.train()
                 if self.step % t.log_every == 0 or "val_loss" in record:
                     self.metrics.log(record)
                 if t.checkpoint_every and (self.step % t.checkpoint_every == 0 or self.step == t.max_steps):
