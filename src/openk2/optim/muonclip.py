@@ -248,6 +248,11 @@ class MuonClip(torch.optim.Optimizer):
             adjust_lr=group["adjust_lr"],
         )
 
+    @staticmethod
+    def _local(t: Tensor) -> Tensor:
+        """The tensor this process updates: `t` itself here; the distributed optimizer's rank-local shard."""
+        return t
+
     def _adamw_group(self, group: dict[str, Any]) -> None:
         # Same state layout and functional kernel as torch.optim.AdamW, so the numbers are torch's.
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -255,16 +260,17 @@ class MuonClip(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
+            shard = self._local(p)
             state = self.state[p]
             if not state:
                 state["step"] = (
-                    torch.zeros((), dtype=torch.float32, device=p.device) if fused
+                    torch.zeros((), dtype=torch.float32, device=shard.device) if fused
                     else torch.tensor(0.0, dtype=torch.float32)
                 )
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
+                state["exp_avg"] = torch.zeros_like(shard, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(shard, memory_format=torch.preserve_format)
+            params.append(shard)
+            grads.append(self._local(p.grad))
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])

@@ -29,7 +29,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-from torch.optim.adamw import adamw as _adamw_functional
 
 from openk2.optim.muon import adjusted_lr_ratio, batched_orthogonalize, plan_buckets
 from openk2.optim.muonclip import MuonClip
@@ -197,32 +196,7 @@ class DistributedMuonClip(MuonClip):
             torch._foreach_add_(ps, os_, alpha=alpha)
 
     # ------------------------------------------------------------------ adamw
-    def _adamw_group(self, group: dict[str, Any]) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        fused = bool(group["fused"])
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            shard, g = local(p), local(p.grad)
-            state = self.state[p]
-            if not state:
-                state["step"] = (torch.zeros((), dtype=torch.float32, device=shard.device) if fused
-                                 else torch.tensor(0.0, dtype=torch.float32))
-                state["exp_avg"] = torch.zeros_like(shard, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(shard, memory_format=torch.preserve_format)
-            params.append(shard)
-            grads.append(g)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        if not params:
-            return
-        beta1, beta2 = group["betas"]
-        _adamw_functional(
-            params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=group["foreach"], fused=group["fused"],
-            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-            eps=group["eps"], maximize=False,
-        )
+    _local = staticmethod(local)  # MuonClip._adamw_group then updates each rank's shard in place
 
     # ---------------------------------------------------------------- qk-clip
     def _qk_clip(self) -> list[Tensor | None]:
