@@ -189,12 +189,12 @@ class DistributedTrainer(Trainer):
     def evaluate(self) -> dict[str, float]:
         """Validation loss and bits per byte over every data shard's held-out batches, overall and per source."""
         sums: dict[str, tuple[float, int, int]] = {}
+        token_bytes = self.data.token_bytes
         for source in self.data.val_sources:
             batches = list(self.data.val_batches(source))
             # Every rank must run the same number of forwards (FSDP, EP and PP communicate inside them).
             batches = batches[: self._min_over_ranks(len(batches))]
             loss_sum, n_tokens = eval_loss(self.pm, batches)
-            token_bytes = self.data.token_bytes
             n_bytes = sum(int(token_bytes[y[y != -100]].sum()) for _, y in batches)
             (n_bytes,) = all_reduce_sum([n_bytes], self.dims.dp_group)
             sums[source] = (loss_sum, int(n_tokens), int(n_bytes))
