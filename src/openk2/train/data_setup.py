@@ -27,8 +27,8 @@ class PreparedData:
     tokenizer: Tokenizer
     shards_dir: Path
     loader: PackedLoader
-    # Held-out batches of one source (None: all sources together); `val_sources` lists those with documents.
-    val_batches: Callable[..., Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    # Held-out batches of one source; `val_sources` lists the sources that have held-out documents.
+    val_batches: Callable[[str], Iterator[tuple[torch.Tensor, torch.Tensor]]]
     token_bytes: torch.Tensor  # UTF-8 bytes per token id, for bits per byte
     world: World | None = None
     val_sources: list[str] = field(default_factory=list)
@@ -94,9 +94,9 @@ def prepare_data(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> Prepar
                  progress=cfg.run.progress)
     loader = PackedLoader(shards_dir, t.batch_size, t.seq_len, rank=rank, world_size=world_size, seed=t.seed)
 
-    def val(source: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def val(source: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return validation_batches(shards_dir, t.batch_size, t.seq_len, rank=rank, world_size=world_size,
-                                  sources=None if source is None else [source], max_batches=t.eval_batches)
+                                  sources=[source], max_batches=t.eval_batches)
 
     ds = loader.data
     val_sources = [n for i, n in enumerate(ds.names) if ds.num_docs(i, "val") > 0]

@@ -22,6 +22,14 @@ from openk2.train.trainer import Trainer
 
 #: How the report names the world's validation sources (`data_setup.build_sources`).
 VAL_LABELS = {"world": "held-out documents (training styles)", "world-val": "held-out styles (same people)"}
+
+
+def _val_label(key: str) -> str:
+    """'val_loss/world' -> how the report names that validation source."""
+    source = key.removeprefix("val_loss/")
+    return VAL_LABELS.get(source, source)
+
+
 PROBE_PEOPLE = 60  # people per split probed at each validation (6 attributes x 2 phrasings each)
 PROBE_LABELS = {
     "seen/recall": "recall phrasing, people in the documents",
@@ -97,8 +105,8 @@ def write_plots(run_dir: Path, qk_clip_tau: float | None = None) -> list[str]:
     val_keys = sorted({k for r in rows for k in r if k.startswith("val_loss/")}) or ["val_loss"]
     for key in val_keys:
         val = [(r["step"], r[key]) for r in rows if key in r]
-        label = VAL_LABELS.get(key.removeprefix("val_loss/"), key.removeprefix("val_loss/"))
-        axes[0].plot(*zip(*val, strict=True), "o-", label=f"validation: {label}" if "/" in key else "validation")
+        axes[0].plot(*zip(*val, strict=True), "o-",
+                     label=f"validation: {_val_label(key)}" if "/" in key else "validation")
     # Log scale: the held-out-style validation loss sits an order of magnitude above the training loss.
     axes[0].set(title="loss (nats/token)", xlabel="step", yscale="log")
     axes[0].legend(loc="center right", fontsize=8)
@@ -136,8 +144,7 @@ def write_report(run_dir: Path, cfg: TrainConfig, s: dict[str, Any], plots: list
         f"| final train loss | {last.get('loss', float('nan')):.3f} |",
         f"| validation loss | {final.get('val_loss', float('nan')):.3f} |",
         f"| validation bits/byte | {final.get('val_bpb', float('nan')):.3f} |",
-        *(f"| validation loss, {VAL_LABELS.get(k.removeprefix('val_loss/'), k.removeprefix('val_loss/'))} | {v:.3f} |"
-          for k, v in final.items() if k.startswith("val_loss/")),
+        *(f"| validation loss, {_val_label(k)} | {v:.3f} |" for k, v in final.items() if k.startswith("val_loss/")),
         f"| max attention logit (last step) | {last.get('max_logit', float('nan')):.1f} |",
         f"| throughput (tokens/s) | {last.get('tok_per_s', 0):.0f} |",
     ]
