@@ -35,6 +35,9 @@ class Sample:
     tools: list[dict[str, Any]] | None = None  # OpenAI-format tool schemas, if the item offers tools
     category: str | None = None  # for per-category breakdowns
     metadata: dict[str, Any] = field(default_factory=dict)  # JSON-ready extras saved with the sample
+    # A completion-style item (base models, the world probes): the harness sends this text to the completions
+    # endpoint instead of `messages` to the chat endpoint.
+    prompt: str | None = None
 
 
 @dataclass
@@ -72,12 +75,20 @@ class Benchmark:
     max_tokens: int = 8192
     k: int = 1  # samples per item
     categories: bool = False  # whether per-category breakdowns are meaningful
+    seeded: bool = False  # procedurally generated: `load(seed=...)` draws a fresh item set
+    # Run context the harness hands over (`dataclasses.replace(bench, options=...)`), e.g. the run directory
+    # whose world the world benchmarks probe, or `--world`. Benchmarks read what they need and ignore the rest.
+    options: dict[str, Any] = field(default_factory=dict)
 
     def load(self, data_dir: Path, limit: int | None = None, seed: int = 0) -> list[Sample]:
         raise NotImplementedError
 
     def score(self, sample: Sample, completion: Completion) -> Score:
         raise NotImplementedError
+
+    def data_files(self, data_dir: Path) -> list[Path]:
+        """The files `load` reads (hashed into results.json); [] for generated benchmarks."""
+        return []
 
     async def rollout(self, sample: Sample, chat: ChatFn, user: ChatFn | None = None) -> Completion:
         """Multi-turn benchmarks override this; the default is one chat call."""
