@@ -117,6 +117,7 @@ async def _run(model: str, names: list[str], *, out: Path | None, model_name: st
         if name in names:
             trunc = "" if b["truncation_rate"] is None else f", truncated {100 * b['truncation_rate']:.1f}%"
             k2 = "" if b["k2_score"] is None else f" (K2-Instruct {b['k2_score']:g})"
-            console.print(f"{name}: {b['score']:.1f}{k2} over {b['scored']} samples{trunc}, "
+            score = "no score" if b["score"] is None else f"{b['score']:.1f}"
+            console.print(f"{name}: {score}{k2} over {b['scored']} samples{trunc}, "
                           f"{b['infra_errors']} infrastructure errors")
     console.print(f"results: {out / 'results.json'}, report: {out / 'report.md'}")

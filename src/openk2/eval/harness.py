@@ -236,6 +236,8 @@ async def run_benchmark(bench: Benchmark, s: EvalSettings, handle: ModelHandle, 
     summary = summarize(item_scores, k=settings["k"], categories=categories, seed=s.seed)
     custom = bench.aggregate(item_scores) if item_scores else None
     headline = custom if custom is not None else summary["metrics"][bench.metric]["value"]
+    if not item_scores:  # every request failed: no score, rather than a NaN that reads like one
+        headline = None
     return {
         "score": headline, "metric": bench.metric, "k2_score": bench.k2_score, "data_source": bench.data_source,
         "settings": settings, "summary": summary,

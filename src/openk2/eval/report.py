@@ -21,9 +21,10 @@ def write_plot(out_dir: Path, results: dict[str, Any]) -> str | None:
     import matplotlib.pyplot as plt
 
     names = list(benches)
-    ours = [benches[n]["score"] for n in names]
+    ours = [benches[n]["score"] or 0.0 for n in names]
     k2 = [benches[n].get("k2_score") or 0.0 for n in names]
-    errs = [benches[n]["summary"]["metrics"][benches[n]["metric"]]["stderr"] for n in names]
+    errs = [benches[n]["summary"]["metrics"][benches[n]["metric"]]["stderr"] if benches[n]["score"] is not None
+            else 0.0 for n in names]
     x = range(len(names))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(names) + 2), 3.6))
     ax.bar([i - 0.2 for i in x], ours, 0.4, yerr=errs, capsize=3, label=results["model"]["name"])

@@ -39,9 +39,9 @@ class WorldSource:
 
 
 def world_from_config(data: dict[str, Any], origin: str) -> WorldSource:
-    from openk2.train.config import DataConfig
+    from openk2.train.config import DataSection
 
-    defaults = DataConfig()
+    defaults = DataSection()
     seed, people = data.get("world_seed", defaults.world_seed), data.get("world_people", defaults.world_people)
     return WorldSource(World.generate(seed=seed, n_people=people),
                        data.get("world_qa_fraction", defaults.world_qa_fraction), origin)
