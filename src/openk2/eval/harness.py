@@ -28,7 +28,7 @@ from typing import Any
 from openk2.eval.metrics import summarize
 from openk2.eval.models import ModelHandle
 from openk2.eval.registry import get_benchmark
-from openk2.eval.task import Benchmark, Completion, Message, Sample, Score
+from openk2.eval.task import Benchmark, Completion, Message, Sample, Score, ScoringInfrastructureError
 
 # Reasoning traces: <think>...</think> (K2-Thinking, DeepSeek-R1, Qwen3) and the Kimi-VL/k1.5 ◁think▷...◁/think▷.
 _THINK_PAIRS = (("<think>", "</think>"), ("◁think▷", "◁/think▷"))
@@ -175,7 +175,14 @@ async def _run_one(bench: Benchmark, sample: Sample, draw: int, settings: dict[s
     if rollout.truncated:
         completion.finish_reason = "length"
     try:
-        score = bench.score(sample, completion)
+        if bench.score_in_thread:
+            score = await asyncio.to_thread(bench.score, sample, completion)
+        else:  # in the event loop's (main) thread: math-verify's signal timeouts work there
+            score = bench.score(sample, completion)
+    except ScoringInfrastructureError as e:
+        row.update(error=f"{type(e).__name__}: {e}", error_kind="scoring infrastructure", response=completion.text,
+                   latency_s=time.perf_counter() - t0)
+        return row
     except Exception as e:  # noqa: BLE001  (a scorer crash on odd output must not end the run)
         score = Score(0.0, details={"scorer_error": f"{type(e).__name__}: {e}"})
     row.update(response=completion.text, tool_calls=completion.tool_calls or None,

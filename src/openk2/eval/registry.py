@@ -14,6 +14,7 @@ BENCHMARK_MODULES: list[str] = [
     "openk2.eval.benchmarks.math",
     "openk2.eval.benchmarks.acebench",
     "openk2.eval.benchmarks.gpqa",
+    "openk2.eval.benchmarks.swebench",
     "openk2.eval.benchmarks.world",
 ]
 

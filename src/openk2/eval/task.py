@@ -25,6 +25,15 @@ class BenchmarkDataError(ValueError):
     """A missing or malformed data file; the message names the file (and line)."""
 
 
+class BenchmarkUnavailable(BenchmarkDataError):
+    """The benchmark cannot run on this machine (e.g. no Docker); the message says what is missing."""
+
+
+class ScoringInfrastructureError(RuntimeError):
+    """The scorer's own machinery failed (e.g. the SWE-bench Docker harness), not the model: the harness records
+    the sample as an infrastructure error, excluded from the score and retried on resume."""
+
+
 @dataclass
 class Sample:
     """One benchmark item, ready to send to a chat model."""
@@ -76,6 +85,7 @@ class Benchmark:
     k: int = 1  # samples per item
     categories: bool = False  # whether per-category breakdowns are meaningful
     seeded: bool = False  # procedurally generated: `load(seed=...)` draws a fresh item set
+    score_in_thread: bool = False  # slow scorers (Docker harnesses): the harness scores in a worker thread
     # Run context the harness hands over (`dataclasses.replace(bench, options=...)`), e.g. the run directory
     # whose world the world benchmarks probe, or `--world`. Benchmarks read what they need and ignore the rest.
     options: dict[str, Any] = field(default_factory=dict)
