@@ -28,7 +28,8 @@ def test_loader_and_prompt_agent(tmp_path):
     bench = get_benchmark("swe-bench-verified")
     [s] = bench.load_tasks(_data(tmp_path))
     task = s.reference
-    assert task.fail_to_pass == ["tests/test_add.py::test_add"] and task.pass_to_pass == [] and s.category == "octo/demo"
+    assert task.fail_to_pass == ["tests/test_add.py::test_add"] and task.pass_to_pass == []
+    assert s.category == "octo/demo"
 
     async def chat(messages, tools):
         assert "add() is off" in messages[0]["content"] and "see add" in messages[0]["content"]
