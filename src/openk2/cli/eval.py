@@ -51,6 +51,8 @@ def eval_command(
     max_tokens: int = typer.Option(None, "--max-tokens", help="Override the output cap (K2: 8192)."),
     world: Path = typer.Option(None, "--world", help="World for the world-* benchmarks: run dir, train config, "
                                                      "or World JSON (default: the --model run's, else nano's)."),
+    acebench_repo: Path = typer.Option(None, "--acebench-repo", help="ACEBench checkout whose simulated APIs the "
+                                                                     "agent categories run (acebench-agent)."),
     swe_agent: str = typer.Option(None, "--swe-agent", help="SWE-bench patch agent as module:Class "
                                                             "(default: one prompt, one diff)."),
     max_retries: int = typer.Option(3, "--max-retries", help="Retries per failed request (HTTP backends)."),
@@ -81,14 +83,14 @@ def eval_command(
     asyncio.run(_run(model, names, k=k, limit=limit, concurrency=concurrency, out=out, data_dir=data_dir,
                      model_name=model_name, api_key_env=api_key_env, user_model=user_model,
                      user_model_name=user_model_name, seed=seed, temperature=temperature, top_p=top_p,
-                     max_tokens=max_tokens, world=world, swe_agent=swe_agent, max_retries=max_retries,
-                     timeout=timeout, device=device, progress=progress))
+                     max_tokens=max_tokens, world=world, swe_agent=swe_agent, acebench_repo=acebench_repo,
+                     max_retries=max_retries, timeout=timeout, device=device, progress=progress))
 
 
 async def _run(model: str, names: list[str], *, out: Path | None, model_name: str | None, api_key_env: str,
                user_model: str | None, user_model_name: str | None, world: Path | None, swe_agent: str | None,
-               max_retries: int, timeout: float, device: str, progress: bool, data_dir: Path,
-               **settings: object) -> None:
+               acebench_repo: Path | None, max_retries: int, timeout: float, device: str, progress: bool,
+               data_dir: Path, **settings: object) -> None:
     from openk2.eval.harness import EvalSettings, run_eval
     from openk2.eval.models import ModelSpecError, open_model
     from openk2.eval.task import BenchmarkDataError
@@ -106,8 +108,10 @@ async def _run(model: str, names: list[str], *, out: Path | None, model_name: st
             concurrency=int(settings["concurrency"]), max_retries=max_retries, timeout=timeout, device=device)
     except ModelSpecError as e:
         fail(str(e))
-    s = EvalSettings(benches=names, data_dir=data_dir, out_dir=out, progress=progress,
-                     options={"world": str(world) if world else None, "swe_agent": swe_agent}, **settings)  # type: ignore[arg-type]
+    options = {"world": str(world) if world else None, "swe_agent": swe_agent,
+               "acebench_repo": str(acebench_repo) if acebench_repo else None}
+    s = EvalSettings(benches=names, data_dir=data_dir, out_dir=out, progress=progress, options=options,
+                     **settings)  # type: ignore[arg-type]
     try:
         results = await run_eval(s, handle, user)
     except (BenchmarkDataError, ValueError) as e:

@@ -252,6 +252,7 @@ async def run_benchmark(bench: Benchmark, s: EvalSettings, handle: ModelHandle, 
         "truncation_rate": (sum(bool(r.get("truncated")) for r in ok) / len(ok)) if ok else None,
         "resumed": len(done),
         "data_sha256": hash_files(bench.data_files(s.data_dir)),
+        "extra": {f"note {i + 1}": note for i, note in enumerate(bench.options.get("notes") or [])},
     }
 
 
@@ -261,7 +262,7 @@ async def run_eval(s: EvalSettings, handle: ModelHandle, user: ModelHandle | Non
 
     s.out_dir.mkdir(parents=True, exist_ok=True)
     benches = [get_benchmark(name) for name in s.benches]  # unknown names fail before any model call
-    options = {**s.options, "run_dir": handle.run_dir}
+    options = {**s.options, "run_dir": handle.run_dir, "has_user_model": user is not None}
     results_path = s.out_dir / "results.json"
     previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results: dict[str, Any] = {
@@ -275,7 +276,7 @@ async def run_eval(s: EvalSettings, handle: ModelHandle, user: ModelHandle | Non
     samples_path = s.out_dir / "samples.jsonl"
     try:
         for bench in benches:
-            bench = dataclasses.replace(bench, options={**bench.options, **options})
+            bench = dataclasses.replace(bench, options={**bench.options, **options, "notes": []})
             t0 = time.perf_counter()
             entry = await run_benchmark(bench, s, handle, user, samples_path)
             entry["wall_s"] = round(time.perf_counter() - t0, 3)

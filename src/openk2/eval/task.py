@@ -58,6 +58,7 @@ class Completion:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None  # "length" marks a truncated answer
     transcript: list[Message] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # rollout results the scorer needs (e.g. an end state)
 
 
 @dataclass

@@ -39,13 +39,14 @@ from __future__ import annotations
 import ast
 import json
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from openk2.eval.benchmarks.math import read_jsonl
-from openk2.eval.task import Benchmark, BenchmarkDataError, Completion, Sample, Score
+from openk2.eval.task import Benchmark, BenchmarkDataError, BenchmarkUnavailable, ChatFn, Completion, Sample, Score
 
 NORMAL = ["normal_atom_bool", "normal_atom_enum", "normal_atom_list", "normal_atom_number", "normal_atom_object_deep",
           "normal_atom_object_short", "normal_single_turn_single_function", "normal_single_turn_parallel_function",
@@ -302,7 +303,24 @@ class ACEBench(Benchmark):
     def load(self, data_dir: Path, limit: int | None = None, seed: int = 0) -> list[Sample]:
         base = data_dir / "acebench" / "data_en"
         samples = []
+        skip_agent = None
+        if "agent" in self.groups:
+            from openk2.eval.benchmarks.acebench_agent import check_repo
+
+            try:
+                check_repo(self.options.get("acebench_repo"))
+                if not self.options.get("has_user_model"):
+                    raise BenchmarkUnavailable("the agent_multi_turn category needs --user-model (the user simulator)")
+            except BenchmarkUnavailable as e:
+                if self.groups == ("agent",):
+                    raise
+                skip_agent = str(e)
+                self.options.setdefault("notes", []).append(f"agent group not run ({e}); the overall is "
+                                                            "renormalized over normal and special")
+                print(f"{self.name}: {self.options['notes'][-1]}", file=sys.stderr)
         for cat in self.categories_list():
+            if skip_agent and cat in AGENT:
+                continue
             questions = read_jsonl(base / f"data_{cat}.json", ("id", "question", "function"))
             answers = {r["id"]: r for r in read_jsonl(base / "possible_answer" / f"data_{cat}.json",
                                                       ("id", "ground_truth"))}
@@ -311,9 +329,18 @@ class ACEBench(Benchmark):
                     raise BenchmarkDataError(f"{base / 'possible_answer' / f'data_{cat}.json'}: no ground truth for "
                                              f"{q['id']} (question line {n})")
                 samples.append(self.sample_of(cat, q, answers[q["id"]]))
-        return samples[:limit]
+        if limit is not None:  # the first `limit` items of every category, so each group is represented
+            by_cat: dict[str, list[Sample]] = {}
+            for smp in samples:
+                by_cat.setdefault(smp.category or "", []).append(smp)
+            samples = [smp for group in by_cat.values() for smp in group[:limit]]
+        return samples
 
     def sample_of(self, category: str, q: dict[str, Any], answer: dict[str, Any]) -> Sample:
+        if category in AGENT:  # multi-message rollouts: `rollout` builds the prompts
+            return Sample(id=q["id"], category=category, messages=[],
+                          reference={"ground_truth": answer["ground_truth"], "question": q,
+                                     "mile_stone": answer.get("mile_stone") or q.get("path") or []})
         functions = json.dumps(q["function"], ensure_ascii=False)
         if category.startswith("special"):
             system = SYSTEM_SPECIAL.format(time=q.get("time", ""), function=functions)
@@ -333,9 +360,20 @@ class ACEBench(Benchmark):
             return render_special(sample.category, gt)
         return render_calls(gt[0] if isinstance(gt, list) else gt)
 
+    async def rollout(self, sample: Sample, chat: ChatFn, user: ChatFn | None = None) -> Completion:
+        if sample.category in AGENT:
+            from openk2.eval.benchmarks.acebench_agent import check_repo, run_agent
+
+            return await run_agent(sample, chat, user, check_repo(self.options.get("acebench_repo")))
+        return await super().rollout(sample, chat, user)
+
     def score(self, sample: Sample, completion: Completion) -> Score:
         text, cat = completion.text, sample.category or ""
         gold = sample.reference["ground_truth"]
+        if cat in AGENT:
+            from openk2.eval.benchmarks.acebench_agent import score_agent
+
+            return score_agent(sample, completion)
         if cat.startswith("special"):
             err = special_error(cat, text, gold)
             return Score(float(err is None), extracted=text.strip()[:500], details={"error": err} if err else {})
@@ -382,9 +420,11 @@ def category_accuracy(scores: dict[str, list[float]]) -> dict[str, float]:
 _ACE: dict[str, Any] = dict(metric="avg@k", temperature=0.0, max_tokens=8192, k=1, categories=True)
 BENCHMARKS: list[Benchmark] = [
     ACEBench(name="acebench", data_source="acebench/data_en (ACEBench En, 774 of 1,023 items)", k2_score=76.5,
-             groups=("normal", "special"), **_ACE),
+             groups=("normal", "special", "agent"), **_ACE),
     ACEBench(name="acebench-normal", data_source="acebench/data_en normal (12 categories)", k2_score=None,
              groups=("normal",), **_ACE),
     ACEBench(name="acebench-special", data_source="acebench/data_en special (3 categories)", k2_score=None,
              groups=("special",), **_ACE),
+    ACEBench(name="acebench-agent", data_source="acebench/data_en agent (multi-turn, multi-step); --acebench-repo, "
+             "--user-model", k2_score=None, groups=("agent",), **_ACE),
 ]
