@@ -17,7 +17,8 @@ Whatever the level: rlimits (address space, CPU seconds, processes, file size, c
 is killed as a whole on timeout, the work directory as cwd, HOME and TMPDIR, a minimal environment, and stdin,
 stdout and stderr as files (so a chatty program cannot fill our memory or deadlock a pipe).
 
-When the host runs as root, each concurrent run gets its own unprivileged uid (``uid_base + slot``): files owned by
+When the host runs as root, each concurrent run gets its own unprivileged uid (from ``uid_base``, claimed with a lock
+file so that sandboxes in other threads and processes never share one): files owned by
 root or other users are then not writable, the harness cannot be signalled, RLIMIT_NPROC counts only that run's
 processes (the kernel does not apply it to root), and after the run every process left with that uid is killed.
 """
@@ -25,8 +26,8 @@ processes (the kernel does not apply it to root), and after the run every proces
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
-import queue
 import resource
 import select
 import shutil
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -152,6 +153,55 @@ def _uid_switch_works(uid: int) -> bool:
     return _probe(["true"], uid) is None
 
 
+class _UidPool:
+    """Unprivileged uids for concurrent runs. A uid is claimed with an flock on a file in a root-only directory,
+    so two sandboxes (threads or processes) never run programs under the same uid at once: that would share
+    RLIMIT_NPROC and let one run's cleanup (kill every process of the uid) hit the other."""
+
+    SIZE = 1024
+    _pools: dict[int, _UidPool] = {}
+    _pools_lock = threading.Lock()
+
+    @classmethod
+    def get(cls, base: int) -> _UidPool:
+        with cls._pools_lock:
+            if base not in cls._pools:
+                cls._pools[base] = cls(base)
+            return cls._pools[base]
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self.lock_dir = Path(tempfile.gettempdir()) / f"openk2-sandbox-uids-{os.geteuid()}"
+        self.lock_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.lock_dir, 0o700)  # lock files must stay out of the programs' reach
+        self._next = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def claim(self) -> Iterator[int]:
+        while True:
+            with self._lock:
+                for _ in range(self.SIZE):
+                    uid = self.base + self._next
+                    self._next = (self._next + 1) % self.SIZE
+                    fd = os.open(self.lock_dir / f"{uid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError:
+                        os.close(fd)
+                        continue
+                    break
+                else:
+                    fd = -1
+            if fd >= 0:
+                break
+            time.sleep(0.05)  # every uid busy (more than SIZE concurrent runs on this machine): wait for one
+        try:
+            yield uid
+        finally:
+            os.close(fd)
+
+
 def _python_for(uid: int | None, notes: list[str]) -> str:
     """Our interpreter if `uid` may run it, else the first system python3 it may run. (A venv or pyenv under
     /root is closed to the sandbox's uid.)"""
@@ -219,20 +269,17 @@ class Sandbox:
         self.parallel = max(1, parallel or os.cpu_count() or 1)
         if uid_base is None:
             uid_base = int(os.environ.get("OPENK2_SANDBOX_UID_BASE", "61000"))
-        # One uid per concurrent run when we are root (see the module docstring); None: keep our own uid.
-        self._uids: list[int | None] = [None] * self.parallel
+        self._uid_pool: _UidPool | None = None
         notes: list[str] = []
         if os.geteuid() == 0:
             if _uid_switch_works(uid_base):
-                self._uids = [uid_base + slot for slot in range(self.parallel)]
+                self._uid_pool = _UidPool.get(uid_base)
             else:
                 notes.append(f"cannot switch to uid {uid_base}, so programs run as root")
-        self.python = python or _python_for(self._uids[0], notes)
-        self._slots: queue.Queue[int] = queue.Queue()
-        for slot in range(self.parallel):
-            self._slots.put(slot)
+        probe_uid = uid_base if self._uid_pool is not None else None
+        self.python = python or _python_for(probe_uid, notes)
+        self._running = threading.BoundedSemaphore(self.parallel)
 
-        probe_uid = self._uids[0]
         if isolation == "auto":
             for level in ISOLATION_LEVELS:
                 why_not = detect_isolation(level, probe_uid)
@@ -271,11 +318,11 @@ class Sandbox:
         runs are already in flight."""
         if (argv is None) == (code is None):
             raise ValueError("give exactly one of argv and code")
-        slot = self._slots.get()
-        try:
-            return self._run(argv, code, stdin, dict(files or {}), limits or self.limits, self._uids[slot])
-        finally:
-            self._slots.put(slot)
+        with self._running:
+            if self._uid_pool is None:
+                return self._run(argv, code, stdin, dict(files or {}), limits or self.limits, None)
+            with self._uid_pool.claim() as uid:
+                return self._run(argv, code, stdin, dict(files or {}), limits or self.limits, uid)
 
     def run_many(self, jobs: Iterable[Job], parallel: int | None = None) -> list[RunResult]:
         """Run `jobs` concurrently (at most `parallel`, itself capped by the sandbox's own `parallel`); results in
