@@ -166,6 +166,8 @@ def test_lcb_window_and_lazy_tests(lcb_dir: Path, monkeypatch: pytest.MonkeyPatc
     assert len(bench.load(lcb_dir)) == 3
     monkeypatch.setenv("OPENK2_LCB_WINDOW", "2024-09-14:2024-09-14")
     assert [s.id for s in bench.load(lcb_dir)] == ["abc001_a"]
+    bench.options = {"lcb_window": "all"}  # what the harness hands over from a CLI flag wins over the variable
+    assert len(bench.load(lcb_dir)) == 3
     assert parse_window("all") == (None, None)
     with pytest.raises(ValueError, match="START:END"):
         parse_window("2024-08-01")

@@ -6,7 +6,8 @@ Data layout under `--data-dir` (each directory can also be pointed at on its own
 - ``livecodebench/test*.jsonl`` (``OPENK2_LIVECODEBENCH_DIR``): the files of Hugging Face
   ``livecodebench/code_generation_lite`` (``test.jsonl`` ... ``test6.jsonl`` is release v6). Problems are filtered by
   ``contest_date`` to a window, K2's Aug 2024 - May 2025 by default; ``OPENK2_LCB_WINDOW=2023-05-01:2025-05-31``
-  (either side may be empty) or ``all`` changes it, as does the benchmark option ``lcb_window``.
+  (either side may be empty) or ``all`` changes it; the benchmark option ``lcb_window`` (what a CLI flag hands over
+  through `Benchmark.options`) wins over the variable. ``livecodebench_dir`` / ``ojbench_dir`` options likewise.
 - ``ojbench/`` (``OPENK2_OJBENCH_DIR``): a clone of Hugging Face ``He-Ren/OJBench_testdata``:
   ``prompts/full.jsonl`` plus one DMOJ problem directory per problem under ``NOI/`` or ``ICPC/`` (``init.yml``
   listing ``test_cases`` of ``{in, out}`` files, optionally inside an ``archive`` zip; without ``init.yml`` the
@@ -235,8 +236,7 @@ class LiveCodeBench(Benchmark):
     timeout_s: float = 6.0  # lcb_runner's default per-test timeout
 
     def data_dir_of(self, data_dir: Path) -> Path:
-        override = os.environ.get("OPENK2_LIVECODEBENCH_DIR") or self.__dict__.get("options", {}).get(
-            "livecodebench_dir")
+        override = getattr(self, "options", {}).get("livecodebench_dir") or os.environ.get("OPENK2_LIVECODEBENCH_DIR")
         return Path(override) if override else data_dir / "livecodebench"
 
     def data_files(self, data_dir: Path) -> list[Path]:
@@ -252,8 +252,8 @@ class LiveCodeBench(Benchmark):
                 f"{self.data_dir_of(data_dir)}: no test*.jsonl files. Download them from the Hugging Face dataset "
                 "livecodebench/code_generation_lite (test.jsonl ... test6.jsonl for release v6) into that "
                 "directory, or set OPENK2_LIVECODEBENCH_DIR")
-        options = self.__dict__.get("options", {})
-        window = os.environ.get("OPENK2_LCB_WINDOW") or options.get("lcb_window") or self.window
+        options = getattr(self, "options", {})
+        window = options.get("lcb_window") or os.environ.get("OPENK2_LCB_WINDOW") or self.window
         first, last = parse_window(window)
         required = ("question_id", "question_content", "contest_date", "public_test_cases", "private_test_cases")
         samples = []
@@ -363,7 +363,7 @@ class OJBench(Benchmark):
     memory_mb: int = 1024
 
     def data_dir_of(self, data_dir: Path) -> Path:
-        override = os.environ.get("OPENK2_OJBENCH_DIR") or self.__dict__.get("options", {}).get("ojbench_dir")
+        override = getattr(self, "options", {}).get("ojbench_dir") or os.environ.get("OPENK2_OJBENCH_DIR")
         return Path(override) if override else data_dir / "ojbench"
 
     def data_files(self, data_dir: Path) -> list[Path]:
