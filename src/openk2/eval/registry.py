@@ -12,6 +12,7 @@ from openk2.eval.task import Benchmark
 
 BENCHMARK_MODULES: list[str] = [
     "openk2.eval.benchmarks.math",
+    "openk2.eval.benchmarks.code",
     "openk2.eval.benchmarks.acebench",
     "openk2.eval.benchmarks.gpqa",
     "openk2.eval.benchmarks.swebench",
