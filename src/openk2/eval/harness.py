@@ -195,13 +195,10 @@ async def _run_one(bench: Benchmark, sample: Sample, draw: int, settings: dict[s
 
 
 async def run_benchmark(bench: Benchmark, s: EvalSettings, handle: ModelHandle, user: ModelHandle | None,
-                        samples_path: Path) -> dict[str, Any]:
-    """Run (or resume) one benchmark; returns its entry for results.json."""
+                        samples_path: Path, samples: list[Sample]) -> dict[str, Any]:
+    """Run (or resume) one benchmark on its loaded samples; returns its entry for results.json."""
     settings = bench_settings(bench, s)
     key = settings_key(bench.name, settings, handle.spec)
-    samples = bench.load(s.data_dir, limit=s.limit, seed=s.seed)
-    if not samples:
-        raise ValueError(f"{bench.name}: no samples loaded from {s.data_dir}")
     done: dict[tuple[str, int], dict[str, Any]] = {}
     for row in read_rows(samples_path):
         if row.get("bench") == bench.name and row.get("settings_key") == key and row.get("error") is None:
@@ -268,17 +265,24 @@ async def run_eval(s: EvalSettings, handle: ModelHandle, user: ModelHandle | Non
     results: dict[str, Any] = {
         "model": {"spec": handle.spec, "kind": handle.kind, "name": handle.name, **handle.info},
         "user_model": None if user is None else {"spec": user.spec, "name": user.name, **user.info},
-        "data_dir": str(s.data_dir), "harness_commit": harness_commit(),
+        "data_dir": str(s.data_dir.resolve()), "harness_commit": harness_commit(),
         "settings": {"k": s.k, "limit": s.limit, "concurrency": s.concurrency, "seed": s.seed,
                      "temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens},
         "benchmarks": dict(previous.get("benchmarks", {})),
     }
     samples_path = s.out_dir / "samples.jsonl"
+    # Load every benchmark before the first model call: a missing file or tool fails the run at once.
+    loaded = []
+    for bench in benches:
+        bench = dataclasses.replace(bench, options={**bench.options, **options, "notes": []})
+        samples = bench.load(s.data_dir, limit=s.limit, seed=s.seed)
+        if not samples:
+            raise ValueError(f"{bench.name}: no samples loaded from {s.data_dir}")
+        loaded.append((bench, samples))
     try:
-        for bench in benches:
-            bench = dataclasses.replace(bench, options={**bench.options, **options, "notes": []})
+        for bench, samples in loaded:
             t0 = time.perf_counter()
-            entry = await run_benchmark(bench, s, handle, user, samples_path)
+            entry = await run_benchmark(bench, s, handle, user, samples_path, samples)
             entry["wall_s"] = round(time.perf_counter() - t0, 3)
             results["benchmarks"][bench.name] = entry
             _write_results(results_path, results, handle, user)

@@ -86,7 +86,9 @@ class Benchmark:
     k: int = 1  # samples per item
     categories: bool = False  # whether per-category breakdowns are meaningful
     seeded: bool = False  # procedurally generated: `load(seed=...)` draws a fresh item set
-    score_in_thread: bool = False  # slow scorers (Docker harnesses): the harness scores in a worker thread
+    # The harness scores in a worker thread, so slow scorers (sandboxes, Docker) do not stall requests in flight;
+    # scorers that need the main thread (math-verify's signal timeouts) set False and run in the event loop.
+    score_in_thread: bool = True
     # Run context the harness hands over (`dataclasses.replace(bench, options=...)`), e.g. the run directory
     # whose world the world benchmarks probe, or `--world`. Benchmarks read what they need and ignore the rest.
     options: dict[str, Any] = field(default_factory=dict)

@@ -124,6 +124,7 @@ def check_answer(gold: str, response: str) -> tuple[bool, str | None]:
 class MathBenchmark(Benchmark):
     path: str = ""
     problem_key: str = "problem"
+    score_in_thread: bool = False  # math-verify's signal timeouts need the main thread (module docstring)
 
     def data_files(self, data_dir: Path) -> list[Path]:
         return [data_dir / self.path]

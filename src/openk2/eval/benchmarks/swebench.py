@@ -150,7 +150,6 @@ def load_agent(spec: str | None) -> PatchAgent:
 class SWEBench(Benchmark):
     file_stem: str = "verified"
     dataset_name: str = "SWE-bench/SWE-bench_Verified"
-    score_in_thread: bool = True  # a Docker evaluation takes minutes: keep the event loop serving other samples
 
     def _path(self, data_dir: Path) -> Path:
         for ext in (".jsonl", ".json", ".parquet"):
