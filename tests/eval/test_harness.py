@@ -132,10 +132,13 @@ def test_cli_with_a_replay_file(tmp_path):
         payload = {"model": "rec", "temperature": 0.0, "top_p": 1.0, "max_tokens": 8192, "seed": 0,
                    "messages": [{"role": "user", "content": PROMPT.format(problem=f"What is {i} + {i}?")}]}
         lines.append({"key": request_key("chat/completions", payload), "endpoint": "chat/completions",
-                      "request": payload, "response": chat_response(f"\\boxed{{{2 * i}}}")})
+                      "request": payload, "response": chat_response(f"\\boxed{{{2 * i}}}", prompt_tokens=1000,
+                                                                    completion_tokens=500)})
     replay.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = tmp_path / "o"
     r = CliRunner().invoke(app, ["eval", "--model", f"replay:{replay}", "--model-name", "rec", "--bench", "gsm8k",
-                                 "--data-dir", str(data), "--out", str(out), "--no-progress"])
+                                 "--data-dir", str(data), "--out", str(out), "--no-progress", "--price", "1,2"])
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "results.json").read_text())["benchmarks"]["gsm8k"]["score"] == 100.0
+    res = json.loads((out / "results.json").read_text())
+    assert res["benchmarks"]["gsm8k"]["score"] == 100.0
+    assert res["usage"]["total"]["cost_usd"] == pytest.approx(2 * (1000 * 1 + 500 * 2) / 1e6)

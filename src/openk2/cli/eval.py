@@ -55,6 +55,8 @@ def eval_command(
                                                                      "agent categories run (acebench-agent)."),
     swe_agent: str = typer.Option(None, "--swe-agent", help="SWE-bench patch agent as module:Class "
                                                             "(default: one prompt, one diff)."),
+    price: str = typer.Option(None, "--price", help="USD per million input,output tokens of --model (e.g. "
+                                                    "0.6,2.5) for the cost in results.json."),
     max_retries: int = typer.Option(3, "--max-retries", help="Retries per failed request (HTTP backends)."),
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds per HTTP request."),
     device: str = typer.Option("auto", help="Device for in-process models: auto, cpu or cuda."),
@@ -84,13 +86,13 @@ def eval_command(
                      model_name=model_name, api_key_env=api_key_env, user_model=user_model,
                      user_model_name=user_model_name, seed=seed, temperature=temperature, top_p=top_p,
                      max_tokens=max_tokens, world=world, swe_agent=swe_agent, acebench_repo=acebench_repo,
-                     max_retries=max_retries, timeout=timeout, device=device, progress=progress))
+                     price=price, max_retries=max_retries, timeout=timeout, device=device, progress=progress))
 
 
 async def _run(model: str, names: list[str], *, out: Path | None, model_name: str | None, api_key_env: str,
                user_model: str | None, user_model_name: str | None, world: Path | None, swe_agent: str | None,
-               acebench_repo: Path | None, max_retries: int, timeout: float, device: str, progress: bool,
-               data_dir: Path, **settings: object) -> None:
+               acebench_repo: Path | None, price: str | None, max_retries: int, timeout: float, device: str,
+               progress: bool, data_dir: Path, **settings: object) -> None:
     from openk2.eval.harness import EvalSettings, run_eval
     from openk2.eval.models import ModelSpecError, open_model
     from openk2.eval.task import BenchmarkDataError
@@ -108,6 +110,14 @@ async def _run(model: str, names: list[str], *, out: Path | None, model_name: st
             concurrency=int(settings["concurrency"]), max_retries=max_retries, timeout=timeout, device=device)
     except ModelSpecError as e:
         fail(str(e))
+    if price:
+        from openk2.llm import Price
+
+        try:
+            price_in, price_out = (float(x) for x in price.split(","))
+        except ValueError:
+            fail(f"--price wants INPUT,OUTPUT in USD per million tokens, got {price!r}")
+        handle.client.usage.prices[handle.name] = Price(price_in, price_out)
     options = {"world": str(world) if world else None, "swe_agent": swe_agent,
                "acebench_repo": str(acebench_repo) if acebench_repo else None}
     s = EvalSettings(benches=names, data_dir=data_dir, out_dir=out, progress=progress, options=options,
