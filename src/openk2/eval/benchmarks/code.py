@@ -357,7 +357,10 @@ def tokens_match(got: str, expected: str, precision: int | None = None) -> bool:
 
 @dataclass
 class OJBench(Benchmark):
-    """pass@1 = every judge test passes (OJBench's `is_passed`), Python and, where g++ exists, C++ solutions."""
+    """pass@1 = every judge test passes (OJBench's `is_passed`), Python and, where g++ exists, C++ solutions.
+
+    Differences from OJBench's DMOJ judge: Python runs on CPython, not PyPy (a slow solution PyPy would pass can
+    time out), time is wall-clock per test, and only the standard and floats checkers exist."""
 
     timeout_s: float = 10.0  # OJBench judges every problem with 10 s and 1 GB per test
     memory_mb: int = 1024
@@ -440,11 +443,13 @@ class OJBench(Benchmark):
         if not cases or any("in" not in c or "out" not in c for c in cases):
             raise BenchmarkDataError(f"{init}: test_cases must list {{in, out}} files")
         checker = config.get("checker") or "standard"
+        name = checker.get("name") if isinstance(checker, dict) else checker
         precision = None
-        if isinstance(checker, dict) and checker.get("name") == "floats":
-            precision = int((checker.get("args") or {}).get("precision", 6))
-        elif checker not in ("standard", "identical"):
-            raise BenchmarkDataError(f"{init}: checker {checker!r} is not supported (standard, floats)")
+        if name == "floats":
+            precision = int((checker.get("args") or {}).get("precision", 6)) if isinstance(checker, dict) else 6
+        elif name not in ("standard", "identical"):
+            # Special judges (testlib, bridged checkers) would need their checker compiled and run: not supported.
+            raise BenchmarkDataError(f"{init}: checker {name!r} is not supported (standard, floats)")
         try:
             return [(read(c["in"]), read(c["out"])) for c in cases], precision
         finally:
