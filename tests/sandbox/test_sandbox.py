@@ -64,7 +64,8 @@ def test_runs_code_with_stdin_files_and_a_private_directory(sandbox: Sandbox) ->
         "open('out.txt', 'w').write('mine')\n"
         "print(os.getcwd())\n"
     )
-    result = sandbox.run(code=program, stdin="abc\n", files={"data/in.txt": "hello"})
+    program = "import helper\n" + program
+    result = sandbox.run(code=program, stdin="abc\n", files={"data/in.txt": "hello", "helper.py": "X = 1\n"})
     assert result.ok, result
     lines = result.stdout.splitlines()
     assert lines[:3] == ["cba", "hello", "True"]
