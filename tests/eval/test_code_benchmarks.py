@@ -214,6 +214,9 @@ def test_lcb_missing_and_malformed_data(tmp_path: Path, monkeypatch: pytest.Monk
     (folder / "test.jsonl").write_text(_lcb_row(dict(STDIO_PROBLEM, contest_date="soon"), STDIO_TESTS, []) + "\n")
     with pytest.raises(BenchmarkDataError, match=r"test\.jsonl:1: bad contest_date"):
         bench.load(tmp_path)
+    (folder / "test.jsonl").write_text(_lcb_row(dict(CALL_PROBLEM, metadata="{}"), CALL_TESTS, []) + "\n")
+    with pytest.raises(BenchmarkDataError, match=r"test\.jsonl:1: functional tests but no metadata.func_name"):
+        bench.load(tmp_path)
     # A corrupt hidden-test blob is found when scoring (lazily), still naming file and line.
     row = json.loads(_lcb_row(STDIO_PROBLEM, STDIO_TESTS, []))
     row["private_test_cases"] = "bm90IHpsaWI="

@@ -298,8 +298,9 @@ class LiveCodeBench(Benchmark):
                     if (first and date < first) or (last and date > last):
                         continue
                     starter = row.get("starter_code") or ""
-                    call_based = bool(public) and public[0].get("testtype") == "functional"
-                    if call_based and "func_name" not in metadata:
+                    # lcb_runner decides by metadata.func_name: call-based (LeetCode) if present, stdio otherwise.
+                    call_based = bool(metadata.get("func_name"))
+                    if not call_based and any(t.get("testtype") == "functional" for t in public):
                         raise BenchmarkDataError(f"{path}:{number}: functional tests but no metadata.func_name")
                     prompt = f"### Question:\n{row['question_content']}\n\n"
                     prompt += LCB_CALL_FORMAT.format(starter=starter) if starter else LCB_STDIN_FORMAT
