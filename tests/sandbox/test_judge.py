@@ -25,6 +25,17 @@ def test_stdio_outputs_and_stop_at_first_crash(sandbox: Sandbox) -> None:
     assert outcome.first_failure() is outcome.tests[2]
 
 
+@pytest.mark.parametrize("reader", [
+    "a, b = map(int, input().split())\nprint(a + b)",
+    "import sys\nprint(sum(map(int, sys.stdin.buffer.read().split())))",
+    "print(sum(map(int, open(0).read().split())))\nexit(0)",
+    "import sys\nsys.__stdout__.write(str(sum(map(int, sys.stdin.readline().split()))) + '\\n')",
+])
+def test_the_ways_solutions_read_and_write(sandbox: Sandbox, reader: str) -> None:
+    outcome = judge(sandbox, Program("python", reader + "\n"), ["1 2\n", "30 4\n"], timeout_s=2)
+    assert [t.output for t in outcome.tests] == ["3\n", "34\n"]
+
+
 def test_call_mode_and_timeouts(sandbox: Sandbox) -> None:
     source = "class Solution:\n    def pair(self, a, b):\n        return (b, a)\n"
     outcome = judge(sandbox, Program("python", source), ["1\n[2]", '"x"\nnull'], mode="call", func_name="pair")
