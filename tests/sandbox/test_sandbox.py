@@ -268,3 +268,11 @@ def test_bad_arguments() -> None:
         box.run()
     with pytest.raises(ValueError, match="relative"):
         box.run(["true"], files={"../escape.txt": "x"})
+
+
+def test_command_line_report(capsys: pytest.CaptureFixture[str]) -> None:
+    from openk2.sandbox.__main__ import main
+
+    assert main() == 0
+    out = capsys.readouterr().out
+    assert "isolation: " in out and "smoke test: passed" in out
