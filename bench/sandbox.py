@@ -46,7 +46,7 @@ def measure(level: str, iters: int) -> list[dict[str, object]]:
         Path(bare_dir, "main.py").write_text("pass\n")
         programs = {
             "true": (["true"], {"argv": ["true"]}),
-            "python pass": ([sandbox.python, "-I", "-B", "main.py"], {"code": "pass\n"}),
+            "python pass": ([sandbox.python, "-E", "-s", "-B", "main.py"], {"code": "pass\n"}),
         }
         for name, (bare_argv, sandbox_args) in programs.items():
             bare, boxed = [], []

@@ -214,6 +214,9 @@ def test_lcb_missing_and_malformed_data(tmp_path: Path, monkeypatch: pytest.Monk
     (folder / "test.jsonl").write_text(_lcb_row(dict(STDIO_PROBLEM, contest_date="soon"), STDIO_TESTS, []) + "\n")
     with pytest.raises(BenchmarkDataError, match=r"test\.jsonl:1: bad contest_date"):
         bench.load(tmp_path)
+    (folder / "test.jsonl").write_text(_lcb_row(dict(CALL_PROBLEM, metadata="{}"), CALL_TESTS, []) + "\n")
+    with pytest.raises(BenchmarkDataError, match=r"test\.jsonl:1: functional tests but no metadata.func_name"):
+        bench.load(tmp_path)
     # A corrupt hidden-test blob is found when scoring (lazily), still naming file and line.
     row = json.loads(_lcb_row(STDIO_PROBLEM, STDIO_TESTS, []))
     row["private_test_cases"] = "bm90IHpsaWI="
@@ -291,8 +294,29 @@ def test_ojbench_floats_checker_and_bad_data(oj_dir: Path) -> None:
     (problem / "init.yml").write_text("checker: custom.py\ntest_cases:\n- {in: 1.in, out: 1.ans}\n")
     with pytest.raises(BenchmarkDataError, match=r"init\.yml: checker 'custom.py' is not supported"):
         bench.score(sample, Completion(PY_HALF))
+    (problem / "init.yml").write_text("checker: {name: standard}\ntest_cases:\n- {in: 1.in, out: 1.ans}\n")
+    assert bench.score(sample, Completion(PY_HALF)).value == 1.0
+    (problem / "init.yml").write_text("checker: {name: bridged, args: {files: checker.cpp}}\ntest_cases: []\n")
+    with pytest.raises(BenchmarkDataError, match=r"init\.yml: test_cases must list"):
+        bench.score(sample, Completion(PY_HALF))
     shutil.rmtree(problem)
     with pytest.raises(BenchmarkDataError, match=r"full\.jsonl:3: problem directory .*icpc2023_half not found"):
         bench.load(oj_dir)
     with pytest.raises(BenchmarkDataError, match="OJBench_testdata"):
         bench.load(oj_dir / "nowhere")
+
+
+def test_ojbench_tests_inside_an_archive(oj_dir: Path) -> None:
+    import zipfile
+
+    problem = oj_dir / "ojbench" / "NOI" / "loj-1001"
+    with zipfile.ZipFile(problem / "data.zip", "w") as archive:
+        archive.writestr("a.in", "2\n4 8\n")
+        archive.writestr("a.out", "8\n")
+    for name in ("1.in", "1.out", "2.in", "2.out", "3.in", "3.out"):
+        (problem / name).unlink()
+    (problem / "init.yml").write_text("archive: data.zip\ntest_cases:\n- batched:\n  - {in: a.in, out: a.out}\n")
+    tests, precision = OJBench.tests_of(problem)
+    assert tests == [("2\n4 8\n", "8\n")] and precision is None
+    sample = next(s for s in OJBench(name="ojbench").load(oj_dir) if s.id == "loj-1001:python")
+    assert OJBench(name="ojbench", timeout_s=2.0).score(sample, Completion(fenced(PY_MAX))).value == 1.0

@@ -64,7 +64,8 @@ def test_runs_code_with_stdin_files_and_a_private_directory(sandbox: Sandbox) ->
         "open('out.txt', 'w').write('mine')\n"
         "print(os.getcwd())\n"
     )
-    result = sandbox.run(code=program, stdin="abc\n", files={"data/in.txt": "hello"})
+    program = "import helper\n" + program
+    result = sandbox.run(code=program, stdin="abc\n", files={"data/in.txt": "hello", "helper.py": "X = 1\n"})
     assert result.ok, result
     lines = result.stdout.splitlines()
     assert lines[:3] == ["cba", "hello", "True"]
@@ -267,3 +268,11 @@ def test_bad_arguments() -> None:
         box.run()
     with pytest.raises(ValueError, match="relative"):
         box.run(["true"], files={"../escape.txt": "x"})
+
+
+def test_command_line_report(capsys: pytest.CaptureFixture[str]) -> None:
+    from openk2.sandbox.__main__ import main
+
+    assert main() == 0
+    out = capsys.readouterr().out
+    assert "isolation: " in out and "smoke test: passed" in out

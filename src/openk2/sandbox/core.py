@@ -72,7 +72,7 @@ class RunResult:
     stdout: str
     stderr: str
     timed_out: bool = False
-    killed_reason: str | None = None  # "wall-time", "cpu-time", "file-size", "signal SIGSEGV", "start-failed" ...
+    killed_reason: str | None = None  # "wall-time", "cpu-time", "file-size", "SIGSEGV", "start-failed" ...
     wall_s: float = 0.0
     truncated: bool = False  # stdout or stderr was cut at `max_capture` characters
 
@@ -354,8 +354,9 @@ class Sandbox:
         try:
             if code is not None:
                 files["main.py"] = code
-                # -I: ignore PYTHON* variables and the user site; -B: no .pyc litter.
-                argv = [self.python, "-I", "-B", "main.py"]
+                # -E -s: ignore PYTHON* variables and the user site (the script's directory stays importable, for
+                # helper modules in `files`); -B: no .pyc litter.
+                argv = [self.python, "-E", "-s", "-B", "main.py"]
             self._write_files(workdir, files, uid)
             assert argv is not None
             return self._execute(list(argv), workdir, stdin, limits, uid)

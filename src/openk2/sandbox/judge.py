@@ -23,6 +23,11 @@ _RUNNER_SOURCE = (Path(__file__).with_name("_judge_runner.py")).read_text(encodi
 CPP_COMPILE = ["g++", "-std=c++17", "-O2", "-pipe", "-o", "solution", "solution.cpp"]
 
 
+class JudgeInfrastructureError(RuntimeError):
+    """The judge runner failed before any solution code ran (its interpreter missing or closed to the sandbox's
+    uid, ...): a fault of the machine, not of the program being judged."""
+
+
 @dataclass
 class Program:
     language: str  # "python" or "cpp"
@@ -96,11 +101,19 @@ def judge(
     run = sandbox.run([sandbox.python, "-I", "-B", "judge_runner.py"], files=files, limits=limits)
     outcome = JudgeOutcome(sandbox=run)
     seen: dict[int, TestOutcome] = {}
-    for line in run.stdout.splitlines():
+    lines = run.stdout.splitlines()
+    if not lines or lines[0] != '{"started": true}':
+        # Deaths after that line may be the solution's doing (it can kill its runner) and score 0; before it, no
+        # solution code had run, so the judge itself is broken.
+        raise JudgeInfrastructureError(f"judge runner failed to start (exit {run.returncode}, "
+                                       f"{run.killed_reason or 'no signal'}): {run.stderr[-1000:]}")
+    for line in lines[1:]:
         try:
             record = json.loads(line)
         except ValueError:
             continue  # a truncated last line when the runner was killed
+        if not isinstance(record, dict):
+            continue
         if "compile_error" in record:
             outcome.compile_error = str(record["compile_error"])
             break

@@ -36,8 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from openk2.eval.task import Benchmark, BenchmarkDataError, Completion, Sample, Score
-from openk2.sandbox import Limits, Sandbox
-from openk2.sandbox.judge import JudgeOutcome, Program, cpp_available, judge
+from openk2.sandbox import Limits, RunResult, Sandbox
+from openk2.sandbox.judge import JudgeInfrastructureError, JudgeOutcome, Program, cpp_available, judge
+
+try:  # the harness's "the scorer failed, not the model" (the sample is retried, not scored 0)
+    from openk2.eval.task import ScoringInfrastructureError
+except ImportError:  # a task.py from before the harness added it
+
+    class ScoringInfrastructureError(RuntimeError):  # type: ignore[no-redef]
+        pass
 
 K2_LCB_WINDOW = "2024-08-01:2025-05-31"  # K2's LiveCodeBench v6 window (Aug 2024 - May 2025)
 
@@ -100,6 +107,18 @@ def _failure_details(outcome: JudgeOutcome, passed: int, total: int, failure: di
     return details
 
 
+def _raise_if_not_started(result: RunResult) -> None:
+    if result.killed_reason == "start-failed":
+        raise ScoringInfrastructureError(f"sandbox could not start the program: {result.stderr}")
+
+
+def _judge(sandbox: Sandbox, program: Program, inputs: list[str], **kwargs: Any) -> JudgeOutcome:
+    try:
+        return judge(sandbox, program, inputs, **kwargs)
+    except JudgeInfrastructureError as exc:
+        raise ScoringInfrastructureError(str(exc)) from exc
+
+
 # --- HumanEval --------------------------------------------------------------------------------------------------
 
 HUMANEVAL_PROMPT = (
@@ -113,6 +132,7 @@ class HumanEval(Benchmark):
     """pass@k on OpenAI's 164 problems: the program is prompt + completion + the problem's tests + check(...)."""
 
     timeout_s: float = 10.0
+    score_in_thread: bool = True  # sandbox runs overlap (bounded by the sandbox's `parallel`)
 
     def data_files(self, data_dir: Path) -> list[Path]:
         return [data_dir / "humaneval" / "HumanEval.jsonl.gz"]
@@ -142,6 +162,7 @@ class HumanEval(Benchmark):
         code = extract_code(completion.text, "python")
         result = code_sandbox().run(code=self.program(sample.reference, code),
                                     limits=code_sandbox().limits.with_(wall_s=self.timeout_s))
+        _raise_if_not_started(result)
         details: dict[str, Any] = {}
         if not result.ok:
             details = {"returncode": result.returncode, "killed": result.killed_reason,
@@ -234,6 +255,7 @@ class LiveCodeBench(Benchmark):
 
     window: str = K2_LCB_WINDOW
     timeout_s: float = 6.0  # lcb_runner's default per-test timeout
+    score_in_thread: bool = True
 
     def data_dir_of(self, data_dir: Path) -> Path:
         override = getattr(self, "options", {}).get("livecodebench_dir") or os.environ.get("OPENK2_LIVECODEBENCH_DIR")
@@ -276,8 +298,9 @@ class LiveCodeBench(Benchmark):
                     if (first and date < first) or (last and date > last):
                         continue
                     starter = row.get("starter_code") or ""
-                    call_based = bool(public) and public[0].get("testtype") == "functional"
-                    if call_based and "func_name" not in metadata:
+                    # lcb_runner decides by metadata.func_name: call-based (LeetCode) if present, stdio otherwise.
+                    call_based = bool(metadata.get("func_name"))
+                    if not call_based and any(t.get("testtype") == "functional" for t in public):
                         raise BenchmarkDataError(f"{path}:{number}: functional tests but no metadata.func_name")
                     prompt = f"### Question:\n{row['question_content']}\n\n"
                     prompt += LCB_CALL_FORMAT.format(starter=starter) if starter else LCB_STDIN_FORMAT
@@ -309,7 +332,7 @@ class LiveCodeBench(Benchmark):
         code = extract_code(completion.text, "python")
         ref = sample.reference
         tests = self.tests_of(ref)
-        outcome = judge(code_sandbox(), Program("python", LCB_IMPORTS + code), [t["input"] for t in tests],
+        outcome = _judge(code_sandbox(), Program("python", LCB_IMPORTS + code), [t["input"] for t in tests],
                         mode=ref["mode"], func_name=ref["func_name"], timeout_s=self.timeout_s)
         passed, failure = 0, None
         for test, result in zip(tests, outcome.tests, strict=True):
@@ -357,10 +380,14 @@ def tokens_match(got: str, expected: str, precision: int | None = None) -> bool:
 
 @dataclass
 class OJBench(Benchmark):
-    """pass@1 = every judge test passes (OJBench's `is_passed`), Python and, where g++ exists, C++ solutions."""
+    """pass@1 = every judge test passes (OJBench's `is_passed`), Python and, where g++ exists, C++ solutions.
+
+    Differences from OJBench's DMOJ judge: Python runs on CPython, not PyPy (a slow solution PyPy would pass can
+    time out), time is wall-clock per test, and only the standard and floats checkers exist."""
 
     timeout_s: float = 10.0  # OJBench judges every problem with 10 s and 1 GB per test
     memory_mb: int = 1024
+    score_in_thread: bool = True
 
     def data_dir_of(self, data_dir: Path) -> Path:
         override = getattr(self, "options", {}).get("ojbench_dir") or os.environ.get("OPENK2_OJBENCH_DIR")
@@ -440,11 +467,13 @@ class OJBench(Benchmark):
         if not cases or any("in" not in c or "out" not in c for c in cases):
             raise BenchmarkDataError(f"{init}: test_cases must list {{in, out}} files")
         checker = config.get("checker") or "standard"
+        name = checker.get("name") if isinstance(checker, dict) else checker
         precision = None
-        if isinstance(checker, dict) and checker.get("name") == "floats":
-            precision = int((checker.get("args") or {}).get("precision", 6))
-        elif checker not in ("standard", "identical"):
-            raise BenchmarkDataError(f"{init}: checker {checker!r} is not supported (standard, floats)")
+        if name == "floats":
+            precision = int((checker.get("args") or {}).get("precision", 6)) if isinstance(checker, dict) else 6
+        elif name not in ("standard", "identical"):
+            # Special judges (testlib, bridged checkers) would need their checker compiled and run: not supported.
+            raise BenchmarkDataError(f"{init}: checker {name!r} is not supported (standard, floats)")
         try:
             return [(read(c["in"]), read(c["out"])) for c in cases], precision
         finally:
@@ -455,7 +484,7 @@ class OJBench(Benchmark):
         language = sample.reference["language"]
         code = extract_code(completion.text, language)
         tests, precision = self.tests_of(Path(sample.reference["problem_dir"]))
-        outcome = judge(code_sandbox(), Program(language, code), [t[0] for t in tests], timeout_s=self.timeout_s,
+        outcome = _judge(code_sandbox(), Program(language, code), [t[0] for t in tests], timeout_s=self.timeout_s,
                         memory_mb=self.memory_mb)
         passed, failure = 0, None
         for (_, expected), result in zip(tests, outcome.tests, strict=True):
