@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from openk2.serve.protocol import APIError, error_body
+from openk2.serve.protocol import MAX_JSON_DEPTH, APIError, check_json_value, error_body
 from openk2.serve.service import OpenAIService
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,13 @@ def create_app(service: OpenAIService, api_key: str | None = None, manage_engine
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error(exc.status_code, str(exc.detail), kind)
+        # Keep the exception's headers: a 405 must say which methods are allowed (`Allow`, RFC 9110 15.5.6).
+        return JSONResponse(error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -88,9 +89,13 @@ def create_app(service: OpenAIService, api_key: str | None = None, manage_engine
         if len(body) > MAX_BODY_BYTES:
             raise APIError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
         try:
-            return json.loads(body)
+            obj = json.loads(body, parse_constant=_reject_constant)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise APIError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+        check_json_value(obj)
+        return obj
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -123,6 +128,11 @@ def create_app(service: OpenAIService, api_key: str | None = None, manage_engine
         return await _unless_disconnected(request, lambda: service.run_completion(job))
 
     return app
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity, which are not JSON (RFC 8259) and would slip past range checks.
+    raise APIError(400, f"the request body is not valid JSON: {name} is not a JSON number")
 
 
 def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
