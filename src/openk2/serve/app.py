@@ -1,11 +1,14 @@
 """The HTTP server: FastAPI routes over `OpenAIService`, OpenAI-style errors, auth, and disconnect handling.
 
 Routes: `GET /health`, `GET /v1/models`, `GET /v1/models/{model}`, `POST /v1/chat/completions`,
-`POST /v1/completions` (both with `stream: true` as server-sent events ending in `data: [DONE]`).
+`POST /v1/completions` (both with `stream: true` as server-sent events ending in `data: [DONE]`), and
+`GET /openapi.json`, the contract generated from the request and response models (`serve/openapi.py`).
 
 Every error is `{"error": {"message", "type", "param", "code"}}`: 400 for malformed JSON and invalid requests,
 401 for a missing/wrong API key (when the server has one), 404 for unknown models and routes, 405, 413 for
-oversized bodies, 503 when overloaded, 500 for anything unexpected (the server keeps running). A client that
+oversized bodies, 503 with `Retry-After` when overloaded right now, 500 for anything unexpected (the server keeps
+running). A 405 carries `Allow`. Everything is validated before a streamed response starts; after that, an error
+is an OpenAI-style error event followed by `data: [DONE]`. A client that
 disconnects, streaming or not, cancels its generations, which frees their cache rows at the next engine step.
 """
 
@@ -24,6 +27,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from openk2.serve import openapi as O
+from openk2.serve import protocol as P
+from openk2.serve.openapi import install_openapi
 from openk2.serve.protocol import MAX_JSON_DEPTH, APIError, check_json_value, error_body
 from openk2.serve.service import OpenAIService
 
@@ -50,8 +56,9 @@ def create_app(service: OpenAIService, api_key: str | None = None, manage_engine
             if manage_engine:
                 service.stop()
 
-    app = FastAPI(title="openk2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="openk2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.service = service
+    install_openapi(app, service.model_name, api_key is not None, extra_models=[])
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -97,21 +104,23 @@ def create_app(service: OpenAIService, api_key: str | None = None, manage_engine
         check_json_value(obj)
         return obj
 
-    @app.get("/health")
+    @app.get("/health", response_model=None, responses={200: {"model": O.Health}})
     async def health() -> dict[str, Any]:
         return service.health()
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses={200: {"model": O.ModelList}, **O.error_responses(401)})
     async def models(request: Request) -> dict[str, Any]:
         check_auth(request)
         return service.models()
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", response_model=None,
+             responses={200: {"model": O.ModelCard}, **O.error_responses(401, 404)})
     async def model(model: str, request: Request) -> dict[str, Any]:
         check_auth(request)
         return service.model(model)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=O.generation_responses(O.ChatCompletion),
+              openapi_extra=O.request_body(P.ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         check_auth(request)
         job = service.prepare_chat(await read_json(request))
@@ -119,7 +128,8 @@ def create_app(service: OpenAIService, api_key: str | None = None, manage_engine
             return _sse(service.stream_chat(job))
         return await _unless_disconnected(request, lambda: service.run_chat(job))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=O.generation_responses(O.Completion),
+              openapi_extra=O.request_body(P.CompletionRequest))
     async def completions(request: Request) -> Response:
         check_auth(request)
         job = service.prepare_completion(await read_json(request))
