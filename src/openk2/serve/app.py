@@ -2,6 +2,7 @@
 
 Routes: `GET /health`, `GET /v1/models`, `GET /v1/models/{model}`, `POST /v1/chat/completions`,
 `POST /v1/completions` (both with `stream: true` as server-sent events ending in `data: [DONE]`), and
+`POST /v1/responses` and `GET /v1/responses/{id}` (the Responses API, `serve/responses.py`), and
 `GET /openapi.json`, the contract generated from the request and response models (`serve/openapi.py`).
 
 Every error is `{"error": {"message", "type", "param", "code"}}`: 400 for malformed JSON and invalid requests,
@@ -31,6 +32,7 @@ from openk2.serve import openapi as O
 from openk2.serve import protocol as P
 from openk2.serve.openapi import install_openapi
 from openk2.serve.protocol import MAX_JSON_DEPTH, APIError, check_json_value, error_body
+from openk2.serve.responses import ResponseObject, ResponsesAPI, ResponsesRequest
 from openk2.serve.service import OpenAIService
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,8 @@ def create_app(service: OpenAIService, api_key: str | None = None, manage_engine
 
     app = FastAPI(title="openk2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.service = service
-    install_openapi(app, service.model_name, api_key is not None, extra_models=[])
+    responses_api = app.state.responses = ResponsesAPI(service)
+    install_openapi(app, service.model_name, api_key is not None, extra_models=[ResponsesRequest])
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -137,6 +140,21 @@ def create_app(service: OpenAIService, api_key: str | None = None, manage_engine
             return _sse(service.stream_completion(job))
         return await _unless_disconnected(request, lambda: service.run_completion(job))
 
+    @app.post("/v1/responses", responses=O.generation_responses(ResponseObject),
+              openapi_extra=O.request_body(ResponsesRequest))
+    async def responses(request: Request) -> Response:
+        check_auth(request)
+        job = responses_api.prepare(await read_json(request))
+        if job.req.stream:
+            return _sse(responses_api.stream(job), named_events=True)
+        return await _unless_disconnected(request, lambda: responses_api.run(job))
+
+    @app.get("/v1/responses/{response_id}", response_model=None,
+             responses={200: {"model": ResponseObject}, **O.error_responses(401, 404)})
+    async def get_response(response_id: str, request: Request) -> dict[str, Any]:
+        check_auth(request)
+        return responses_api.get(response_id)
+
     return app
 
 
@@ -145,20 +163,31 @@ def _reject_constant(name: str) -> Any:
     raise APIError(400, f"the request body is not valid JSON: {name} is not a JSON number")
 
 
-def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+def _sse(chunks: AsyncIterator[dict[str, Any]], named_events: bool = False) -> StreamingResponse:
+    """Server-sent events. Chat and completions: `data:` lines ending with `data: [DONE]`. Responses
+    (`named_events`): `event: <type>` before each `data:`, and no [DONE], as OpenAI sends them."""
+
+    def error_event(e: APIError) -> str:
+        if named_events:
+            body = {"type": "error", "code": e.code or e.type, "message": e.message, "param": e.param}
+            return f"event: error\ndata: {json.dumps(body)}\n\n"
+        return f"data: {json.dumps(e.body())}\n\n"
+
     async def body() -> AsyncIterator[str]:
         try:
             async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                name = f"event: {chunk['type']}\n" if named_events else ""
+                yield f"{name}data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
         except APIError as e:  # after the headers went out, an error can only be an event
-            yield f"data: {json.dumps(e.body())}\n\n"
+            yield error_event(e)
         except Exception as e:
             log.exception("stream failed")
-            yield f"data: {json.dumps(error_body(f'internal error: {e!r}', 'server_error'))}\n\n"
+            yield error_event(APIError(500, f"internal error: {e!r}", type="server_error"))
         finally:
             # On disconnect Starlette cancels this generator; closing the chunks cancels the generations.
             await chunks.aclose()
-        yield "data: [DONE]\n\n"
+        if not named_events:
+            yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
