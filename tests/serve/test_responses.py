@@ -47,6 +47,11 @@ def test_tool_call_round_trip(client):
     third = client.responses.create(model=MODEL, instructions=SYSTEM, input=items, tools=[TOOL], temperature=0,
                                     store=False)
     assert third.output_text == "It is sunny in Paris."
+    # BFCL's OpenAI Responses handler feeds the SDK's output objects back as input, with store: false.
+    bfcl = client.responses.create(model=MODEL, instructions=SYSTEM, temperature=0, store=False, tools=[TOOL],
+                                   input=[{"role": "user", "content": ASK}, *first.output, result],
+                                   include=["reasoning.encrypted_content"], reasoning={"summary": "auto"})
+    assert bfcl.output_text == "It is sunny in Paris."
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(third.id)  # store: false
 
