@@ -193,3 +193,40 @@ def test_hostile_requests_in_a_batch_change_nothing(server, monkeypatch):
     assert poisoned_r.status_code == 500 and "poisoned sample" in poisoned_r.json()["error"]["message"]
     assert rs[3].status_code == rs[4].status_code == 200
     assert rs[6].status_code == rs[7].status_code == 400
+
+
+def test_overload_is_a_503_with_retry_after_and_limits_are_400s(server, monkeypatch):
+    from openk2.serve.engine import Engine
+
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 1, "n": 16}
+    monkeypatch.setattr(Engine, "n_waiting", property(lambda self: self.max_waiting - 8))  # a full queue, for now
+    r = _post(server, "/v1/completions", body)
+    assert _error(r, 503)["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1
+    monkeypatch.undo()
+    assert _post(server, "/v1/completions", body).status_code == 200
+    bias = {str(i): 1 for i in range(301)}
+    _error(_post(server, "/v1/completions", {**body, "logit_bias": bias}), 400, "logit_bias")
+
+
+def test_an_engine_error_after_the_first_byte_is_an_error_event(server, monkeypatch):
+    from openk2.serve import engine as engine_mod
+
+    real_sample = engine_mod.sample_token
+    calls = {"n": 0}
+
+    def poisoned(logits_V, temperature, top_p, generator):
+        if temperature == 0.777:
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise FloatingPointError("poisoned sample")
+        return real_sample(logits_V, temperature, top_p, generator)
+
+    monkeypatch.setattr(engine_mod, "sample_token", poisoned)
+    body = {"model": MODEL, "prompt": "the weather", "max_tokens": 20, "temperature": 0.777, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", headers=_headers(server), json=body, timeout=60) as s:
+        events = [ln[len("data: "):] for ln in s.iter_lines() if ln.startswith("data: ")]
+    assert s.status_code == 200 and events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "poisoned sample" in error["message"] and error["type"] == "server_error"
+    assert any(json.loads(e).get("choices") for e in events[:-2])  # tokens came before the error

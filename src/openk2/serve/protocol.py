@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_N = 16
 MAX_STOP = 4
+MAX_LOGIT_BIAS = 300  # OpenAI's limit; the bias is applied at every step, so its size must be bounded
 MAX_TOP_LOGPROBS = 20
 MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1  # OpenAI's seed is an int64
 _TOOL_NAME_RE = re.compile(r"[\w.]{1,64}")  # K2 call ids `functions.NAME:IDX` must parse back ([\w.]+)
@@ -199,6 +200,8 @@ def check_sampling(req: _Sampling, vocab_size: int) -> tuple[list[str], tuple[tu
     if any(not s for s in stops):
         raise APIError(400, "stop sequences must be non-empty", param="stop")
     bias: list[tuple[int, float]] = []
+    if len(req.logit_bias or {}) > MAX_LOGIT_BIAS:
+        raise APIError(400, f"logit_bias may have at most {MAX_LOGIT_BIAS} entries", param="logit_bias")
     for key, value in (req.logit_bias or {}).items():
         try:
             tok = int(key)
