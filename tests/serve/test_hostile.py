@@ -223,7 +223,7 @@ def test_an_engine_error_after_the_first_byte_is_an_error_event(server, monkeypa
 
     monkeypatch.setattr(engine_mod, "sample_token", poisoned)
     body = {"model": MODEL, "prompt": "the weather", "max_tokens": 20, "temperature": 0.777, "ignore_eos": True,
-            "stream": True}
+            "seed": 3, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", headers=_headers(server), json=body, timeout=60) as s:
         events = [ln[len("data: "):] for ln in s.iter_lines() if ln.startswith("data: ")]
     assert s.status_code == 200 and events[-1] == "[DONE]"

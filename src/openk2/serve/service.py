@@ -505,10 +505,15 @@ class OpenAIService:
         job.completion_tokens = [0] * job.n
         choices = [self._chat_choice(job, i) for i in range(job.n)]
         pending: dict[str, Any] | None = None
-        async for choice in _merge(choices):
-            if pending is not None:
+        try:
+            async for choice in _merge(choices):
+                if pending is not None:
+                    yield pending
+                pending = P.chat_chunk(job.id, job.created, self.model_name, [choice])
+        except APIError:
+            if pending is not None:  # what was generated before the error still reaches the client
                 yield pending
-            pending = P.chat_chunk(job.id, job.created, self.model_name, [choice])
+            raise
         if pending is not None:
             if job.include_usage:
                 yield pending
@@ -654,10 +659,15 @@ class OpenAIService:
 
     async def stream_completion(self, job: _Job) -> AsyncIterator[dict[str, Any]]:
         pending: dict[str, Any] | None = None
-        async for choice in _merge(self._completion_choices(job)):
-            if pending is not None:
+        try:
+            async for choice in _merge(self._completion_choices(job)):
+                if pending is not None:
+                    yield pending
+                pending = P.completion(job.id, job.created, self.model_name, [choice], None)
+        except APIError:
+            if pending is not None:  # what was generated before the error still reaches the client
                 yield pending
-            pending = P.completion(job.id, job.created, self.model_name, [choice], None)
+            raise
         if pending is not None:
             if job.include_usage:
                 yield pending
