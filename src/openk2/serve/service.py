@@ -9,7 +9,11 @@ Decisions:
   are first renamed `functions.NAME:IDX` (`renumber_tool_call_ids`), as K2 was trained on. Generation stops at
   `<|im_end|>` or `[EOS]`; completions stop at `[EOS]` or `[BOS]` (a pretraining document ends where the model
   predicts the next document's `[BOS]`). `ignore_eos` turns these stops off.
-- Text is decoded with special tokens kept, so tool-call markers survive for parsing.
+- Special tokens are left out of the returned text unless `skip_special_tokens` is false (as in vLLM); the
+  tool-call markers are kept while tools are active, since the tool-call section is parsed from them.
+- Every sequence of a request is checked against the engine's limits in `prepare_*`, before a response
+  starts: one that can never be served (too long, more sequences than the server ever queues) is a 400
+  naming the limit; a 503 with `Retry-After` means only that the queue is full right now.
 - `tool_choice`: "auto" renders the tools and parses calls; "none" still renders them (the model sees the same
   context) but bans the five tool-call marker tokens while sampling, so it cannot call; "required" forces the
   `<|tool_calls_section_begin|>` prefix; a named function forces
@@ -103,8 +107,10 @@ class IncrementalDetokenizer:
 class _Tracker:
     """Generated text of one choice: stop strings, a held-back tool-call section, and what may be streamed."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: list[str], section_at: int | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, stops: list[str], section_at: int | None = None,
+                 skip_ids: frozenset[int] = frozenset()) -> None:
         self.detok = IncrementalDetokenizer(tokenizer)
+        self.skip_ids = skip_ids  # special tokens left out of the text (skip_special_tokens)
         self.stops = stops
         self.max_stop = max((len(s) for s in stops), default=0)
         self.text = ""
@@ -120,7 +126,8 @@ class _Tracker:
             self.section_at = len(self.text)
         self.offsets.append(len(self.text))
         self.logprobs.append(logprob)
-        self._add(self.detok.push(token_id))
+        if token_id not in self.skip_ids:
+            self._add(self.detok.push(token_id))
 
     def finish(self) -> None:
         self._add(self.detok.flush())
@@ -191,6 +198,7 @@ class _Job:
     tool_names: frozenset[str] = frozenset()
     prefix_text: str = ""
     forced_named: bool = False
+    skip_ids: frozenset[int] = frozenset()  # special tokens not to put in the text
     # completions
     echo: bool = False
     echo_texts: list[str] = field(default_factory=list)
@@ -218,6 +226,7 @@ class OpenAIService:
         self.tool_call_end_id = sp[TOOL_CALL_END]
         self.chat_stop_ids = frozenset({sp[IM_END], sp[EOS]})
         self.completion_stop_ids = frozenset({sp[EOS], sp[BOS]})
+        self.special_ids = frozenset(sp.values())
         self._token_text: dict[int, str] = {}
         self._bytes: dict[int, bytes] | None = None
 
@@ -250,9 +259,27 @@ class OpenAIService:
     def _check_capacity(self) -> None:
         # Checked before a response starts, so an overloaded server answers 503 rather than failing mid-stream.
         if self.engine.n_waiting >= self.engine.max_waiting:
-            raise APIError(503, "server overloaded: too many waiting requests", type="server_error", code="overloaded")
+            raise _overloaded("too many waiting requests")
         if not self.engine.running:
-            raise APIError(503, "the engine is not running", type="server_error")
+            raise APIError(503, "the engine is not running", type="server_error", headers={"Retry-After": "5"})
+
+    def _check_job(self, job: _Job, prompt_param: str) -> _Job:
+        """Every sequence of `job` against the engine's limits, before anything is submitted or streamed."""
+        total = len(job.prompts) * job.n
+        if total > self.engine.max_waiting:  # can never be queued at once: a 400, not a (retried) 503
+            limit = self.engine.max_waiting
+            raise APIError(400, f"this request needs {total} sequences (prompts x n), more than the {limit} this "
+                                f"server can queue; split it into smaller requests", param="n")
+        if self.engine.n_waiting + total > self.engine.max_waiting:
+            raise _overloaded(f"{self.engine.n_waiting} sequences are waiting and this request adds {total}")
+        for prompt, params in zip(job.prompts, job.params, strict=True):
+            for p in params:
+                try:
+                    self.engine.check(prompt, p)
+                except ValueError as e:
+                    code = "context_length_exceeded" if "context" in str(e) else None
+                    raise APIError(400, str(e), param=prompt_param, code=code) from None
+        return job
 
     def _check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -291,6 +318,8 @@ class OpenAIService:
             prompt, _ = render_chat_ids(self.tok, messages, tools or None, add_generation_prompt=True)
         except (ValueError, TypeError, KeyError) as e:
             raise APIError(400, f"invalid messages: {e}", param="messages") from None
+        except RecursionError:
+            raise APIError(400, "invalid messages: nested too deeply", param="messages") from None
         prefix: list[tuple[str, bool]] = []
         if choice == "required":
             prefix = [(TOOL_CALLS_SECTION_BEGIN, True)]
@@ -306,17 +335,26 @@ class OpenAIService:
         if isinstance(choice, tuple):
             stop_ids.add(self.tool_call_end_id)
         banned = tuple(sorted(self.marker_ids)) if choice == "none" and tools else ()
-        params = [SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                 seed=None if req.seed is None else req.seed + i, stop_token_ids=frozenset(stop_ids),
-                                 banned_token_ids=banned, logit_bias=bias,
+        params = [SamplingParams(max_tokens=max_tokens, temperature=req.resolved_temperature,
+                                 top_p=req.resolved_top_p, seed=None if req.seed is None else req.seed + i,
+                                 stop_token_ids=frozenset(stop_ids), banned_token_ids=banned, logit_bias=bias,
                                  logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-                  for i in range(req.n)]
-        return _Job(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), stream=req.stream,
-                    include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                    prompts=[prompt], params=[params], stops=stops, n=req.n, logprobs=req.logprobs,
-                    tools_active=bool(tools) and choice != "none",
+                  for i in range(req.resolved_n)]
+        tools_active = bool(tools) and choice != "none"
+        return self._check_job(_Job(
+                    id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), stream=bool(req.stream),
+                    include_usage=req.include_usage, prompts=[prompt], params=[params], stops=stops,
+                    n=req.resolved_n, logprobs=bool(req.logprobs), skip_ids=self._skip_ids(req, tools_active),
+                    tools_active=tools_active,
                     tool_names=frozenset(t["function"]["name"] for t in tools),
-                    prefix_text="".join(text for text, _ in prefix), forced_named=isinstance(choice, tuple))
+                    prefix_text="".join(text for text, _ in prefix), forced_named=isinstance(choice, tuple)),
+            prompt_param="messages")
+
+    def _skip_ids(self, req: P._Sampling, tools_active: bool) -> frozenset[int]:
+        if not req.skip_special_tokens:
+            return frozenset()
+        # While tools are active the markers delimit the tool-call section, which is parsed, not returned.
+        return self.special_ids - self.marker_ids if tools_active else self.special_ids
 
     @staticmethod
     def _message(i: int, m: P.ChatMessage) -> dict[str, Any]:
@@ -362,7 +400,7 @@ class OpenAIService:
         except ValueError as e:
             raise APIError(400, str(e)) from None
         except OverflowError as e:
-            raise APIError(503, f"server overloaded: {e}", type="server_error", code="overloaded") from None
+            raise _overloaded(str(e)) from None
         except RuntimeError as e:
             raise APIError(503, str(e), type="server_error") from None
 
@@ -421,7 +459,7 @@ class OpenAIService:
     async def _chat_choice(self, job: _Job, index: int) -> AsyncIterator[dict[str, Any]]:
         gen = self._submit(job.prompts[0], job.params[0][index])
         forced = bool(job.prefix_text)
-        tr = _Tracker(self.tok, job.stops, section_at=0 if forced else None)
+        tr = _Tracker(self.tok, job.stops, section_at=0 if forced else None, skip_ids=job.skip_ids)
         yield {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         async for _ in self._feed(gen, tr, job, index):
             text, lps = tr.take()
@@ -467,10 +505,15 @@ class OpenAIService:
         job.completion_tokens = [0] * job.n
         choices = [self._chat_choice(job, i) for i in range(job.n)]
         pending: dict[str, Any] | None = None
-        async for choice in _merge(choices):
-            if pending is not None:
+        try:
+            async for choice in _merge(choices):
+                if pending is not None:
+                    yield pending
+                pending = P.chat_chunk(job.id, job.created, self.model_name, [choice])
+        except APIError:
+            if pending is not None:  # what was generated before the error still reaches the client
                 yield pending
-            pending = P.chat_chunk(job.id, job.created, self.model_name, [choice])
+            raise
         if pending is not None:
             if job.include_usage:
                 yield pending
@@ -512,7 +555,7 @@ class OpenAIService:
         stops, bias = P.check_sampling(req, self.tok.vocab_size)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        if req.best_of is not None and req.best_of != req.n:
+        if req.best_of is not None and req.best_of != req.resolved_n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
         raw = req.prompt
         if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
@@ -523,12 +566,15 @@ class OpenAIService:
         for j, p in enumerate(raw):
             add_bos = req.add_bos if req.add_bos is not None else isinstance(p, str)
             if isinstance(p, str):
-                ids, echo = self.tok.encode(p), p
+                try:
+                    ids, echo = self.tok.encode(p), p
+                except (ValueError, UnicodeError) as e:  # e.g. a lone surrogate "\ud800"
+                    raise APIError(400, f"prompt[{j}] cannot be tokenized: {e}", param="prompt") from None
             else:
                 if any(not 0 <= t < self.tok.vocab_size for t in p):
                     raise APIError(400, f"prompt[{j}] has token ids outside [0, {self.tok.vocab_size})",
                                    param="prompt")
-                ids, echo = list(p), self.tok.decode(p)
+                ids, echo = list(p), self.tok.decode(p, skip_special_tokens=req.skip_special_tokens)
             if add_bos:
                 ids = [self.tok.bos_id, *ids]
             if not ids:
@@ -536,20 +582,22 @@ class OpenAIService:
             prompts.append(ids)
             echo_texts.append(echo)
             bos_added.append(add_bos)
-        max_tokens = max(self._max_tokens(len(p), req.max_tokens, allow_zero=req.echo, prompt_param="prompt")
+        max_tokens = max(self._max_tokens(len(p), req.max_tokens, allow_zero=bool(req.echo), prompt_param="prompt")
                          for p in prompts)
         if req.max_tokens is None:  # "the rest of the context" differs per prompt: use the shortest
             max_tokens = min(self.context_len - len(p) for p in prompts)
         stop_ids = frozenset() if req.ignore_eos else self.completion_stop_ids
         want_prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
-        params = [[SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                  seed=None if req.seed is None else req.seed + i, stop_token_ids=stop_ids,
-                                  logit_bias=bias, logprobs=req.logprobs, prompt_logprobs=want_prompt_lp)
-                   for i in range(req.n)] for _ in prompts]
-        return _Job(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), stream=req.stream,
-                    include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                    prompts=prompts, params=params, stops=stops, n=req.n, echo=req.echo, echo_texts=echo_texts,
-                    bos_added=bos_added, completion_logprobs=req.logprobs)
+        params = [[SamplingParams(max_tokens=max_tokens, temperature=req.resolved_temperature,
+                                  top_p=req.resolved_top_p, seed=None if req.seed is None else req.seed + i,
+                                  stop_token_ids=stop_ids, logit_bias=bias, logprobs=req.logprobs,
+                                  prompt_logprobs=want_prompt_lp)
+                   for i in range(req.resolved_n)] for _ in prompts]
+        return self._check_job(_Job(
+            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), stream=bool(req.stream),
+            include_usage=req.include_usage, prompts=prompts, params=params, stops=stops, n=req.resolved_n,
+            echo=bool(req.echo), echo_texts=echo_texts, bos_added=bos_added, completion_logprobs=req.logprobs,
+            skip_ids=self._skip_ids(req, False)), prompt_param="prompt")
 
     def _completion_logprobs(self, entries: Sequence[TokenLogprob | None], offsets: Sequence[int],
                              ids: Sequence[int]) -> dict[str, Any]:
@@ -569,6 +617,8 @@ class OpenAIService:
             offsets.append(pos)
             if k == 0 and job.bos_added[j]:
                 continue  # the added [BOS] is context only: it is not part of the echoed text
+            if t in job.skip_ids:
+                continue  # not in the echoed text either
             pos += len(detok.push(t))
         return self._completion_logprobs(entries, offsets, ids)
 
@@ -576,7 +626,7 @@ class OpenAIService:
         index = j * job.n + i
         gen = self._submit(job.prompts[j], job.params[j][i])
         want_lp = job.completion_logprobs is not None
-        tr = _Tracker(self.tok, job.stops)
+        tr = _Tracker(self.tok, job.stops, skip_ids=job.skip_ids)
         base = len(job.echo_texts[j]) if job.echo else 0
 
         def block(lps: list[TokenLogprob | None]) -> dict[str, Any] | None:
@@ -609,10 +659,15 @@ class OpenAIService:
 
     async def stream_completion(self, job: _Job) -> AsyncIterator[dict[str, Any]]:
         pending: dict[str, Any] | None = None
-        async for choice in _merge(self._completion_choices(job)):
-            if pending is not None:
+        try:
+            async for choice in _merge(self._completion_choices(job)):
+                if pending is not None:
+                    yield pending
+                pending = P.completion(job.id, job.created, self.model_name, [choice], None)
+        except APIError:
+            if pending is not None:  # what was generated before the error still reaches the client
                 yield pending
-            pending = P.completion(job.id, job.created, self.model_name, [choice], None)
+            raise
         if pending is not None:
             if job.include_usage:
                 yield pending
@@ -641,6 +696,11 @@ class OpenAIService:
         choices = [{"index": k, "text": texts[k], "logprobs": lps[k], "finish_reason": reasons[k]}
                    for k in range(n_choices)]
         return P.completion(job.id, job.created, self.model_name, choices, job.usage())
+
+
+def _overloaded(why: str) -> APIError:
+    return APIError(503, f"server overloaded: {why}; retry later", type="server_error", code="overloaded",
+                    headers={"Retry-After": "1"})
 
 
 async def _merge(gens: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[dict[str, Any]]:
