@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.openk2-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean sandbox-deps
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,9 +17,16 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/openk2 speedrun
 
-test: $(STAMP)
+test: $(STAMP) sandbox-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# openk2.sandbox's strongest isolation (bwrap) needs Debian's bubblewrap; without it the sandbox falls back to
+# `unshare` or rlimits-only and says so, so this step only warns when it cannot install (not root, no apt).
+sandbox-deps:
+	@command -v bwrap >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; } || \
+		echo "warning: bubblewrap not installed; openk2.sandbox will use a weaker isolation level"
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
