@@ -150,8 +150,8 @@ class ChatTemplate:
         msgs, tool_list = self._inputs(messages, tools)
         tokens = sorted(self.control_tokens(tokenizer), key=len, reverse=True)  # longest first, like transformers
         pattern = re.compile("|".join(map(re.escape, tokens)) or "(?!)")
-        text = self._render(_mark(msgs, pattern), _mark(tool_list, pattern), add_generation_prompt,
-                            _mark(dict(self.special_tokens), pattern))
+        # The named special tokens are the template's own (bos_token is meant to become BOS): not marked.
+        text = self._render(_mark(msgs, pattern), _mark(tool_list, pattern), add_generation_prompt, self.special_tokens)
         return _encode_marked(tokenizer, text, pattern)
 
 
@@ -174,5 +174,10 @@ def _encode_marked(tokenizer: Tokenizer, text: str, pattern: re.Pattern[str]) ->
             piece_ids = piece_ids[len(newline):]
         else:
             piece_ids = tokenizer.encode(piece, allow_special=not as_text)
+        # Non-special added tokens (DeepSeek-V3's <｜User｜>) match even in plain encoding; refuse, as transformers
+        # does, rather than let user text forge one.
+        if as_text and tokenizer.backend.token_to_id(piece) in piece_ids:
+            raise ChatTemplateError(f"cannot encode {piece!r} in a message as text: the tokenizer always reads it "
+                                    "as a control token")
         ids += piece_ids
     return ids

@@ -76,7 +76,8 @@ def _spell(token: bytes) -> str:
     return "".join(_BYTE_ENCODER[b] for b in token)
 
 
-def _vocab_and_merges(ranks: Mapping[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def bpe_vocab_and_merges(ranks: Mapping[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The byte-level BPE vocabulary and merge list that encode like tiktoken with `ranks` (module docstring)."""
     merges: list[tuple[int, int, int, bytes, bytes]] = []
     for token, rank in ranks.items():
         for i in range(1, len(token)):
@@ -105,7 +106,7 @@ def tiktoken_backend(ranks: Mapping[bytes, int], pattern: str, specials: Mapping
     below = sorted(i for i in specials if i < n)
     if below:
         raise ValueError(f"special token ids {below[:5]} collide with BPE ranks (0..{n - 1})")
-    vocab, merges = _vocab_and_merges(ranks)
+    vocab, merges = bpe_vocab_and_merges(ranks)
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
