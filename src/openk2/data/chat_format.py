@@ -139,6 +139,21 @@ def _choose_parser(name: str | None, template_text: str, model_type: str | None)
     return None
 
 
+def _checked_parser(tokenizer: Tokenizer, name: str | None, template_text: str, model_type: str | None
+                    ) -> ToolCallParser | None:
+    try:
+        parser = _choose_parser(name, template_text, model_type)
+    except ValueError as e:
+        raise ChatFormatError(str(e)) from None
+    if parser is not None:
+        missing = [m for m in parser.markers if tokenizer.backend.token_to_id(m) is None]
+        if missing:
+            raise ChatFormatError(f"tool-call parser {parser.name!r} needs the tokens {missing}, which this "
+                                  "tokenizer lacks; pick another with --tool-call-parser "
+                                  f"({', '.join(sorted(TOOL_PARSERS))})")
+    return parser
+
+
 def chat_format_for_dir(directory: str | os.PathLike, tokenizer: Tokenizer, tool_call_parser: str | None = None,
                         model_type: str | None = None) -> ChatFormat:
     """The chat format of the checkpoint (or tokenizer) directory `directory`; see the module docstring.
@@ -149,25 +164,15 @@ def chat_format_for_dir(directory: str | os.PathLike, tokenizer: Tokenizer, tool
     directory = Path(directory)
     config = read_tokenizer_config(directory)
     source, where = _read_template(directory, config)
-    try:
-        parser = _choose_parser(tool_call_parser, source or K2_CHAT_TEMPLATE, model_type)
-    except ValueError as e:
-        raise ChatFormatError(str(e)) from None
-    if parser is not None:
-        missing = [m for m in parser.markers if tokenizer.special_id(m) is None and
-                   tokenizer.backend.token_to_id(m) is None]
-        if missing:
-            raise ChatFormatError(f"tool-call parser {parser.name!r} needs the tokens {missing}, which this "
-                                  "tokenizer lacks; pick another with --tool-call-parser "
-                                  f"({', '.join(sorted(TOOL_PARSERS))})")
     if source is None or source.strip() == K2_CHAT_TEMPLATE:
         try:
             fmt = ChatFormat.k2(tokenizer)
         except ChatFormatError as e:
             raise ChatFormatError(f"{directory}: no chat template (chat_template.jinja or tokenizer_config.json's "
                                   f"chat_template), and {e}") from None
-        fmt.tool_parser = parser if tool_call_parser is not None else fmt.tool_parser
+        fmt.tool_parser = _checked_parser(tokenizer, tool_call_parser, K2_CHAT_TEMPLATE, model_type)
         return fmt
+    parser = _checked_parser(tokenizer, tool_call_parser, source, model_type)
     specials = {k: v for k in _NAMED_TOKENS if (v := token_content(config.get(k))) is not None}
     try:
         template = ChatTemplate(source, specials)

@@ -151,12 +151,12 @@ def _added(content: str, special: bool = True) -> dict[str, Any]:
 
 
 def pad_ranks(ranks: Mapping[bytes, int], n: int) -> dict[bytes, int]:
-    """`ranks` extended to `n` entries with filler tokens (single private-use characters), so that specials can
+    """`ranks` extended to `n` entries with filler tokens (pairs of private-use characters), so that specials can
     sit at a real checkpoint's ids; the filler is unreachable from ordinary text."""
     out = dict(ranks)
     k = 0
     while len(out) < n:
-        token = chr(0xF0000 + k).encode()
+        token = (chr(0xF0000 + k // 0xFFF0) + chr(0xF0000 + k % 0xFFF0)).encode()
         k += 1
         if token not in out:
             out[token] = len(out)
