@@ -210,3 +210,25 @@ def test_errors_name_what_is_missing(deepseek_dir, ranks, tmp_path):
     _set_config(no_eos, eos_token=None)
     with pytest.raises(ChatFormatError, match="no end-of-turn token"):
         chat_format_for_dir(no_eos, load_tokenizer_dir(no_eos))
+
+
+def test_sft_masks_for_templates(deepseek_dir, ranks):
+    """A Jinja template's masks equal the K2 renderer's on K2's own template, and cover exactly the assistant
+    turns (with their end-of-turn token) of a DeepSeek-V3 dialog."""
+    from openk2.data.chat_format import ChatFormat
+
+    tok = train_tokenizer(_corpus(), 700, show_progress=False)
+    as_template = ChatFormat(tok, ChatTemplate(K2_CHAT_TEMPLATE), [tok.im_end_id], None)
+    messages, tools = CHATS["tools_two_rounds"]
+    assert as_template.render_ids_and_mask(messages, tools) == ChatFormat.k2(tok).render_ids_and_mask(messages, tools)
+
+    ds_tok = load_tokenizer_dir(deepseek_dir)
+    fmt = chat_format_for_dir(deepseek_dir, ds_tok)
+    ids, mask = fmt.render_ids_and_mask(messages, tools)
+    assert ids == fmt.render_ids(messages, tools, add_generation_prompt=False) and len(mask) == len(ids)
+    eos = "<｜end▁of▁sentence｜>"
+    spans = "".join(ds_tok.decode([t]) if m else "\0" for t, m in zip(ids, mask, strict=True)).split("\0")
+    texts = [t for t in spans if t]
+    assert len(texts) == 3 and all(t.endswith(eos) for t in texts)
+    assert texts[0].startswith("Checking both.<｜tool▁calls▁begin｜>") and texts[1] == f"Köln 12°C, Bonn 13°C.{eos}"
+    assert fmt.tool_parser.parse(texts[2].removesuffix(eos), 2).tool_calls[0].name == "search"

@@ -76,6 +76,30 @@ class ChatFormat:
             return render_chat_ids(self.tokenizer, messages, tools, add_generation_prompt=add_generation_prompt)[0]
         return self.template.render_ids(self.tokenizer, messages, tools, add_generation_prompt=add_generation_prompt)
 
+    def render_ids_and_mask(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None
+                            ) -> tuple[list[int], list[int]]:
+        """Ids of a whole dialog and its SFT loss mask: 1 on what each assistant turn adds after its generation
+        prompt (content, tool calls, end-of-turn token), 0 elsewhere, as `render_chat_ids` masks K2 dialogs.
+
+        For a Jinja template the turn's span is found by rendering the dialog up to it (with the generation
+        prompt) and through it; a template that does not render a dialog's beginning as a prefix of the whole
+        (one that drops earlier reasoning, say) cannot be masked this way and raises ValueError.
+        """
+        if self.template is None:
+            return render_chat_ids(self.tokenizer, messages, tools)
+        ids = self.render_ids(messages, tools, add_generation_prompt=False)
+        mask = [0] * len(ids)
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            prompt = self.render_ids(messages[:i], tools, add_generation_prompt=True)
+            through = self.render_ids(messages[: i + 1], tools, add_generation_prompt=False)
+            if ids[: len(prompt)] != prompt or ids[: len(through)] != through or len(through) < len(prompt):
+                raise ValueError(f"message {i}: the chat template does not render this dialog's beginning as a "
+                                 "prefix of the whole, so its assistant turns cannot be masked")
+            mask[len(prompt): len(through)] = [1] * (len(through) - len(prompt))
+        return ids, mask
+
     def marker_ids(self) -> frozenset[int]:
         """Ids of the tool-call tokens (empty without a parser)."""
         if self.tool_parser is None:
