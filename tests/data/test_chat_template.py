@@ -195,6 +195,8 @@ def test_template_file_parser_choice_and_stops(deepseek_dir, tmp_path, ranks):
     assert fmt.source == "chat_template.jinja" and fmt.tool_parser.name == "deepseek_v3"
     assert fmt.stop_ids == {tok.eos_id, 7}
     assert chat_format_for_dir(d, load_tokenizer_dir(d)).tool_parser is None  # no family, no tool tokens
+    # A fine-tune that keeps model_type kimi_k2 but lacks K2's tool tokens loads without a tool format.
+    assert chat_format_for_dir(d, load_tokenizer_dir(d), model_type="kimi_k2").tool_parser is None
 
 
 def test_errors_name_what_is_missing(deepseek_dir, ranks, tmp_path):

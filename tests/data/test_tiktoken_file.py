@@ -4,6 +4,7 @@ tiktoken does with K2's pattern, specials at K2's ids."""
 from __future__ import annotations
 
 import json
+import pickle
 import random
 
 import pytest
@@ -100,6 +101,8 @@ def test_pad_token_is_optional(ranks, tmp_path):
     (d / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config))
     tok = load_tokenizer_dir(d)
     assert tok.pad_token is None and tok.pad_id == tok.eos_id  # padding is masked: any valid id serves
+    copy = pickle.loads(pickle.dumps(tok))  # DataLoader workers get the same token names and plain-text encoding
+    assert (copy.bos_token, copy.pad_token, copy.encode("<|im_end|>")) == ("[BOS]", None, tok.encode("<|im_end|>"))
 
 
 def test_bad_directories_say_what_is_wrong(ranks, tmp_path):

@@ -13,8 +13,8 @@
   (`<|im_end|>`, `<|eot_id|>`, ...) that the template writes. At least one is required.
 - tool calls: `tool_call_parser` if given, else the format whose section opener the template writes
   (`<|tool_calls_section_begin|>`: kimi_k2, `<｜tool▁calls▁begin｜>`: deepseek_v3), else the one named by the
-  config's model_type (kimi_k2; deepseek_v3), else none (requests with tools are then refused). The parser's
-  tokens must all be single tokens of the vocabulary.
+  config's model_type (kimi_k2; deepseek_v3) if the vocabulary has its tokens, else none (requests with tools
+  are then refused). A parser chosen by name or by the template must have all its tokens in the vocabulary.
 """
 
 from __future__ import annotations
@@ -152,21 +152,25 @@ def _stop_ids(tokenizer: Tokenizer, template_text: str, directory: Path) -> list
     return sorted(set(stops))
 
 
-def _choose_parser(name: str | None, template_text: str, model_type: str | None) -> ToolCallParser | None:
+def _choose_parser(tokenizer: Tokenizer, name: str | None, template_text: str, model_type: str | None
+                   ) -> ToolCallParser | None:
     if name is not None:
         return get_tool_parser(name)
     for parser in TOOL_PARSERS.values():
         if parser.markers[0] in template_text:
             return parser
-    if model_type in PARSER_BY_MODEL_TYPE:
-        return TOOL_PARSERS[PARSER_BY_MODEL_TYPE[model_type]]
+    family = TOOL_PARSERS.get(PARSER_BY_MODEL_TYPE.get(model_type or "", ""))
+    # A fine-tune may keep the family's model_type but not its tool tokens (a ChatML template, say): then it
+    # simply has no tool-call format, rather than failing to load.
+    if family is not None and all(tokenizer.backend.token_to_id(m) is not None for m in family.markers):
+        return family
     return None
 
 
 def _checked_parser(tokenizer: Tokenizer, name: str | None, template_text: str, model_type: str | None
                     ) -> ToolCallParser | None:
     try:
-        parser = _choose_parser(name, template_text, model_type)
+        parser = _choose_parser(tokenizer, name, template_text, model_type)
     except ValueError as e:
         raise ChatFormatError(str(e)) from None
     if parser is not None:
