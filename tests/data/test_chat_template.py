@@ -199,6 +199,28 @@ def test_template_file_parser_choice_and_stops(deepseek_dir, tmp_path, ranks):
     assert chat_format_for_dir(d, load_tokenizer_dir(d), model_type="kimi_k2").tool_parser is None
 
 
+MOONLIGHT_STYLE_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and messages[0]['role'] != 'system' -%}"
+    "<|im_system|>system<|im_middle|>You are a helpful assistant<|im_end|>{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}<|im_user|>user<|im_middle|>"
+    "{%- elif message['role'] == 'assistant' -%}<|im_assistant|>assistant<|im_middle|>"
+    "{%- else -%}<|im_system|>system<|im_middle|>{%- endif -%}{{ message['content'] }}<|im_end|>"
+    "{%- endfor -%}{%- if add_generation_prompt -%}<|im_assistant|>assistant<|im_middle|>{%- endif -%}")
+
+
+def test_moonlight_style_directory(ranks, tmp_path):
+    """Moonlight ships K2's tiktoken layout with model_type deepseek_v3 and a template without tool calls: it
+    loads with no tool format (DeepSeek's tokens are absent) unless --tool-call-parser names one."""
+    d = write_kimi_tokenizer(tmp_path, ranks, chat_template=MOONLIGHT_STYLE_TEMPLATE)
+    tok = load_tokenizer_dir(d)
+    fmt = chat_format_for_dir(d, tok, model_type="deepseek_v3")
+    assert fmt.tool_parser is None and fmt.stop_ids == {tok.eos_id, tok.im_end_id}
+    assert tok.decode(fmt.render_ids([{"role": "user", "content": "hi"}])).endswith(
+        "<|im_user|>user<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|>")
+    assert chat_format_for_dir(d, tok, "kimi_k2", model_type="deepseek_v3").tool_parser.name == "kimi_k2"
+
+
 def test_errors_name_what_is_missing(deepseek_dir, ranks, tmp_path):
     tok = load_tokenizer_dir(deepseek_dir)
     with pytest.raises(ChatFormatError, match="unknown tool-call parser 'hermes'; valid: deepseek_v3, kimi_k2"):
