@@ -127,6 +127,16 @@ def test_kimi_tiktoken_directory_through_the_server(kimi_dir):
         assert forced.choices[0].message.tool_calls or forced.choices[0].model_extra.get("tool_call_error")
 
 
+def test_export_hf_keeps_the_checkpoints_own_tokenizer_files(kimi_dir, tmp_path):
+    r = CliRunner().invoke(app, ["export-hf", str(kimi_dir), str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    for name in ("tiktoken.model", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (kimi_dir / name).read_bytes()
+    _, original = load_tokenizer_and_format(kimi_dir)
+    _, exported = load_tokenizer_and_format(tmp_path / "out")
+    assert exported.render_ids(TOOL_DIALOG, [WEATHER_TOOL]) == original.render_ids(TOOL_DIALOG, [WEATHER_TOOL])
+
+
 def test_chat_command_and_local_backend_on_a_deepseek_v3_directory(deepseek_dir):
     r = CliRunner().invoke(app, ["chat", str(deepseek_dir), "--system", SYSTEM, "--temperature", "0",
                                  "--max-tokens", "8", "--threads", "1", "--device", "cpu"], input="Hello\n/exit\n")

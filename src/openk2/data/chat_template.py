@@ -111,6 +111,7 @@ class ChatTemplate:
             raise ChatTemplateError(f"chat template does not compile: {e}") from None
         self.source = source
         self.special_tokens = dict(special_tokens or {})
+        self._control: tuple[Tokenizer, re.Pattern[str]] | None = None  # per tokenizer, built on first use
 
     def _inputs(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
                 ) -> tuple[list[dict[str, Any]], list[Any] | None]:
@@ -144,12 +145,17 @@ class ChatTemplate:
                 out.append(token.content)
         return out
 
+    def _control_pattern(self, tokenizer: Tokenizer) -> re.Pattern[str]:
+        if self._control is None or self._control[0] is not tokenizer:
+            tokens = sorted(self.control_tokens(tokenizer), key=len, reverse=True)  # longest first, as transformers
+            self._control = (tokenizer, re.compile("|".join(map(re.escape, tokens)) or "(?!)"))
+        return self._control[1]
+
     def render_ids(self, tokenizer: Tokenizer, messages: Sequence[Mapping[str, Any]],
                    tools: Sequence[Mapping[str, Any]] | None = None, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the chat; see the module docstring for how control tokens in user strings are handled."""
         msgs, tool_list = self._inputs(messages, tools)
-        tokens = sorted(self.control_tokens(tokenizer), key=len, reverse=True)  # longest first, like transformers
-        pattern = re.compile("|".join(map(re.escape, tokens)) or "(?!)")
+        pattern = self._control_pattern(tokenizer)
         # The named special tokens are the template's own (bos_token is meant to become BOS): not marked.
         text = self._render(_mark(msgs, pattern), _mark(tool_list, pattern), add_generation_prompt, self.special_tokens)
         return _encode_marked(tokenizer, text, pattern)

@@ -12,9 +12,10 @@ Decisions:
   the next document's BOS). `ignore_eos` turns these stops off.
 - Text is decoded with special tokens kept, so tool-call markers survive for parsing.
 - Tool calls use the format's parser (`openk2.data.tool_parsers`, K2's below); a model without one refuses
-  requests that declare tools. `tool_choice`: "auto" renders the tools and parses calls; "none" still renders
-  them (the model sees the same context) but bans the tool-call marker tokens while sampling, so it cannot call;
-  "required" forces the section opener `<|tool_calls_section_begin|>`; a named function forces
+  requests that declare tools (unless tool_choice is "none"). `tool_choice`: "auto" renders the tools and parses
+  calls; "none" still renders them (the model sees the same context) but bans the tool-call marker tokens while
+  sampling, so it cannot call; "required" forces the section opener `<|tool_calls_section_begin|>`; a named
+  function forces
   `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>` (IDX = the
   number of calls already in the dialog) and stops at `<|tool_call_end|>`, after which the section is closed.
   Forced tokens count as prompt tokens.
@@ -278,7 +279,7 @@ class OpenAIService:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         tools = P.check_tools(req.tools)
         choice = P.check_tool_choice(req.tool_choice, tools)
-        if tools and self.parser is None:
+        if tools and self.parser is None and choice != "none":  # "none" only shows the tools: nothing to parse
             raise APIError(400, "this model has no tool-call format; start the server with --tool-call-parser",
                            param="tools")
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
