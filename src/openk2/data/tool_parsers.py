@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from abc import ABC, abstractmethod
 
 from openk2.data.tokenizer import (
     TOOL_CALL_ARGUMENT_BEGIN,
@@ -32,21 +33,21 @@ from openk2.data.tokenizer import (
 from openk2.data.toolcall import ParsedOutput, ToolCall, format_tool_call_id, parse_assistant_output
 
 
-class ToolCallParser:
+class ToolCallParser(ABC):
     name: str
     markers: tuple[str, ...]
     call_end: str
     named_suffix: str
 
+    @abstractmethod
     def parse(self, text: str, first_index: int = 0) -> ParsedOutput:
         """Content and tool calls of a finished assistant turn (stop token excluded); `first_index` is the number
         of tool calls earlier in the dialog, for formats whose calls carry no id."""
-        raise NotImplementedError
 
+    @abstractmethod
     def forced_prefix(self, function: str | None, call_index: int) -> list[tuple[str, bool]]:
         """(text, is_special_token) pieces that make the model call a tool: any tool if `function` is None, else
         that function, whose arguments the model then writes."""
-        raise NotImplementedError
 
 
 class KimiK2ToolParser(ToolCallParser):
