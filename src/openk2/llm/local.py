@@ -26,12 +26,14 @@ class LocalBackend(Backend):
 
     @classmethod
     def from_model_dir(cls, path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",
-                       name: str | None = None, max_batch: int = 16, max_len: int | None = None) -> LocalBackend:
-        """Load a model directory (weights + tokenizer) and start its engine; `aclose()` stops it."""
-        from openk2.serve.model_dir import load_model_dir
+                       name: str | None = None, max_batch: int = 16, max_len: int | None = None,
+                       tool_call_parser: str | None = None) -> LocalBackend:
+        """Load a model directory (`openk2.model_dir.load_model_dir`: weights, tokenizer, chat format) and start
+        its engine; `aclose()` stops it."""
+        from openk2.model_dir import load_model_dir
         from openk2.serve.server import build_service
 
-        bundle = load_model_dir(path, device=device, dtype=dtype, name=name)
+        bundle = load_model_dir(path, device=device, dtype=dtype, name=name, tool_call_parser=tool_call_parser)
         return cls(build_service(bundle, max_batch=max_batch, max_len=max_len), owns_engine=True)
 
     @property

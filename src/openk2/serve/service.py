@@ -5,22 +5,25 @@ still get a proper 4xx); `stream_*` yields the response chunks; `run_*` is the n
 by concatenating the very same chunks, so the two can never disagree.
 
 Decisions:
-- Chat prompts are `render_chat_ids(messages, tools, add_generation_prompt=True)`; tool-call ids in the history
-  are first renamed `functions.NAME:IDX` (`renumber_tool_call_ids`), as K2 was trained on. Generation stops at
-  `<|im_end|>` or `[EOS]`; completions stop at `[EOS]` or `[BOS]` (a pretraining document ends where the model
-  predicts the next document's `[BOS]`). `ignore_eos` turns these stops off.
+- Chat prompts come from the model's `ChatFormat` (`openk2.data.chat_format`: openk2's K2 renderer, or the
+  checkpoint's own Jinja template); tool-call ids in the history are first renamed `functions.NAME:IDX`
+  (`renumber_tool_call_ids`), as K2 was trained on. Generation stops at the format's end-of-turn tokens (K2:
+  `<|im_end|>` or `[EOS]`); completions stop at EOS or BOS (a pretraining document ends where the model predicts
+  the next document's BOS). `ignore_eos` turns these stops off.
 - Special tokens are left out of the returned text unless `skip_special_tokens` is false (as in vLLM); the
   tool-call markers are kept while tools are active, since the tool-call section is parsed from them.
 - Every sequence of a request is checked against the engine's limits in `prepare_*`, before a response
   starts: one that can never be served (too long, more sequences than the server ever queues) is a 400
   naming the limit; a 503 with `Retry-After` means only that the queue is full right now.
-- `tool_choice`: "auto" renders the tools and parses calls; "none" still renders them (the model sees the same
-  context) but bans the five tool-call marker tokens while sampling, so it cannot call; "required" forces the
-  `<|tool_calls_section_begin|>` prefix; a named function forces
+- Tool calls use the format's parser (`openk2.data.tool_parsers`, K2's below); a model without one refuses
+  requests that declare tools (unless tool_choice is "none"). `tool_choice`: "auto" renders the tools and parses
+  calls; "none" still renders them (the model sees the same context) but bans the tool-call marker tokens while
+  sampling, so it cannot call; "required" forces the section opener `<|tool_calls_section_begin|>`; a named
+  function forces
   `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>` (IDX = the
   number of calls already in the dialog) and stops at `<|tool_call_end|>`, after which the section is closed.
   Forced tokens count as prompt tokens.
-- A tool-call section is parsed with `parse_assistant_output` once generation ends. If it is malformed
+- A tool-call section is parsed by the parser once generation ends. If it is malformed
   (invalid JSON arguments, bad ids, truncation, an undeclared tool name) the whole raw text, forced prefix
   included, is returned as `content` with the engine's finish reason, plus a `tool_call_error` field on the
   choice saying why; never a 5xx. There is no constrained decoding, so a forced call can still be malformed.
@@ -44,19 +47,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from openk2.data.chat import render_chat_ids
-from openk2.data.tokenizer import (
-    BOS,
-    EOS,
-    IM_END,
-    TOOL_CALL_ARGUMENT_BEGIN,
-    TOOL_CALL_BEGIN,
-    TOOL_CALL_END,
-    TOOL_CALLS_SECTION_BEGIN,
-    TOOL_CALLS_SECTION_END,
-    Tokenizer,
-)
-from openk2.data.toolcall import format_tool_call_id, parse_assistant_output, renumber_tool_call_ids
+from openk2.data.chat_format import ChatFormat
+from openk2.data.tokenizer import Tokenizer
+from openk2.data.toolcall import renumber_tool_call_ids
 from openk2.serve import protocol as P
 from openk2.serve.engine import (
     Engine,
@@ -68,8 +61,6 @@ from openk2.serve.engine import (
     TokenLogprob,
 )
 from openk2.serve.protocol import APIError
-
-_MARKERS = (TOOL_CALLS_SECTION_BEGIN, TOOL_CALLS_SECTION_END, TOOL_CALL_BEGIN, TOOL_CALL_ARGUMENT_BEGIN, TOOL_CALL_END)
 
 
 class IncrementalDetokenizer:
@@ -199,6 +190,7 @@ class _Job:
     prefix_text: str = ""
     forced_named: bool = False
     skip_ids: frozenset[int] = frozenset()  # special tokens not to put in the text
+    calls_before: int = 0  # tool calls earlier in the dialog (ids of formats whose calls carry none)
     # completions
     echo: bool = False
     echo_texts: list[str] = field(default_factory=list)
@@ -218,15 +210,17 @@ class _Job:
 class OpenAIService:
     """Chat and completions over one model; owns the engine's lifetime (`start`/`stop`)."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str) -> None:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str,
+                 chat_format: ChatFormat | None = None) -> None:
         self.engine, self.tok, self.model_name = engine, tokenizer, model_name
+        self.chat = chat_format if chat_format is not None else ChatFormat.k2(tokenizer)
+        self.parser = self.chat.tool_parser
         self.created = int(time.time())
-        sp = tokenizer.special_ids
-        self.marker_ids = frozenset(sp[m] for m in _MARKERS)
-        self.tool_call_end_id = sp[TOOL_CALL_END]
-        self.chat_stop_ids = frozenset({sp[IM_END], sp[EOS]})
-        self.completion_stop_ids = frozenset({sp[EOS], sp[BOS]})
-        self.special_ids = frozenset(sp.values())
+        self.marker_ids = self.chat.marker_ids()
+        self.tool_call_end_id = tokenizer.token_id(self.parser.call_end) if self.parser else None
+        self.chat_stop_ids = self.chat.stop_ids
+        self.completion_stop_ids = self.chat.completion_stop_ids
+        self.special_ids = frozenset(tokenizer.special_ids.values())
         self._token_text: dict[int, str] = {}
         self._bytes: dict[int, bytes] | None = None
 
@@ -312,27 +306,29 @@ class OpenAIService:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         tools = P.check_tools(req.tools)
         choice = P.check_tool_choice(req.tool_choice, tools)
+        if tools and self.parser is None and choice != "none":  # "none" only shows the tools: nothing to parse
+            raise APIError(400, "this model has no tool-call format; start the server with --tool-call-parser",
+                           param="tools")
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
         try:
             messages = renumber_tool_call_ids(messages)
-            prompt, _ = render_chat_ids(self.tok, messages, tools or None, add_generation_prompt=True)
+            prompt = self.chat.render_ids(messages, tools or None, add_generation_prompt=True)
         except (ValueError, TypeError, KeyError) as e:
             raise APIError(400, f"invalid messages: {e}", param="messages") from None
         except RecursionError:
             raise APIError(400, "invalid messages: nested too deeply", param="messages") from None
+        n_calls = sum(len(m.get("tool_calls") or []) for m in messages)
         prefix: list[tuple[str, bool]] = []
-        if choice == "required":
-            prefix = [(TOOL_CALLS_SECTION_BEGIN, True)]
-        elif isinstance(choice, tuple):
-            n_calls = sum(len(m.get("tool_calls") or []) for m in messages)
-            prefix = [(TOOL_CALLS_SECTION_BEGIN, True), (TOOL_CALL_BEGIN, True),
-                      (format_tool_call_id(choice[1], n_calls), False), (TOOL_CALL_ARGUMENT_BEGIN, True)]
+        if self.parser is not None and choice == "required":
+            prefix = self.parser.forced_prefix(None, n_calls)
+        elif self.parser is not None and isinstance(choice, tuple):
+            prefix = self.parser.forced_prefix(choice[1], n_calls)
         for text, special in prefix:
             prompt += [self.tok.token_id(text)] if special else self.tok.encode(text)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self._max_tokens(len(prompt), max_tokens, allow_zero=False, prompt_param="messages")
         stop_ids = set() if req.ignore_eos else set(self.chat_stop_ids)
-        if isinstance(choice, tuple):
+        if isinstance(choice, tuple) and self.tool_call_end_id is not None:
             stop_ids.add(self.tool_call_end_id)
         banned = tuple(sorted(self.marker_ids)) if choice == "none" and tools else ()
         params = [SamplingParams(max_tokens=max_tokens, temperature=req.resolved_temperature,
@@ -347,7 +343,8 @@ class OpenAIService:
                     n=req.resolved_n, logprobs=bool(req.logprobs), skip_ids=self._skip_ids(req, tools_active),
                     tools_active=tools_active,
                     tool_names=frozenset(t["function"]["name"] for t in tools),
-                    prefix_text="".join(text for text, _ in prefix), forced_named=isinstance(choice, tuple)),
+                    prefix_text="".join(text for text, _ in prefix), forced_named=isinstance(choice, tuple),
+                    calls_before=n_calls),
             prompt_param="messages")
 
     def _skip_ids(self, req: P._Sampling, tools_active: bool) -> frozenset[int]:
@@ -471,11 +468,11 @@ class OpenAIService:
         reason = "stop" if tr.stopped or (finish is not None and finish.reason == "stop") else "length"
         final: dict[str, Any] = {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
         parsed_calls, error = None, None
-        if job.tools_active and tr.section_at is not None and not tr.stopped:
+        if job.tools_active and self.parser is not None and tr.section_at is not None and not tr.stopped:
             text = job.prefix_text + tr.text
             if job.forced_named and finish is not None and finish.stop_token_id == self.tool_call_end_id:
-                text += TOOL_CALL_END + TOOL_CALLS_SECTION_END
-            parsed = parse_assistant_output(text)
+                text += self.parser.named_suffix
+            parsed = self.parser.parse(text, job.calls_before)
             error = parsed.error
             if error is None and not parsed.tool_calls:
                 error = "no tool call in the tool-calls section"
@@ -562,9 +559,12 @@ class OpenAIService:
             raw = [raw]
         if not raw:
             raise APIError(400, "the prompt is empty", param="prompt")
+        has_bos = self.tok.bos_token is not None
+        if req.add_bos and not has_bos:
+            raise APIError(400, "this model's tokenizer has no BOS token", param="add_bos")
         prompts, echo_texts, bos_added = [], [], []
         for j, p in enumerate(raw):
-            add_bos = req.add_bos if req.add_bos is not None else isinstance(p, str)
+            add_bos = req.add_bos if req.add_bos is not None else (isinstance(p, str) and has_bos)
             if isinstance(p, str):
                 try:
                     ids, echo = self.tok.encode(p), p
