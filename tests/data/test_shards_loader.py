@@ -299,6 +299,20 @@ def test_deterministic_given_seed(synthetic_dir: str) -> None:
     assert not np.array_equal(take(1), take(2))
 
 
+def test_a_rank_share_of_the_global_batch_is_a_slice_of_it(synthetic_dir: str) -> None:
+    """Data-parallel ranks read one global stream and copy only their rows (openk2.train.batch_plan)."""
+    whole = PackedLoader(synthetic_dir, batch_size=6, seq_len=31, buffer_size=8, seed=5)
+    shares = [PackedLoader(synthetic_dir, batch_size=6, seq_len=31, buffer_size=8, seed=5) for _ in range(3)]
+    for _ in range(4):
+        x, y = next(whole)
+        for r, loader in enumerate(shares):
+            xr, yr = loader.next_batch(slice(2 * r, 2 * r + 2))
+            assert torch.equal(xr, x[2 * r:2 * r + 2]) and torch.equal(yr, y[2 * r:2 * r + 2])
+    assert all(s.state_dict() == whole.state_dict() for s in shares)  # one stream: one resumable state
+    with pytest.raises(ValueError, match="contiguous"):
+        whole.next_batch(slice(0, 6, 2))
+
+
 def test_ranks_read_disjoint_documents(synthetic_dir: str) -> None:
     docs = []
     for rank in range(2):

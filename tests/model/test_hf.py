@@ -111,6 +111,10 @@ def _random_hf_model(config):
 
 HF_CONFIGS = {
     "default": {},
+    # No layer routes (first_k_dense_replace = num_hidden_layers), so the MoE settings are inert: transformers'
+    # default n_group=8 and topk_group=4 with only 4 routed experts and top-8 must still load.
+    "all_dense_default_groups": dict(first_k_dense_replace=3, n_routed_experts=4, n_group=8, topk_group=4,
+                                     num_experts_per_tok=8),
     "no_q_lora_tied": dict(q_lora_rank=None, tie_word_embeddings=True),
     "yarn_rope_parameters": dict(  # transformers 5 writes `rope_parameters`, not `rope_scaling`
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,

@@ -69,14 +69,14 @@ def test_config_section_validates_static_checks():
         load_config(None, ["parallel.ep=3", "parallel.dp_shard=2"])
 
 
-def test_distributed_trainer_rejects_a_bad_layout_before_any_work(tmp_path, monkeypatch):
-    from openk2.parallel.trainer import DistributedTrainer
+def test_trainer_rejects_a_bad_layout_before_any_work(tmp_path, monkeypatch):
+    from openk2.train.trainer import Trainer
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = load_config(None, ["model.preset='tiny'", "parallel.ep=3", f"run.dir='{tmp_path / 'run'}'"])
     with pytest.raises(TrainConfigError, match=r"ep=3 must divide parallel.dp_shard=2"):
-        DistributedTrainer(cfg)
+        Trainer(cfg)
     cfg = load_config(None, ["model.preset='tiny'", "parallel.pp=2", f"run.dir='{tmp_path / 'run'}'"])
     with pytest.raises(TrainConfigError, match=r"do not divide the model's 3 layers"):
-        DistributedTrainer(cfg)
+        Trainer(cfg)
     assert not (tmp_path / "run").exists()  # failed before touching the run directory or the data

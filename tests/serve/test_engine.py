@@ -194,3 +194,51 @@ def test_submit_validates(model):
         SamplingParams(max_tokens=1, top_p=0.0)
     with pytest.raises(RuntimeError, match="not running"):
         Engine(model, max_batch=1, max_len=16).submit([1], SamplingParams(max_tokens=1))
+
+
+def test_extreme_sampling_settings_are_safe_and_isolated(model):
+    # temperature 1e-300 and top_p 1e-46 once made the probabilities NaN and failed the whole batch.
+    prompts = _prompts([5, 7, 6], 3)
+    greedy_ref = [model.generate([p], 8)[0, len(p):].tolist() for p in prompts]
+    with Engine(model, max_batch=4, max_len=64) as engine:
+        gens = [engine.submit(prompts[0], SamplingParams(max_tokens=8, temperature=1e-300, seed=1)),
+                engine.submit(prompts[1], SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-46, seed=1)),
+                engine.submit(prompts[2], SamplingParams(max_tokens=8))]
+        outs = [g.result() for g in gens]
+        huge_seed = engine.submit(prompts[0], SamplingParams(max_tokens=2, temperature=1.0, seed=10**23)).result()
+    assert all(f.reason == "length" for _, f in outs) and huge_seed[1].reason == "length"
+    # Tiny temperature is greedy; a tiny top_p keeps only the most likely token, which is greedy too.
+    assert [ids for ids, _ in outs] == greedy_ref
+
+
+def test_a_failure_in_one_sequence_leaves_the_others_unchanged(model, monkeypatch):
+    from openk2.serve import engine as engine_mod
+
+    prompts = _prompts([5, 9, 3, 6], 4)
+    sampled = SamplingParams(max_tokens=10, temperature=1.0, seed=5)
+    with Engine(model, max_batch=4, max_len=64) as engine:
+        alone = [engine.submit(p, sampled).result()[0] for p in prompts[:3]]
+        real_sample, real_forward = engine_mod.sample_token, type(model).forward
+        bad_token = prompts[3][-1]
+
+        def flaky_sample(logits_V, temperature, top_p, generator):
+            if temperature == 0.5:  # the hostile request's marker
+                raise RuntimeError("poisoned sampling")
+            return real_sample(logits_V, temperature, top_p, generator)
+
+        def flaky_forward(self, ids_BT, *a, **kw):
+            if (ids_BT == 7).any() and ids_BT.shape[1] == 1:  # decode of the row whose last token is 7
+                raise RuntimeError("poisoned forward")
+            return real_forward(self, ids_BT, *a, **kw)
+
+        monkeypatch.setattr(engine_mod, "sample_token", flaky_sample)
+        monkeypatch.setattr(type(model), "forward", flaky_forward)
+        gens = [engine.submit(p, sampled) for p in prompts[:3]]
+        hostile = engine.submit(prompts[3], SamplingParams(max_tokens=10, temperature=0.5))
+        forced = engine.submit([bad_token, 7], SamplingParams(max_tokens=5, logit_bias=((7, 100.0),)))
+        outs = [g.result() for g in gens]
+        h_ids, h_fin = hostile.result()
+        f_ids, f_fin = forced.result()
+    assert [ids for ids, _ in outs] == alone and all(f.reason == "length" for _, f in outs)
+    assert h_fin.reason == "error" and "poisoned sampling" in h_fin.error and h_ids == []
+    assert f_fin.reason == "error" and "poisoned forward" in f_fin.error and f_ids == [7]

@@ -10,7 +10,9 @@ def test_recipes_parse():
     assert nano == TrainConfig(), "recipes/nano.toml documents the built-in defaults; keep them equal"
     t = k2.train
     assert (t.lr, t.warmup_steps, t.weight_decay, t.seq_len, t.qk_clip_tau) == (2e-4, 500, 0.1, 4096, 100.0)
-    assert t.batch_size * t.grad_accum * t.seq_len == 67_108_864  # 67M tokens per step on one rank
+    assert t.batch_size * t.seq_len == 67_108_864  # 67M tokens per step: the global batch, on any layout
+    pp16 = load_config("recipes/kimi-k2-pp16-ep16.toml").train
+    assert pp16.batch_size == t.batch_size and pp16.micro_batch_size == 32
 
 
 def test_overrides_are_typed_and_dotted():

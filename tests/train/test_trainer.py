@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from openk2.train.checkpoint import checkpoint_dirs, latest_checkpoint, load_checkpoint
+from openk2.parallel.dist_checkpoint import read_extra
+from openk2.train.checkpoint import checkpoint_dirs, latest_checkpoint, load_model_from_run
 from openk2.train.config import TrainConfigError, load_config
 from openk2.train.metrics import read_metrics
 from openk2.train.trainer import Trainer
@@ -78,18 +79,21 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     t.train_step()
-    monkeypatch.setattr(torch, "save", full_disk)
+    import torch.distributed.checkpoint.filesystem as fs
+
+    monkeypatch.setattr(fs.FileSystemWriter, "write_data", full_disk)
     with pytest.raises(OSError, match="No space"):
         t.save()
     assert latest_checkpoint(tmp_path / "a") == good
-    assert load_checkpoint(good)["step"] == 2
+    assert read_extra(good)["step"] == 2
     assert not list((tmp_path / "a" / "checkpoints").glob(".tmp*"))
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
     big = Trainer(_cfg(tmp_path, "big", "train.batch_size=4", "train.optimizer='adamw'", "train.grad_clip=0.0"))
-    acc = Trainer(_cfg(tmp_path, "acc", "train.batch_size=2", "train.grad_accum=2", "train.optimizer='adamw'",
+    acc = Trainer(_cfg(tmp_path, "acc", "train.batch_size=4", "train.micro_batch_size=2", "train.optimizer='adamw'",
                        "train.grad_clip=0.0"))
+    assert acc.plan.grad_accum == 2 and big.plan.grad_accum == 1
     grads = {}
     for name, t in (("big", big), ("acc", acc)):  # capture the gradients the optimizer sees
         t.optimizer.step = lambda name=name, t=t: grads.__setitem__(
@@ -107,7 +111,7 @@ def test_start_from_checkpoint_with_new_schedule_and_yarn(tmp_path):
     t = Trainer(_cfg(tmp_path, "long", "train.seq_len=128", "train.lr=0.001", "train.max_steps=2",
                      f"init.from_checkpoint='{tmp_path / 'base'}'",
                      f"init.rope_scaling={yarn}"))
-    base = load_checkpoint(latest_checkpoint(tmp_path / "base"))["model"]
+    base = load_model_from_run(tmp_path / "base").state_dict()
     assert torch.equal(t.model.state_dict()["lm_head.weight"], base["lm_head.weight"])
     assert t.model.config.rope_scaling["factor"] == 2.0
     assert t.step == 0
@@ -126,7 +130,7 @@ def test_run_directory_exports_to_hf_with_its_tokenizer(tmp_path):
     result = CliRunner().invoke(app, ["export-hf", str(tmp_path / "a"), str(tmp_path / "hf")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
-    state = load_checkpoint(latest_checkpoint(tmp_path / "a"))["model"]
+    state = load_model_from_run(tmp_path / "a").state_dict()
     assert torch.equal(load_hf(tmp_path / "hf").state_dict()["lm_head.weight"], state["lm_head.weight"])
     bundle = load_model_dir(tmp_path / "a")  # serving reads run directories directly too
     assert bundle.tokenizer.vocab_size == bundle.model.config.vocab_size == 700

@@ -36,11 +36,15 @@ def resolve_model_source(path: str | Path) -> K2Model:
 
 def tokenizer_dir_of(path: str | Path) -> Path | None:
     """Where the tokenizer of a model source lives: the HF directory itself or `<run>/tokenizer`."""
-    path = Path(path)
-    for candidate in (path, path / "tokenizer"):
-        if (candidate / "tokenizer.json").is_file():
-            return candidate
-    return None
+    from openk2.model_dir import tokenizer_dir_of as find
+
+    return find(path)
+
+
+# What a checkpoint's tokenizer and chat format consist of; export-hf copies them as they are, so a third-party
+# template or tiktoken.model survives the export.
+TOKENIZER_FILES = ("tokenizer.json", "tiktoken.model", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json", "generation_config.json")
 
 
 def _summary(model: K2Model) -> str:
@@ -77,9 +81,11 @@ def export_hf(
         fail(str(e))
     tok_dir = tokenizer_dir_of(src)
     if tok_dir is not None and tok_dir.resolve() != Path(out).resolve():
-        from openk2.data.tokenizer import Tokenizer
+        import shutil
 
-        Tokenizer.load(tok_dir).save(out)  # serving and chat read the tokenizer next to the weights
+        for file in TOKENIZER_FILES:  # serving and chat read the tokenizer next to the weights
+            if (tok_dir / file).is_file():
+                shutil.copy2(tok_dir / file, Path(out) / file)
     console.print(f"exported {_summary(model)}" + (" with its tokenizer" if tok_dir else ""))
     console.print(f"to {out}" + (f" as {dtype}" if dtype else ""))
 

@@ -13,23 +13,27 @@ import typer
 from openk2.cli.app import app, console, fail
 
 if TYPE_CHECKING:
-    from openk2.serve.model_dir import ModelBundle
+    from openk2.model_dir import LoadedModel
     from openk2.serve.service import OpenAIService
 
-_SOURCE_HELP = "Model source: a directory with a HF checkpoint (save_hf) and its tokenizer (Tokenizer.save)."
+_SOURCE_HELP = ("Model source: a HF DeepseekV3 checkpoint directory with its tokenizer (tokenizer.json, or "
+                "tiktoken.model + tokenizer_config.json) and chat template, or an openk2 training run directory.")
+_PARSER_HELP = ("Tool-call format: kimi_k2 or deepseek_v3 (default: the one the chat template writes, else the "
+                "model family's).")
 
 
-def _load(source: Path, device: str, dtype: str, threads: int | None, name: str | None = None) -> ModelBundle:
+def _load(source: Path, device: str, dtype: str, threads: int | None, name: str | None = None,
+          tool_call_parser: str | None = None) -> LoadedModel:
     import torch
 
-    from openk2.serve.model_dir import ModelSourceError, load_model_dir
+    from openk2.model_dir import ModelSourceError, load_model_dir
 
     if threads is not None:
         if threads < 1:
             fail(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     try:
-        return load_model_dir(source, device=device, dtype=dtype, name=name)
+        return load_model_dir(source, device=device, dtype=dtype, name=name, tool_call_parser=tool_call_parser)
     except (ModelSourceError, OSError) as e:
         fail(str(e))
 
@@ -47,6 +51,7 @@ def serve(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on CUDA), float32 or bfloat16."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+    tool_call_parser: str = typer.Option(None, "--tool-call-parser", help=_PARSER_HELP),
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     from openk2.serve.server import build_service, is_loopback
@@ -54,20 +59,20 @@ def serve(
 
     if not is_loopback(host) and api_key is None:
         console.print(f"[yellow]warning:[/yellow] binding {host} without --api-key exposes the model to the network")
-    bundle = _load(source, device, dtype, threads, model_name)
+    bundle = _load(source, device, dtype, threads, model_name, tool_call_parser)
     try:
         service = build_service(bundle, max_batch=max_batch, max_len=max_len)
     except ValueError as e:
         fail(str(e))
     console.print(f"serving [bold]{bundle.name}[/bold] at http://{host}:{port}/v1 "
-                  f"(max batch {max_batch}, context {service.context_len})")
+                  f"(max batch {max_batch}, context {service.context_len}; {bundle.chat_format.describe()})")
     run_server(service, host=host, port=port, api_key=api_key)
 
 
 @app.command()
 def chat(
     source: Path = typer.Argument(..., help=_SOURCE_HELP),
-    system: str = typer.Option(None, "--system", help="System prompt (default: K2's)."),
+    system: str = typer.Option(None, "--system", help="System prompt (default: the chat template's)."),
     temperature: float = typer.Option(0.6, help="Sampling temperature (K2's recommended 0.6; 0 = greedy)."),
     top_p: float = typer.Option(1.0, "--top-p"),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Most tokens per answer."),
@@ -110,7 +115,6 @@ def _read_message(read: Callable[[str], str]) -> str | None:
 def run_chat_repl(service: OpenAIService, *, system: str | None, temperature: float, top_p: float,
                   max_tokens: int, seed: int | None, read: Callable[[str], str], out: TextIO) -> list[dict[str, Any]]:
     """The chat loop; returns the final dialog (for tests)."""
-    from openk2.data.chat import render_chat_ids
     from openk2.serve.protocol import APIError
 
     def fresh() -> list[dict[str, Any]]:
@@ -136,7 +140,7 @@ def run_chat_repl(service: OpenAIService, *, system: str | None, temperature: fl
             continue
         messages.append({"role": "user", "content": text})
         # Shrink the answer budget as the dialog fills the context, rather than refusing the turn.
-        n_prompt = len(render_chat_ids(service.tok, messages, add_generation_prompt=True)[0])
+        n_prompt = len(service.chat.render_ids(messages, add_generation_prompt=True))
         body = {"model": service.model_name, "messages": messages, "stream": True, "temperature": temperature,
                 "top_p": top_p, "seed": None if seed is None else seed + turn,
                 "max_tokens": max(1, min(max_tokens, service.context_len - n_prompt))}

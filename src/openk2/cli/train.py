@@ -41,7 +41,7 @@ def _dry_run(cfg) -> None:
     c = count_params(mcfg)
     t = cfg.train
     print(f"config OK: {cfg.model.preset} ({c.total / 1e9:.1f}B total, {c.activated / 1e9:.2f}B activated), "
-          f"{t.batch_size * t.grad_accum * t.seq_len:,} tokens per step per data-parallel rank, "
+          f"{t.batch_size * t.seq_len:,} tokens per step (global batch {t.batch_size} x {t.seq_len}), "
           f"{t.max_steps:,} steps, lr {t.lr}, optimizer {t.optimizer}")
 
 

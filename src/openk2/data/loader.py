@@ -184,8 +184,9 @@ class PackedLoader:
 
     # -- packing ------------------------------------------------------------------------------------------
 
-    def _fill_row(self, row: np.ndarray) -> None:
-        pos, cap = 0, len(row)
+    def _fill_row(self, row: np.ndarray | None) -> None:
+        """Pack the next row into `row`; with `row=None` only advance the stream (rows other ranks read)."""
+        pos, cap = 0, self.seq_len + 1
         while pos < cap:
             remaining = cap - pos
             fitting = np.where(self._buf_len <= remaining, self._buf_len, -1)
@@ -196,7 +197,8 @@ class PackedLoader:
             else:
                 take = int(fitting[slot])
             j, doc, length = int(self._buf_src[slot]), int(self._buf_doc[slot]), int(self._buf_len[slot])
-            row[pos : pos + take] = self.data.tokens(self.sources[j], doc)[:take]
+            if row is not None:
+                row[pos : pos + take] = self.data.tokens(self.sources[j], doc)[:take]
             self._stats["documents"] += 1
             self._stats["tokens"] += take
             self._stats["cropped_tokens"] += length - take
@@ -209,9 +211,17 @@ class PackedLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows_BR = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
+        return self.next_batch()
+
+    def next_batch(self, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch of `batch_size` rows, or only its `rows` (a data-parallel rank's share of a global
+        batch): the stream advances by the whole batch either way, but only the kept rows are copied."""
+        keep = range(self.batch_size)[rows] if rows is not None else range(self.batch_size)
+        if keep.step != 1:
+            raise ValueError(f"rows must be a contiguous slice, got {rows}")
+        rows_BR = np.empty((len(keep), self.seq_len + 1), dtype=np.int64)
         for b in range(self.batch_size):
-            self._fill_row(rows_BR[b])
+            self._fill_row(rows_BR[b - keep.start] if b in keep else None)
         return _to_batch(rows_BR, self.device)
 
     def stats(self) -> dict[str, Any]:

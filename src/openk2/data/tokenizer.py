@@ -143,19 +143,29 @@ def train_tokenizer(
 
 
 class Tokenizer:
-    """openk2's tokenizer: a `tokenizers.Tokenizer` plus K2's special tokens and chat-template metadata."""
+    """A `tokenizers.Tokenizer` plus the names of its BOS/EOS/PAD tokens and chat-template metadata.
 
-    def __init__(self, backend: tokenizers.Tokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> None:
-        missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
-        if missing:
-            raise ValueError(f"tokenizer lacks special tokens {missing}")
+    openk2's own tokenizers (`train_tokenizer`) have all of K2's `SPECIAL_TOKENS`; a third-party one (DeepSeek-V3,
+    Kimi K2's `tiktoken.model`, a fine-tune) has its own specials, named in its `tokenizer_config.json`
+    (`openk2.data.tokenizer_files`). Nothing is required up front: `bos_id` and `eos_id` raise when the
+    tokenizer lacks the token, and `pad_id` falls back to another id because padded positions are masked.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH,
+                 bos_token: str | None = BOS, eos_token: str | None = EOS, pad_token: str | None = PAD) -> None:
+        named = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token}
+        unknown = {k: v for k, v in named.items() if v is not None and backend.token_to_id(v) is None}
+        if unknown:
+            raise ValueError(f"tokenizer lacks the tokens its config names: {unknown}")
         self._tok = backend
         # A second copy with special-token matching switched off: `encode_special_tokens` is a property of the
         # whole Rust tokenizer, so flipping it per call would race with concurrent encodes.
         self._plain = tokenizers.Tokenizer.from_str(backend.to_str())
         self._plain.encode_special_tokens = True
         self.model_max_length = model_max_length
-        self._special_ids = {t: backend.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        added = backend.get_added_tokens_decoder()
+        self._special_ids = {t.content: i for i, t in sorted(added.items()) if t.special}
 
     # ---- encoding ------------------------------------------------------------------------------------------
 
@@ -185,26 +195,41 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def _named_id(self, token: str | None, what: str) -> int:
+        if token is None:
+            raise ValueError(f"this tokenizer has no {what} token (its tokenizer_config.json names none)")
+        return self.token_id(token)
+
     @property
     def bos_id(self) -> int:
-        return self._special_ids[BOS]
+        return self._named_id(self.bos_token, "BOS")
 
     @property
     def eos_id(self) -> int:
-        return self._special_ids[EOS]
+        return self._named_id(self.eos_token, "EOS")
 
     @property
     def pad_id(self) -> int:
-        return self._special_ids[PAD]
+        """The PAD token's id, else EOS's, else 0: padded positions are masked out of attention and loss, so
+        any valid id serves and no tokenizer needs a pad token for it."""
+        for token in (self.pad_token, self.eos_token):
+            if token is not None:
+                return self.token_id(token)
+        return 0
 
     @property
     def im_end_id(self) -> int:
-        return self._special_ids[IM_END]
+        """K2's end-of-turn token `<|im_end|>` (KeyError if this tokenizer has none)."""
+        return self.token_id(IM_END)
 
     @property
     def special_ids(self) -> dict[str, int]:
-        """Special token string -> id, in SPECIAL_TOKENS order."""
+        """Special token string -> id, for every special token, in id order (openk2's: SPECIAL_TOKENS order)."""
         return dict(self._special_ids)
+
+    def special_id(self, token: str) -> int | None:
+        """The id of the special token `token`, or None if this tokenizer has no such special token."""
+        return self._special_ids.get(token)
 
     def token_id(self, token: str) -> int:
         """Id of a token given by its string (a special token, or a BPE token in byte-level spelling)."""
@@ -228,7 +253,8 @@ class Tokenizer:
         out = []
         special = set(self._special_ids.values())
         for i in range(self.vocab_size):
-            out.append(0 if i in special else len(self.id_to_token(i)))  # one char per byte in ByteLevel spelling
+            tok = self._tok.id_to_token(i)  # None for an id a third-party vocabulary leaves unused
+            out.append(0 if i in special or tok is None else len(tok))  # one char per byte in ByteLevel spelling
         return out
 
     def mergeable_ranks(self) -> dict[bytes, int]:
@@ -249,9 +275,9 @@ class Tokenizer:
 
         return {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS,
-            "eos_token": EOS,
-            "pad_token": PAD,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
             # Nothing is added implicitly (K2's template has no BOS); data loaders add BOS themselves.
             "add_bos_token": False,
             "add_eos_token": False,
@@ -269,19 +295,22 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
-        d = Path(directory)
-        backend = tokenizers.Tokenizer.from_file(str(d / TOKENIZER_FILE))
-        config_path = d / TOKENIZER_CONFIG_FILE
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
-        return cls(backend, model_max_length=int(config.get("model_max_length", DEFAULT_MODEL_MAX_LENGTH)))
+        """The tokenizer in `directory`: `tokenizer.json`, or Kimi K2's `tiktoken.model`, each with the
+        `tokenizer_config.json` beside it (`openk2.data.tokenizer_files.load_tokenizer_dir`)."""
+        from openk2.data.tokenizer_files import load_tokenizer_dir  # it imports this module
+
+        return load_tokenizer_dir(directory)
 
     # tokenizers' own pickling drops `encode_special_tokens`, so a Tokenizer sent to DataLoader workers would
     # start parsing control tokens out of plain text; rebuild both copies from the JSON instead.
     def __getstate__(self) -> dict:
-        return {"tokenizer_json": self._tok.to_str(), "model_max_length": self.model_max_length}
+        return {"tokenizer_json": self._tok.to_str(), "model_max_length": self.model_max_length,
+                "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(tokenizers.Tokenizer.from_str(state["tokenizer_json"]), state["model_max_length"])
+        self.__init__(tokenizers.Tokenizer.from_str(state["tokenizer_json"]), state["model_max_length"],
+                      bos_token=state.get("bos_token", BOS), eos_token=state.get("eos_token", EOS),
+                      pad_token=state.get("pad_token", PAD))
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, im_end_id={self.im_end_id})"
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"

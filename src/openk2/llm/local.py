@@ -6,12 +6,13 @@ from `LocalBackend` as from `openk2 serve`, and concurrent requests share the en
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from openk2.llm.client import CHAT, COMPLETIONS, Backend, LLMError
-from openk2.serve.protocol import APIError
+from openk2.serve.protocol import APIError, check_json_value
 from openk2.serve.service import OpenAIService
 
 
@@ -25,12 +26,14 @@ class LocalBackend(Backend):
 
     @classmethod
     def from_model_dir(cls, path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",
-                       name: str | None = None, max_batch: int = 16, max_len: int | None = None) -> LocalBackend:
-        """Load a model directory (weights + tokenizer) and start its engine; `aclose()` stops it."""
-        from openk2.serve.model_dir import load_model_dir
+                       name: str | None = None, max_batch: int = 16, max_len: int | None = None,
+                       tool_call_parser: str | None = None) -> LocalBackend:
+        """Load a model directory (`openk2.model_dir.load_model_dir`: weights, tokenizer, chat format) and start
+        its engine; `aclose()` stops it."""
+        from openk2.model_dir import load_model_dir
         from openk2.serve.server import build_service
 
-        bundle = load_model_dir(path, device=device, dtype=dtype, name=name)
+        bundle = load_model_dir(path, device=device, dtype=dtype, name=name, tool_call_parser=tool_call_parser)
         return cls(build_service(bundle, max_batch=max_batch, max_len=max_len), owns_engine=True)
 
     @property
@@ -38,8 +41,14 @@ class LocalBackend(Backend):
         return self.service.model_name
 
     async def request(self, endpoint: str, payload: Mapping[str, Any]) -> dict[str, Any]:
-        body = {**payload, "stream": False}
+        # Through JSON, as over HTTP: the server's types are strict (a tuple is not a JSON array, a numpy int not
+        # an integer), and the same payload must get the same answer here as from `openk2 serve`.
         try:
+            body = json.loads(json.dumps({**payload, "stream": False}, allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise LLMError(f"the request is not JSON-serializable: {e}", 400) from None
+        try:
+            check_json_value(body)
             if endpoint == CHAT:
                 return await self.service.run_chat(self.service.prepare_chat(body))
             if endpoint == COMPLETIONS:

@@ -114,9 +114,13 @@ class ModelConfig:
         need(self.moe_impl in ("auto", "grouped_mm", "padded_bmm"),
              f"moe_impl must be one of auto, grouped_mm, padded_bmm; got {self.moe_impl!r}")
         need(self.moe_layer_freq >= 1, f"moe_layer_freq must be >= 1, got {self.moe_layer_freq}")
-        if self.first_k_dense_replace > 0 or self.n_routed_experts == 0:
+        routes = any(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+        if not all(self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
             need(self.intermediate_size > 0, "intermediate_size must be > 0 for dense layers")
-        if self.n_routed_experts > 0:
+        # The routing settings only matter if some layer routes: an all-dense model (first_k_dense_replace =
+        # num_hidden_layers) keeps whatever its config carries, e.g. transformers' defaults n_group=8 with fewer
+        # experts, and transformers runs it; so does openk2.
+        if routes:
             need(self.moe_intermediate_size > 0, "moe_intermediate_size must be > 0")
             need(1 <= self.num_experts_per_tok <= self.n_routed_experts,
                  f"num_experts_per_tok={self.num_experts_per_tok} must lie in [1, n_routed_experts="

@@ -18,11 +18,13 @@ on one rank, or `openk2 export-hf <run> <dir>` (`load_full_model`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -148,6 +150,16 @@ def optimizer_extra(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return extra
 
 
+@contextlib.contextmanager
+def _quiet_single_process(distributed: bool) -> Iterator[None]:
+    """DCP warns that it "assumes" a single process whenever no process group exists; one process is a layout
+    like any other here, so that warning is noise."""
+    with warnings.catch_warnings():
+        if not distributed:
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled", category=UserWarning)
+        yield
+
+
 def _gather_objects(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
@@ -180,7 +192,18 @@ def save(
         state.update(optimizer_entries(model, optimizer))
         extra = {**extra, "optimizer": optimizer_extra(optimizer)}
     state["extra"] = pickle.dumps(extra)  # one opaque object (DCP would flatten a dict into keys)
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=not distributed)
+    try:
+        with _quiet_single_process(distributed):
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not distributed)
+    except BaseException as e:
+        if rank == 0:  # e.g. a full disk: the previous checkpoint stays the latest, no debris
+            shutil.rmtree(tmp, ignore_errors=True)
+        # DCP wraps each rank's error as (exception, traceback); re-raise the cause, e.g. "OSError: No space left
+        # on device", not the wrapper.
+        failures = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+        if failures and isinstance(failures[0], BaseException):
+            raise failures[0] from e
+        raise
     if distributed:
         dist.barrier()
     if rank == 0:
@@ -193,6 +216,8 @@ def save(
         dirs = sorted(p for p in ckpt_root.iterdir() if _STEP_DIR.match(p.name))
         for old in dirs[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in ckpt_root.glob(".tmp_step_*"):  # leftovers of killed writers
+            shutil.rmtree(stale, ignore_errors=True)
     if distributed:
         dist.barrier()
     return final
@@ -209,7 +234,9 @@ def load(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | No
         init_optimizer_state(optimizer)
         state.update(optimizer_entries(model, optimizer))
     state["extra"] = b""
-    dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=not (dist.is_available() and dist.is_initialized()))
+    distributed = dist.is_available() and dist.is_initialized()
+    with _quiet_single_process(distributed):
+        dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=not distributed)
     extra = pickle.loads(state["extra"])
     if optimizer is not None:
         info = extra.get("optimizer", {})
@@ -224,7 +251,8 @@ def load(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | No
 def read_extra(ckpt_dir: Path) -> dict[str, Any]:
     """The `extra` object of a checkpoint, read by one process (no model needed)."""
     state: dict[str, Any] = {"extra": b""}
-    dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=True)
+    with _quiet_single_process(False):
+        dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=True)
     return pickle.loads(state["extra"])
 
 
@@ -235,7 +263,8 @@ def load_full_model(ckpt_dir: Path, device: str | torch.device = "cpu"):
     extra = read_extra(ckpt_dir)
     model = build_model(ModelConfig.from_hf_dict(extra["model_config"]), device=device)
     state = model_entries(model)
-    dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=True)
+    with _quiet_single_process(False):
+        dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=True)
     return model.eval()
 
 

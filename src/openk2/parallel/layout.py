@@ -116,7 +116,7 @@ class ParallelLayout:
 
     # --------------------------------------------------------------- the model
     def validate_model(self, cfg: ModelConfig, batch_size: int | None = None) -> None:
-        """Checks that need the model (and the per-rank batch size); call on a resolved layout."""
+        """Checks that need the model (and the micro-batch size of one rank); call on a resolved layout."""
         if self.ep > 1:
             if cfg.n_routed_experts == 0:
                 raise LayoutError(f"parallel.ep={self.ep} but the model has no routed experts")
@@ -135,7 +135,7 @@ class ParallelLayout:
                                   "pipeline parallelism; K2 balances with the aux-loss-free bias alone")
             if batch_size is not None and batch_size % self.n_microbatches:
                 raise LayoutError(
-                    f"train.batch_size={batch_size} sequences must split into parallel.microbatches="
+                    f"train.micro_batch_size={batch_size} sequences must split into parallel.microbatches="
                     f"{self.n_microbatches} equal pipeline micro-batches"
                 )
             if self.pp_schedule == "1f1b" and self.n_microbatches < self.pp:
@@ -149,7 +149,7 @@ class ParallelLayout:
                     )
         elif self.microbatches > 1:
             raise LayoutError("parallel.microbatches only applies to pipeline parallelism (pp > 1); "
-                              "use train.grad_accum to split a step's batch without it")
+                              "use train.micro_batch_size to split a step's batch without it")
 
     def stage_layers(self, num_layers: int) -> list[list[int]]:
         """Decoder-layer indices of each pipeline stage (stage s runs on pp rank s % pp: "loop" order)."""

@@ -166,7 +166,9 @@ class Pipeline:
         if train:
             schedule.step(*args, target=target, losses=losses, return_outputs=False)
         else:
-            schedule.eval(*args, target=target, losses=losses)
+            # No merged outputs: the last stage returns per-micro-batch scalar losses, which the schedule
+            # cannot concatenate (and the summed losses are collected in `loss_sums` anyway).
+            schedule.eval(*args, target=target, losses=losses, return_outputs=False)
         if last is None:
             return torch.zeros((), dtype=torch.float32)
         out = torch.stack(last.loss_sums).sum().cpu()

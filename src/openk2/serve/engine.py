@@ -17,8 +17,11 @@ temperature, top-p, bias or bans.
 
 Results are streamed as events (`TokenEvent`, `PromptLogprobsEvent`, then exactly one `FinishEvent`) into
 a `Generation` handle, iterated with `async for` when submitted from a running event loop, else with `for`.
-The engine never dies from a failing forward: the sequences in it get a `FinishEvent("error")` and the loop
-goes on.
+Faults are isolated per sequence: sampling runs per sequence (`openk2.serve.sampling`, numerically safe for
+every accepted setting), and a batched forward that raises is retried one sequence at a time, so whatever
+fails ends only the sequence that causes it, with a `FinishEvent("error")` naming the cause, while the others
+continue with exactly the tokens they would have got (up to float rounding of batched matmuls). The engine
+never dies: a bug in the loop itself fails what is running and the loop goes on.
 """
 
 from __future__ import annotations
@@ -26,17 +29,26 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import queue
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from openk2.model.generate import left_pad, sample_next
+from openk2.model.generate import left_pad
+from openk2.serve.generation import (
+    Event,
+    FinishEvent,
+    Generation,
+    PromptLogprobsEvent,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+)
+from openk2.serve.sampling import apply_bias_and_bans, is_greedy, sample_token
 from openk2.serve.slot_cache import SlotKVCache
 
 if TYPE_CHECKING:
@@ -44,119 +56,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_LOGPROBS = 20
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to generate one sequence. `temperature` 0 is greedy; `logprobs` = k returns the chosen token's
-    log-probability plus the k most likely alternatives (0: just the chosen one; None: nothing)."""
-
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: frozenset[int] = frozenset()
-    banned_token_ids: tuple[int, ...] = ()
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        for k in (self.logprobs, self.prompt_logprobs):
-            if k is not None and not 0 <= k <= MAX_LOGPROBS:
-                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {k}")
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    token_id: int
-    logprob: TokenLogprob | None = None
-
-
-@dataclass(frozen=True)
-class PromptLogprobsEvent:
-    entries: list[TokenLogprob | None]  # one per prompt token; the first is None (nothing predicts it)
-
-
-@dataclass(frozen=True)
-class FinishEvent:
-    reason: str  # "stop" (a stop token), "length", "cancelled" or "error"
-    n_generated: int  # tokens sampled, including a stop token
-    stop_token_id: int | None = None
-    error: str | None = None
-
-
-Event = TokenEvent | PromptLogprobsEvent | FinishEvent
-
-
-class Generation:
-    """Handle of one submitted sequence. Iterate it for its events (the last is a `FinishEvent`);
-    `cancel()` frees its cache row at the engine's next iteration."""
-
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
-        self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
-        self.cancelled = False
-        self.finish: FinishEvent | None = None
-        try:
-            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            self._loop = None
-        self._aq: asyncio.Queue[Event] | None = asyncio.Queue() if self._loop is not None else None
-        self._q: queue.SimpleQueue[Event] | None = queue.SimpleQueue() if self._loop is None else None
-
-    def cancel(self) -> None:
-        if not self.cancelled and self.finish is None:
-            self.cancelled = True
-            self.engine._wake()
-
-    async def batches(self) -> AsyncIterator[list[Event]]:
-        """Events in batches: everything that arrived since the consumer last looked (one per engine step
-        when it keeps up, more when it falls behind, so a slow consumer does less work per token)."""
-        if self._aq is None:
-            raise RuntimeError("this Generation was submitted outside an event loop; iterate it with `for`")
-        while self.finish is None:
-            batch = [await self._aq.get()]
-            while not self._aq.empty():
-                batch.append(self._aq.get_nowait())
-            for event in batch:
-                if isinstance(event, FinishEvent):
-                    self.finish = event
-            yield batch
-
-    async def __aiter__(self) -> AsyncIterator[Event]:
-        async for batch in self.batches():
-            for event in batch:
-                yield event
-
-    def __iter__(self) -> Iterator[Event]:
-        if self._q is None:
-            raise RuntimeError("this Generation was submitted inside an event loop; iterate it with `async for`")
-        while self.finish is None:
-            event = self._q.get()
-            if isinstance(event, FinishEvent):
-                self.finish = event
-            yield event
-
-    def result(self) -> tuple[list[int], FinishEvent]:
-        """Blocking: the generated token ids and the finish event (sync handles only)."""
-        ids = [e.token_id for e in self if isinstance(e, TokenEvent)]
-        assert self.finish is not None
-        return ids, self.finish
-
+# The request and event types live in `generation`; they are re-exported here, where callers have found them.
+__all__ = ["Engine", "EngineStats", "Event", "FinishEvent", "Generation", "PromptLogprobsEvent", "SamplingParams",
+           "TokenEvent", "TokenLogprob"]
 
 @dataclass
 class _Seq:
@@ -269,9 +171,10 @@ class Engine:
     def n_waiting(self) -> int:
         return len(self._waiting) + len(self._inbox)
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
-        """Queue one sequence. Raises ValueError for an empty prompt, ids outside the vocabulary, or a
-        prompt + max_tokens beyond `max_len`; OverflowError when the waiting queue is full."""
+    def check(self, prompt_ids: Sequence[int], params: SamplingParams) -> list[int]:
+        """The prompt as a list of ints if `submit` would accept it (capacity aside); else ValueError naming
+        the limit. Servers call this for every sequence of a request before answering, so that a request
+        which can never be served is refused before a streamed response has started."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -280,13 +183,20 @@ class Engine:
         if len(prompt) + params.max_tokens > self.max_len or len(prompt) > self.max_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                              f"context of {self.max_len} tokens")
+        return prompt
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
+        """Queue one sequence. Raises ValueError for an empty prompt, ids outside the vocabulary, or a
+        prompt + max_tokens beyond `max_len` (see `check`); OverflowError when the waiting queue is full."""
+        prompt = self.check(prompt_ids, params)
         if not self.running:
             raise RuntimeError("the engine is not running (call start())")
         gen = Generation(self, prompt, params)
         generator = None
-        if params.temperature > 0:
+        if not is_greedy(params.temperature):
             seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+            # Any integer seed works: torch takes [0, 2**64), so seeds are reduced modulo 2**64.
+            generator = torch.Generator(device=self.device).manual_seed(seed % 2**64)
         with self._cv:
             if self.n_waiting >= self.max_waiting:
                 raise OverflowError(f"{self.n_waiting} requests are already waiting")
@@ -362,20 +272,29 @@ class Engine:
         batch = self._take_prefill_batch()
         lo = len(self._rows)
         self._rows.extend(batch)
-        hi = len(self._rows)
+        done = self._prefill(lo, batch)
+        self._remove_rows(done)
+
+    def _prefill(self, lo: int, batch: list[_Seq]) -> list[int]:
+        """Prefill `batch` in rows lo.., sample its first tokens; returns the rows that finished. If the batched
+        forward fails, each sequence is retried alone, so only the ones that fail by themselves get the error."""
+        hi = lo + len(batch)
+        full = batch[0].params.prompt_logprobs is not None
+        saved = self.cache.lengths[lo:hi]
         try:
             ids_BT, valid_BT = left_pad([s.gen.prompt_ids for s in batch])
             ids_BT, valid_BT = ids_BT.to(self.device), valid_BT.to(self.device)
             view = self.cache.rows(lo, hi)
-            full = batch[0].params.prompt_logprobs is not None
             logits_BTV = self.model(ids_BT, position_ids_BT=view.positions(valid_BT), cache=view,
                                     valid_BT=valid_BT, last_logits_only=not full).logits
         except Exception as e:
+            self.cache.lengths[lo:hi] = saved  # a forward that failed midway must not leave rows advanced
+            if len(batch) > 1:
+                log.warning("batched prefill failed (%r); retrying its %d sequences one by one", e, len(batch))
+                return [r for i, s in enumerate(batch) for r in self._prefill(lo + i, [s])]
             log.exception("prefill failed")
-            for s in batch:
-                self._finish(s, "error", error=f"prefill failed: {e!r}")
-            self._remove_rows(range(lo, hi))
-            return
+            self._finish(batch[0], "error", error=f"prefill failed: {e!r}")
+            return [lo]
         self.stats.prefill_tokens += sum(s.prompt_len for s in batch)
         if full:
             T = ids_BT.shape[1]
@@ -393,24 +312,51 @@ class Engine:
             finished = self._emit([self._rows[r] for r in live], last_logits[idx] if len(idx) < len(batch)
                                   else last_logits)
             done += [live[i] for i in finished]
-        self._remove_rows(done)
+        return done
 
     def _decode(self) -> None:
         B = len(self._rows)
         ids_B1 = torch.tensor([[s.last_token] for s in self._rows], device=self.device)
-        valid_B1 = torch.ones(B, 1, dtype=torch.bool, device=self.device)
-        view = self.cache.rows(0, B)
         try:
-            logits_BV = self.model(ids_B1, position_ids_BT=view.positions(valid_B1), cache=view,
-                                   valid_BT=valid_B1).logits[:, -1]
+            logits_BV = self._decode_rows(0, ids_B1)
         except Exception as e:
-            log.exception("decode step failed")
-            self._fail_all(f"decode failed: {e!r}")
+            # Find the culprit: each row alone (rows that fail by themselves end with the error, the rest go on).
+            log.warning("batched decode failed (%r); retrying its %d rows one by one", e, B)
+            self._decode_one_by_one(ids_B1)
             return
         self.stats.decode_steps += 1
         self.stats.batch_size_sum += B
         self.stats.decode_tokens += B
         self._remove_rows(self._emit(list(self._rows), logits_BV))  # seqs are the rows: indices are rows
+
+    def _decode_rows(self, lo: int, ids_B1: torch.Tensor) -> torch.Tensor:
+        hi = lo + ids_B1.shape[0]
+        saved = self.cache.lengths[lo:hi]
+        valid_B1 = torch.ones(hi - lo, 1, dtype=torch.bool, device=self.device)
+        view = self.cache.rows(lo, hi)
+        try:
+            return self.model(ids_B1, position_ids_BT=view.positions(valid_B1), cache=view,
+                              valid_BT=valid_B1).logits[:, -1]
+        except Exception:
+            self.cache.lengths[lo:hi] = saved
+            raise
+
+    def _decode_one_by_one(self, ids_B1: torch.Tensor) -> None:
+        done = []
+        for r, s in enumerate(list(self._rows)):
+            try:
+                logits_1V = self._decode_rows(r, ids_B1[r:r + 1])
+            except Exception as e:
+                log.exception("decode failed for one sequence")
+                self._finish(s, "error", error=f"decode failed: {e!r}")
+                done.append(r)
+                continue
+            self.stats.decode_tokens += 1
+            if self._emit([s], logits_1V):
+                done.append(r)
+        self.stats.decode_steps += 1
+        self.stats.batch_size_sum += len(ids_B1)
+        self._remove_rows(done)
 
     # ------------------------------------------------------------------ sampling and events
     def _emit(self, seqs: list[_Seq], logits_BV: torch.Tensor) -> list[int]:
@@ -418,6 +364,9 @@ class Engine:
         tokens, logprobs = self._sample(seqs, logits_BV)
         finished = []
         for i, (s, tok, lp) in enumerate(zip(seqs, tokens, logprobs, strict=True)):
+            if tok is None:  # sampling failed: already finished with the error
+                finished.append(i)
+                continue
             s.n_out += 1
             s.last_token = tok
             if tok in s.params.stop_token_ids:
@@ -430,46 +379,35 @@ class Engine:
                 finished.append(i)
         return finished
 
-    def _sample(self, seqs: list[_Seq], logits_BV: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None]]:
+    def _sample(self, seqs: list[_Seq], logits_BV: torch.Tensor
+                ) -> tuple[list[int | None], list[TokenLogprob | None]]:
+        """One token per sequence (None where sampling that sequence failed: it is finished with the error,
+        and only it). Each row is sampled on its own, so nothing about one request reaches another's tokens."""
         logits_BV = logits_BV[:, : self.vocab_limit].float()
-        B = len(seqs)
-        proc_BV = logits_BV
-        modified = [i for i, s in enumerate(seqs) if s.params.banned_token_ids or s.params.logit_bias]
-        if modified:
-            proc_BV = logits_BV.clone()
-            for i in modified:
-                p = seqs[i].params
-                if p.logit_bias:
-                    ids = torch.tensor([t for t, _ in p.logit_bias], device=proc_BV.device)
-                    keep = ids < self.vocab_limit
-                    bias = torch.tensor([b for _, b in p.logit_bias], device=proc_BV.device)
-                    proc_BV[i].index_add_(0, ids[keep], bias[keep])
-                if p.banned_token_ids:
-                    banned = [t for t in p.banned_token_ids if t < self.vocab_limit]
-                    proc_BV[i, banned] = float("-inf")
-        tokens = [0] * B
-        greedy = [i for i, s in enumerate(seqs) if s.params.temperature <= 0]
-        if greedy:
-            picked = (proc_BV if len(greedy) == B else proc_BV[greedy]).argmax(dim=-1).tolist()
-            for i, t in zip(greedy, picked, strict=True):
-                tokens[i] = t
+        tokens: list[int | None] = [None] * len(seqs)
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         for i, s in enumerate(seqs):
-            if s.params.temperature > 0:
-                tokens[i] = int(sample_next(proc_BV[i : i + 1], s.params.temperature, s.params.top_p,
-                                            generator=s.generator)[0])
-        logprobs: list[TokenLogprob | None] = [None] * B
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        if want:
-            lsm_WV = torch.log_softmax(logits_BV[want], dim=-1)
-            chosen = lsm_WV.gather(1, torch.tensor([[tokens[i]] for i in want], device=lsm_WV.device))
-            k = max(seqs[i].params.logprobs for i in want)
-            top_vals, top_ids = (lsm_WV.topk(k, dim=-1) if k > 0 else (lsm_WV[:, :0], lsm_WV[:, :0].long()))
-            chosen, top_vals, top_ids = chosen[:, 0].tolist(), top_vals.tolist(), top_ids.tolist()
-            for j, i in enumerate(want):
-                kk = seqs[i].params.logprobs
-                logprobs[i] = TokenLogprob(tokens[i], chosen[j], tuple(zip(top_ids[j][:kk], top_vals[j][:kk],
-                                                                            strict=True)))
+            p = s.params
+            try:
+                proc_V = apply_bias_and_bans(logits_BV[i], p.logit_bias, p.banned_token_ids, self.vocab_limit)
+                tok = sample_token(proc_V, p.temperature, p.top_p, s.generator)
+                if p.logprobs is not None:
+                    logprobs[i] = self._token_logprob(logits_BV[i], tok, p.logprobs)
+            except Exception as e:
+                log.warning("sampling failed for one sequence: %r", e)
+                self._finish(s, "error", error=f"sampling failed: {e}")
+                continue
+            tokens[i] = tok
         return tokens, logprobs
+
+    @staticmethod
+    def _token_logprob(logits_V: torch.Tensor, token: int, k: int) -> TokenLogprob:
+        lsm_V = torch.log_softmax(logits_V, dim=-1)
+        top = ()
+        if k > 0:
+            vals, ids = lsm_V.topk(k)
+            top = tuple(zip(ids.tolist(), vals.tolist(), strict=True))
+        return TokenLogprob(token, float(lsm_V[token]), top)
 
     def _prompt_logprobs(self, logits_TV: torch.Tensor, ids: list[int], k: int) -> list[TokenLogprob | None]:
         """Logprob of prompt token t+1 under the logits at t (and the top k there); None for the first.

@@ -1,6 +1,7 @@
 """The OpenAI wire format: pydantic request models, request validation, and response builders.
 
-Requests are pydantic models (unknown fields are ignored, as clients send many optional ones); semantic checks
+Requests are strict pydantic models (unknown fields are ignored, as clients send many optional ones; known ones
+must have OpenAI's JSON types, with no coercion of strings or booleans into numbers); semantic checks
 that pydantic cannot express (tool schemas, logit bias keys, unsupported options) live in the `check_*`
 functions here and raise `APIError`, which the app turns into an OpenAI error body. Responses are plain dicts
 built by the functions at the end, so their shape (including explicit nulls) is exactly OpenAI's; the tests
@@ -8,6 +9,9 @@ parse them with the official `openai` client.
 
 openk2 extensions (send them with the `openai` client's `extra_body`):
 - `ignore_eos` (chat and completions): do not stop at the end-of-turn / end-of-document tokens.
+- `skip_special_tokens` (both, default true, as in vLLM): special tokens such as `[BOS]` or `<|im_end|>` that
+  the model generates are left out of the returned text; false keeps them. (A malformed tool-call section that
+  comes back as content keeps its markers either way: it is returned raw so the client can see what failed.)
 - `add_bos` (completions): prepend `[BOS]` to the prompt; the default is true for text prompts (pretraining
   documents start with `[BOS]`) and false for token-id prompts, which are used verbatim.
 """
@@ -21,18 +25,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_N = 16
 MAX_STOP = 4
+MAX_LOGIT_BIAS = 300  # OpenAI's limit; the bias is applied at every step, so its size must be bounded
 MAX_TOP_LOGPROBS = 20
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1  # OpenAI's seed is an int64
 _TOOL_NAME_RE = re.compile(r"[\w.]{1,64}")  # K2 call ids `functions.NAME:IDX` must parse back ([\w.]+)
 _JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 
 
 class APIError(Exception):
-    """An error returned to the client as `{"error": {...}}` with HTTP status `status`."""
+    """An error returned to the client as `{"error": {...}}` with HTTP status `status` (and `headers`, e.g.
+    `Retry-After` on a 503)."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -44,7 +52,9 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: JSON types as the OpenAI reference has them ("max_tokens": "2", "stream": "false", "seed": true and
+    # "logprobs": false for an integer are 400s, not coerced); an integer is still a valid number.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Model):
@@ -72,22 +82,43 @@ class ChatMessage(_Model):
 
 
 class StreamOptions(_Model):
-    include_usage: bool = False
+    include_usage: bool | None = None
 
 
 class _Sampling(_Model):
+    """Fields both endpoints share. As in OpenAI's reference, the optional ones may also be sent as null,
+    which means the default (the `resolved_*` properties)."""
+
     model: str
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 or below 1e-5: greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="the most likely token is always kept")
+    n: int | None = Field(None, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    ignore_eos: bool = False
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="only 0 is supported")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="only 0 is supported")
+    user: str | None = None
+    ignore_eos: bool = Field(False, description="openk2/vLLM extension: do not stop at end-of-turn tokens")
+    skip_special_tokens: bool = Field(True, description="vLLM extension: leave special tokens out of the text")
+
+    @property
+    def resolved_temperature(self) -> float:
+        return 1.0 if self.temperature is None else self.temperature
+
+    @property
+    def resolved_top_p(self) -> float:
+        return 1.0 if self.top_p is None else self.top_p
+
+    @property
+    def resolved_n(self) -> int:
+        return 1 if self.n is None else self.n
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -96,7 +127,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    logprobs: bool = False
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: dict[str, Any] | None = None
 
@@ -104,11 +136,39 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
-    echo: bool = False
+    echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
     add_bos: bool | None = None
+
+
+MAX_JSON_DEPTH = 64
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def check_json_value(obj: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Reject what JSON allows but no request needs: nesting deeper than `max_depth` (deep structures make
+    recursive code downstream, from deepcopy to rendering, raise RecursionError) and lone UTF-16 surrogates
+    ("\\ud800", which no tokenizer can encode). Iterative, so it is safe on any input."""
+    stack: list[tuple[Any, int, str]] = [(obj, 1, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, str):
+            if _SURROGATE_RE.search(value):
+                raise APIError(400, f"'{path or 'body'}' contains a lone UTF-16 surrogate, which is not valid "
+                                    f"Unicode text", param=path or None)
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth > max_depth:
+            raise APIError(400, f"the request body is nested deeper than {max_depth} levels", param=path or None)
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, sub in items:
+            sub_path = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and _SURROGATE_RE.search(key):
+                raise APIError(400, f"a key in '{path or 'body'}' contains a lone UTF-16 surrogate", param=path or None)
+            stack.append((sub, depth + 1, sub_path))
 
 
 def parse_request(cls: type[_Model], obj: Any) -> Any:
@@ -132,7 +192,7 @@ def _is_union_tag(part: Any) -> bool:
 # ---------------------------------------------------------------------------------------------- checks
 def check_sampling(req: _Sampling, vocab_size: int) -> tuple[list[str], tuple[tuple[int, float], ...]]:
     """Checks shared by both endpoints; returns (stop strings, logit bias pairs)."""
-    if req.presence_penalty or req.frequency_penalty:
+    if req.presence_penalty or req.frequency_penalty:  # None and 0 mean no penalty
         raise APIError(400, "presence_penalty and frequency_penalty are not supported", param="presence_penalty")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > MAX_STOP:
@@ -140,6 +200,8 @@ def check_sampling(req: _Sampling, vocab_size: int) -> tuple[list[str], tuple[tu
     if any(not s for s in stops):
         raise APIError(400, "stop sequences must be non-empty", param="stop")
     bias: list[tuple[int, float]] = []
+    if len(req.logit_bias or {}) > MAX_LOGIT_BIAS:
+        raise APIError(400, f"logit_bias may have at most {MAX_LOGIT_BIAS} entries", param="logit_bias")
     for key, value in (req.logit_bias or {}).items():
         try:
             tok = int(key)
@@ -159,7 +221,7 @@ def _check_schema(schema: Any, path: str) -> None:
     t = schema.get("type")
     if t is not None:
         types = t if isinstance(t, list) else [t]
-        bad = [x for x in types if x not in _JSON_TYPES]
+        bad = [x for x in types if not isinstance(x, str) or x not in _JSON_TYPES]  # {"type": {}} is unhashable
         if bad or not types:
             raise APIError(400, f"{path}.type {t!r} is not a JSON schema type", param=f"{path}.type")
     props = schema.get("properties")

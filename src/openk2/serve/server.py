@@ -9,17 +9,17 @@ import time
 
 import uvicorn
 
+from openk2.model_dir import LoadedModel
 from openk2.serve.app import create_app
 from openk2.serve.engine import Engine
-from openk2.serve.model_dir import ModelBundle
 from openk2.serve.service import OpenAIService
 
 
-def build_service(bundle: ModelBundle, *, max_batch: int = 16, max_len: int | None = None,
+def build_service(bundle: LoadedModel, *, max_batch: int = 16, max_len: int | None = None,
                   prefill_tokens: int = 4096) -> OpenAIService:
     engine = Engine(bundle.model, max_batch=max_batch, max_len=max_len, prefill_tokens=prefill_tokens,
                     vocab_limit=bundle.tokenizer.vocab_size)
-    return OpenAIService(engine, bundle.tokenizer, bundle.name)
+    return OpenAIService(engine, bundle.tokenizer, bundle.name, bundle.chat_format)
 
 
 def is_loopback(host: str) -> bool:

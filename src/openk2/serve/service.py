@@ -5,18 +5,25 @@ still get a proper 4xx); `stream_*` yields the response chunks; `run_*` is the n
 by concatenating the very same chunks, so the two can never disagree.
 
 Decisions:
-- Chat prompts are `render_chat_ids(messages, tools, add_generation_prompt=True)`; tool-call ids in the history
-  are first renamed `functions.NAME:IDX` (`renumber_tool_call_ids`), as K2 was trained on. Generation stops at
-  `<|im_end|>` or `[EOS]`; completions stop at `[EOS]` or `[BOS]` (a pretraining document ends where the model
-  predicts the next document's `[BOS]`). `ignore_eos` turns these stops off.
-- Text is decoded with special tokens kept, so tool-call markers survive for parsing.
-- `tool_choice`: "auto" renders the tools and parses calls; "none" still renders them (the model sees the same
-  context) but bans the five tool-call marker tokens while sampling, so it cannot call; "required" forces the
-  `<|tool_calls_section_begin|>` prefix; a named function forces
+- Chat prompts come from the model's `ChatFormat` (`openk2.data.chat_format`: openk2's K2 renderer, or the
+  checkpoint's own Jinja template); tool-call ids in the history are first renamed `functions.NAME:IDX`
+  (`renumber_tool_call_ids`), as K2 was trained on. Generation stops at the format's end-of-turn tokens (K2:
+  `<|im_end|>` or `[EOS]`); completions stop at EOS or BOS (a pretraining document ends where the model predicts
+  the next document's BOS). `ignore_eos` turns these stops off.
+- Special tokens are left out of the returned text unless `skip_special_tokens` is false (as in vLLM); the
+  tool-call markers are kept while tools are active, since the tool-call section is parsed from them.
+- Every sequence of a request is checked against the engine's limits in `prepare_*`, before a response
+  starts: one that can never be served (too long, more sequences than the server ever queues) is a 400
+  naming the limit; a 503 with `Retry-After` means only that the queue is full right now.
+- Tool calls use the format's parser (`openk2.data.tool_parsers`, K2's below); a model without one refuses
+  requests that declare tools (unless tool_choice is "none"). `tool_choice`: "auto" renders the tools and parses
+  calls; "none" still renders them (the model sees the same context) but bans the tool-call marker tokens while
+  sampling, so it cannot call; "required" forces the section opener `<|tool_calls_section_begin|>`; a named
+  function forces
   `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>` (IDX = the
   number of calls already in the dialog) and stops at `<|tool_call_end|>`, after which the section is closed.
   Forced tokens count as prompt tokens.
-- A tool-call section is parsed with `parse_assistant_output` once generation ends. If it is malformed
+- A tool-call section is parsed by the parser once generation ends. If it is malformed
   (invalid JSON arguments, bad ids, truncation, an undeclared tool name) the whole raw text, forced prefix
   included, is returned as `content` with the engine's finish reason, plus a `tool_call_error` field on the
   choice saying why; never a 5xx. There is no constrained decoding, so a forced call can still be malformed.
@@ -33,27 +40,17 @@ Decisions:
 from __future__ import annotations
 
 import asyncio
-import bisect
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from openk2.data.chat import render_chat_ids
-from openk2.data.tokenizer import (
-    BOS,
-    EOS,
-    IM_END,
-    TOOL_CALL_ARGUMENT_BEGIN,
-    TOOL_CALL_BEGIN,
-    TOOL_CALL_END,
-    TOOL_CALLS_SECTION_BEGIN,
-    TOOL_CALLS_SECTION_END,
-    Tokenizer,
-)
-from openk2.data.toolcall import format_tool_call_id, parse_assistant_output, renumber_tool_call_ids
+from openk2.data.chat_format import ChatFormat
+from openk2.data.tokenizer import Tokenizer
+from openk2.data.toolcall import renumber_tool_call_ids
 from openk2.serve import protocol as P
+from openk2.serve.detokenize import IncrementalDetokenizer, TextTracker
 from openk2.serve.engine import (
     Engine,
     FinishEvent,
@@ -64,115 +61,6 @@ from openk2.serve.engine import (
     TokenLogprob,
 )
 from openk2.serve.protocol import APIError
-
-_MARKERS = (TOOL_CALLS_SECTION_BEGIN, TOOL_CALLS_SECTION_END, TOOL_CALL_BEGIN, TOOL_CALL_ARGUMENT_BEGIN, TOOL_CALL_END)
-
-
-class IncrementalDetokenizer:
-    """Text deltas of a growing token sequence. A token that ends inside a UTF-8 character yields "" until the
-    character completes; only the last few tokens are re-decoded each time (a window that starts at a character
-    boundary), so the cost per token does not grow with the length."""
-
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self._prefix = 0  # window start
-        self._read = 0  # tokens already turned into text
-        self._done = ""  # decode(ids[_prefix:_read]), kept so each token costs one decode
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        return self._advance(final=False)
-
-    def flush(self) -> str:
-        """Whatever is pending, even an incomplete character (as U+FFFD)."""
-        return self._advance(final=True)
-
-    def _advance(self, final: bool) -> str:
-        full = self.tokenizer.decode(self.ids[self._prefix:])
-        if len(full) > len(self._done) and (final or not full.endswith("\ufffd")):
-            delta = full[len(self._done):]
-            self._prefix, self._read, self._done = self._read, len(self.ids), delta
-            return delta
-        if final:
-            self._prefix = self._read = len(self.ids)
-            self._done = ""
-        return ""
-
-
-class _Tracker:
-    """Generated text of one choice: stop strings, a held-back tool-call section, and what may be streamed."""
-
-    def __init__(self, tokenizer: Tokenizer, stops: list[str], section_at: int | None = None) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer)
-        self.stops = stops
-        self.max_stop = max((len(s) for s in stops), default=0)
-        self.text = ""
-        self.offsets: list[int] = []  # where each token's text starts
-        self.logprobs: list[TokenLogprob | None] = []
-        self.section_at = section_at  # index in text where a tool-call section starts (held back)
-        self.stopped = False  # a stop string was found (text is cut before it)
-        self.emitted = 0  # chars handed out by take()
-        self.lp_sent = 0  # logprob entries handed out
-
-    def push(self, token_id: int, logprob: TokenLogprob | None, is_marker: bool) -> None:
-        if is_marker and self.section_at is None:
-            self.section_at = len(self.text)
-        self.offsets.append(len(self.text))
-        self.logprobs.append(logprob)
-        self._add(self.detok.push(token_id))
-
-    def finish(self) -> None:
-        self._add(self.detok.flush())
-
-    def _add(self, delta: str) -> None:
-        if not delta:
-            return
-        before = len(self.text)
-        self.text += delta
-        if not self.stops or self.stopped:
-            return
-        # Stop strings apply to plain text only: never inside a tool-call section.
-        end = len(self.text) if self.section_at is None else self.section_at
-        start = max(0, before - self.max_stop + 1)
-        hits = [i for i in (self.text.find(s, start, end) for s in self.stops) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
-            self.stopped = True
-
-    def _holdback(self) -> int:
-        for k in range(min(self.max_stop - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stops):
-                return k
-        return 0
-
-    def take(self, final: bool = False) -> tuple[str, list[TokenLogprob | None]]:
-        """Text (and the logprobs of its tokens) that can be sent now; `final` sends everything left,
-        except a held tool-call section."""
-        limit = len(self.text) if (final or self.stopped) else len(self.text) - self._holdback()
-        if self.section_at is not None:
-            limit = min(limit, self.section_at)
-        out = self.text[self.emitted:limit] if limit > self.emitted else ""
-        self.emitted = max(self.emitted, limit)
-        return out, self._take_logprobs(final)
-
-    def rest(self) -> tuple[str, list[TokenLogprob | None]]:
-        """Everything not yet handed out, the held section included (a malformed section goes out as text)."""
-        out = self.text[self.emitted:]
-        self.emitted = len(self.text)
-        return out, self._take_logprobs(True)
-
-    def _take_logprobs(self, final: bool) -> list[TokenLogprob | None]:
-        # Offsets never decrease, so "tokens starting before x" is a bisection.
-        n = len(self.logprobs)
-        if self.stopped:  # drop the tokens that lie entirely in the cut-off stop string and after it
-            n = bisect.bisect_left(self.offsets, len(self.text))
-        if not final:
-            n = min(n, bisect.bisect_left(self.offsets, self.emitted))
-        out = self.logprobs[self.lp_sent:n]
-        self.lp_sent = max(self.lp_sent, n)
-        return out
 
 
 @dataclass
@@ -191,6 +79,8 @@ class _Job:
     tool_names: frozenset[str] = frozenset()
     prefix_text: str = ""
     forced_named: bool = False
+    skip_ids: frozenset[int] = frozenset()  # special tokens not to put in the text
+    calls_before: int = 0  # tool calls earlier in the dialog (ids of formats whose calls carry none)
     # completions
     echo: bool = False
     echo_texts: list[str] = field(default_factory=list)
@@ -210,14 +100,17 @@ class _Job:
 class OpenAIService:
     """Chat and completions over one model; owns the engine's lifetime (`start`/`stop`)."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str) -> None:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str,
+                 chat_format: ChatFormat | None = None) -> None:
         self.engine, self.tok, self.model_name = engine, tokenizer, model_name
+        self.chat = chat_format if chat_format is not None else ChatFormat.k2(tokenizer)
+        self.parser = self.chat.tool_parser
         self.created = int(time.time())
-        sp = tokenizer.special_ids
-        self.marker_ids = frozenset(sp[m] for m in _MARKERS)
-        self.tool_call_end_id = sp[TOOL_CALL_END]
-        self.chat_stop_ids = frozenset({sp[IM_END], sp[EOS]})
-        self.completion_stop_ids = frozenset({sp[EOS], sp[BOS]})
+        self.marker_ids = self.chat.marker_ids()
+        self.tool_call_end_id = tokenizer.token_id(self.parser.call_end) if self.parser else None
+        self.chat_stop_ids = self.chat.stop_ids
+        self.completion_stop_ids = self.chat.completion_stop_ids
+        self.special_ids = frozenset(tokenizer.special_ids.values())
         self._token_text: dict[int, str] = {}
         self._bytes: dict[int, bytes] | None = None
 
@@ -250,9 +143,27 @@ class OpenAIService:
     def _check_capacity(self) -> None:
         # Checked before a response starts, so an overloaded server answers 503 rather than failing mid-stream.
         if self.engine.n_waiting >= self.engine.max_waiting:
-            raise APIError(503, "server overloaded: too many waiting requests", type="server_error", code="overloaded")
+            raise _overloaded("too many waiting requests")
         if not self.engine.running:
-            raise APIError(503, "the engine is not running", type="server_error")
+            raise APIError(503, "the engine is not running", type="server_error", headers={"Retry-After": "5"})
+
+    def _check_job(self, job: _Job, prompt_param: str) -> _Job:
+        """Every sequence of `job` against the engine's limits, before anything is submitted or streamed."""
+        total = len(job.prompts) * job.n
+        if total > self.engine.max_waiting:  # can never be queued at once: a 400, not a (retried) 503
+            limit = self.engine.max_waiting
+            raise APIError(400, f"this request needs {total} sequences (prompts x n), more than the {limit} this "
+                                f"server can queue; split it into smaller requests", param="n")
+        if self.engine.n_waiting + total > self.engine.max_waiting:
+            raise _overloaded(f"{self.engine.n_waiting} sequences are waiting and this request adds {total}")
+        for prompt, params in zip(job.prompts, job.params, strict=True):
+            for p in params:
+                try:
+                    self.engine.check(prompt, p)
+                except ValueError as e:
+                    code = "context_length_exceeded" if "context" in str(e) else None
+                    raise APIError(400, str(e), param=prompt_param, code=code) from None
+        return job
 
     def _check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -285,38 +196,52 @@ class OpenAIService:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         tools = P.check_tools(req.tools)
         choice = P.check_tool_choice(req.tool_choice, tools)
+        if tools and self.parser is None and choice != "none":  # "none" only shows the tools: nothing to parse
+            raise APIError(400, "this model has no tool-call format; start the server with --tool-call-parser",
+                           param="tools")
         messages = [self._message(i, m) for i, m in enumerate(req.messages)]
         try:
             messages = renumber_tool_call_ids(messages)
-            prompt, _ = render_chat_ids(self.tok, messages, tools or None, add_generation_prompt=True)
+            prompt = self.chat.render_ids(messages, tools or None, add_generation_prompt=True)
         except (ValueError, TypeError, KeyError) as e:
             raise APIError(400, f"invalid messages: {e}", param="messages") from None
+        except RecursionError:
+            raise APIError(400, "invalid messages: nested too deeply", param="messages") from None
+        n_calls = sum(len(m.get("tool_calls") or []) for m in messages)
         prefix: list[tuple[str, bool]] = []
-        if choice == "required":
-            prefix = [(TOOL_CALLS_SECTION_BEGIN, True)]
-        elif isinstance(choice, tuple):
-            n_calls = sum(len(m.get("tool_calls") or []) for m in messages)
-            prefix = [(TOOL_CALLS_SECTION_BEGIN, True), (TOOL_CALL_BEGIN, True),
-                      (format_tool_call_id(choice[1], n_calls), False), (TOOL_CALL_ARGUMENT_BEGIN, True)]
+        if self.parser is not None and choice == "required":
+            prefix = self.parser.forced_prefix(None, n_calls)
+        elif self.parser is not None and isinstance(choice, tuple):
+            prefix = self.parser.forced_prefix(choice[1], n_calls)
         for text, special in prefix:
             prompt += [self.tok.token_id(text)] if special else self.tok.encode(text)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = self._max_tokens(len(prompt), max_tokens, allow_zero=False, prompt_param="messages")
         stop_ids = set() if req.ignore_eos else set(self.chat_stop_ids)
-        if isinstance(choice, tuple):
+        if isinstance(choice, tuple) and self.tool_call_end_id is not None:
             stop_ids.add(self.tool_call_end_id)
         banned = tuple(sorted(self.marker_ids)) if choice == "none" and tools else ()
-        params = [SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                 seed=None if req.seed is None else req.seed + i, stop_token_ids=frozenset(stop_ids),
-                                 banned_token_ids=banned, logit_bias=bias,
+        params = [SamplingParams(max_tokens=max_tokens, temperature=req.resolved_temperature,
+                                 top_p=req.resolved_top_p, seed=None if req.seed is None else req.seed + i,
+                                 stop_token_ids=frozenset(stop_ids), banned_token_ids=banned, logit_bias=bias,
                                  logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-                  for i in range(req.n)]
-        return _Job(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), stream=req.stream,
-                    include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                    prompts=[prompt], params=[params], stops=stops, n=req.n, logprobs=req.logprobs,
-                    tools_active=bool(tools) and choice != "none",
+                  for i in range(req.resolved_n)]
+        tools_active = bool(tools) and choice != "none"
+        return self._check_job(_Job(
+                    id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), stream=bool(req.stream),
+                    include_usage=req.include_usage, prompts=[prompt], params=[params], stops=stops,
+                    n=req.resolved_n, logprobs=bool(req.logprobs), skip_ids=self._skip_ids(req, tools_active),
+                    tools_active=tools_active,
                     tool_names=frozenset(t["function"]["name"] for t in tools),
-                    prefix_text="".join(text for text, _ in prefix), forced_named=isinstance(choice, tuple))
+                    prefix_text="".join(text for text, _ in prefix), forced_named=isinstance(choice, tuple),
+                    calls_before=n_calls),
+            prompt_param="messages")
+
+    def _skip_ids(self, req: P._Sampling, tools_active: bool) -> frozenset[int]:
+        if not req.skip_special_tokens:
+            return frozenset()
+        # While tools are active the markers delimit the tool-call section, which is parsed, not returned.
+        return self.special_ids - self.marker_ids if tools_active else self.special_ids
 
     @staticmethod
     def _message(i: int, m: P.ChatMessage) -> dict[str, Any]:
@@ -362,7 +287,7 @@ class OpenAIService:
         except ValueError as e:
             raise APIError(400, str(e)) from None
         except OverflowError as e:
-            raise APIError(503, f"server overloaded: {e}", type="server_error", code="overloaded") from None
+            raise _overloaded(str(e)) from None
         except RuntimeError as e:
             raise APIError(503, str(e), type="server_error") from None
 
@@ -393,7 +318,7 @@ class OpenAIService:
         finally:
             gen.cancel()  # no-op when finished
 
-    async def _feed(self, gen: Generation, tr: _Tracker, job: _Job, slot: int,
+    async def _feed(self, gen: Generation, tr: TextTracker, job: _Job, slot: int,
                     prompt_lp: list | None = None) -> AsyncIterator[None]:
         """Push the generation's tokens into `tr`, yielding after each batch (the caller then streams what
         `tr` allows); stops early at a stop string. Records the choice's completion tokens."""
@@ -421,7 +346,7 @@ class OpenAIService:
     async def _chat_choice(self, job: _Job, index: int) -> AsyncIterator[dict[str, Any]]:
         gen = self._submit(job.prompts[0], job.params[0][index])
         forced = bool(job.prefix_text)
-        tr = _Tracker(self.tok, job.stops, section_at=0 if forced else None)
+        tr = TextTracker(self.tok, job.stops, section_at=0 if forced else None, skip_ids=job.skip_ids)
         yield {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
         async for _ in self._feed(gen, tr, job, index):
             text, lps = tr.take()
@@ -433,11 +358,11 @@ class OpenAIService:
         reason = "stop" if tr.stopped or (finish is not None and finish.reason == "stop") else "length"
         final: dict[str, Any] = {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
         parsed_calls, error = None, None
-        if job.tools_active and tr.section_at is not None and not tr.stopped:
+        if job.tools_active and self.parser is not None and tr.section_at is not None and not tr.stopped:
             text = job.prefix_text + tr.text
             if job.forced_named and finish is not None and finish.stop_token_id == self.tool_call_end_id:
-                text += TOOL_CALL_END + TOOL_CALLS_SECTION_END
-            parsed = parse_assistant_output(text)
+                text += self.parser.named_suffix
+            parsed = self.parser.parse(text, job.calls_before)
             error = parsed.error
             if error is None and not parsed.tool_calls:
                 error = "no tool call in the tool-calls section"
@@ -467,10 +392,15 @@ class OpenAIService:
         job.completion_tokens = [0] * job.n
         choices = [self._chat_choice(job, i) for i in range(job.n)]
         pending: dict[str, Any] | None = None
-        async for choice in _merge(choices):
-            if pending is not None:
+        try:
+            async for choice in _merge(choices):
+                if pending is not None:
+                    yield pending
+                pending = P.chat_chunk(job.id, job.created, self.model_name, [choice])
+        except APIError:
+            if pending is not None:  # what was generated before the error still reaches the client
                 yield pending
-            pending = P.chat_chunk(job.id, job.created, self.model_name, [choice])
+            raise
         if pending is not None:
             if job.include_usage:
                 yield pending
@@ -512,23 +442,29 @@ class OpenAIService:
         stops, bias = P.check_sampling(req, self.tok.vocab_size)
         if req.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        if req.best_of is not None and req.best_of != req.n:
+        if req.best_of is not None and req.best_of != req.resolved_n:
             raise APIError(400, "best_of other than n is not supported", param="best_of")
         raw = req.prompt
         if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
             raw = [raw]
         if not raw:
             raise APIError(400, "the prompt is empty", param="prompt")
+        has_bos = self.tok.bos_token is not None
+        if req.add_bos and not has_bos:
+            raise APIError(400, "this model's tokenizer has no BOS token", param="add_bos")
         prompts, echo_texts, bos_added = [], [], []
         for j, p in enumerate(raw):
-            add_bos = req.add_bos if req.add_bos is not None else isinstance(p, str)
+            add_bos = req.add_bos if req.add_bos is not None else (isinstance(p, str) and has_bos)
             if isinstance(p, str):
-                ids, echo = self.tok.encode(p), p
+                try:
+                    ids, echo = self.tok.encode(p), p
+                except (ValueError, UnicodeError) as e:  # e.g. a lone surrogate "\ud800"
+                    raise APIError(400, f"prompt[{j}] cannot be tokenized: {e}", param="prompt") from None
             else:
                 if any(not 0 <= t < self.tok.vocab_size for t in p):
                     raise APIError(400, f"prompt[{j}] has token ids outside [0, {self.tok.vocab_size})",
                                    param="prompt")
-                ids, echo = list(p), self.tok.decode(p)
+                ids, echo = list(p), self.tok.decode(p, skip_special_tokens=req.skip_special_tokens)
             if add_bos:
                 ids = [self.tok.bos_id, *ids]
             if not ids:
@@ -536,20 +472,22 @@ class OpenAIService:
             prompts.append(ids)
             echo_texts.append(echo)
             bos_added.append(add_bos)
-        max_tokens = max(self._max_tokens(len(p), req.max_tokens, allow_zero=req.echo, prompt_param="prompt")
+        max_tokens = max(self._max_tokens(len(p), req.max_tokens, allow_zero=bool(req.echo), prompt_param="prompt")
                          for p in prompts)
         if req.max_tokens is None:  # "the rest of the context" differs per prompt: use the shortest
             max_tokens = min(self.context_len - len(p) for p in prompts)
         stop_ids = frozenset() if req.ignore_eos else self.completion_stop_ids
         want_prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
-        params = [[SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                  seed=None if req.seed is None else req.seed + i, stop_token_ids=stop_ids,
-                                  logit_bias=bias, logprobs=req.logprobs, prompt_logprobs=want_prompt_lp)
-                   for i in range(req.n)] for _ in prompts]
-        return _Job(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), stream=req.stream,
-                    include_usage=bool(req.stream_options and req.stream_options.include_usage),
-                    prompts=prompts, params=params, stops=stops, n=req.n, echo=req.echo, echo_texts=echo_texts,
-                    bos_added=bos_added, completion_logprobs=req.logprobs)
+        params = [[SamplingParams(max_tokens=max_tokens, temperature=req.resolved_temperature,
+                                  top_p=req.resolved_top_p, seed=None if req.seed is None else req.seed + i,
+                                  stop_token_ids=stop_ids, logit_bias=bias, logprobs=req.logprobs,
+                                  prompt_logprobs=want_prompt_lp)
+                   for i in range(req.resolved_n)] for _ in prompts]
+        return self._check_job(_Job(
+            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), stream=bool(req.stream),
+            include_usage=req.include_usage, prompts=prompts, params=params, stops=stops, n=req.resolved_n,
+            echo=bool(req.echo), echo_texts=echo_texts, bos_added=bos_added, completion_logprobs=req.logprobs,
+            skip_ids=self._skip_ids(req, False)), prompt_param="prompt")
 
     def _completion_logprobs(self, entries: Sequence[TokenLogprob | None], offsets: Sequence[int],
                              ids: Sequence[int]) -> dict[str, Any]:
@@ -569,6 +507,8 @@ class OpenAIService:
             offsets.append(pos)
             if k == 0 and job.bos_added[j]:
                 continue  # the added [BOS] is context only: it is not part of the echoed text
+            if t in job.skip_ids:
+                continue  # not in the echoed text either
             pos += len(detok.push(t))
         return self._completion_logprobs(entries, offsets, ids)
 
@@ -576,7 +516,7 @@ class OpenAIService:
         index = j * job.n + i
         gen = self._submit(job.prompts[j], job.params[j][i])
         want_lp = job.completion_logprobs is not None
-        tr = _Tracker(self.tok, job.stops)
+        tr = TextTracker(self.tok, job.stops, skip_ids=job.skip_ids)
         base = len(job.echo_texts[j]) if job.echo else 0
 
         def block(lps: list[TokenLogprob | None]) -> dict[str, Any] | None:
@@ -609,10 +549,15 @@ class OpenAIService:
 
     async def stream_completion(self, job: _Job) -> AsyncIterator[dict[str, Any]]:
         pending: dict[str, Any] | None = None
-        async for choice in _merge(self._completion_choices(job)):
-            if pending is not None:
+        try:
+            async for choice in _merge(self._completion_choices(job)):
+                if pending is not None:
+                    yield pending
+                pending = P.completion(job.id, job.created, self.model_name, [choice], None)
+        except APIError:
+            if pending is not None:  # what was generated before the error still reaches the client
                 yield pending
-            pending = P.completion(job.id, job.created, self.model_name, [choice], None)
+            raise
         if pending is not None:
             if job.include_usage:
                 yield pending
@@ -641,6 +586,11 @@ class OpenAIService:
         choices = [{"index": k, "text": texts[k], "logprobs": lps[k], "finish_reason": reasons[k]}
                    for k in range(n_choices)]
         return P.completion(job.id, job.created, self.model_name, choices, job.usage())
+
+
+def _overloaded(why: str) -> APIError:
+    return APIError(503, f"server overloaded: {why}; retry later", type="server_error", code="overloaded",
+                    headers={"Retry-After": "1"})
 
 
 async def _merge(gens: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[dict[str, Any]]:

@@ -16,11 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from openk2.data.chat import render_chat_ids
 from openk2.data.tokenizer import Tokenizer, train_tokenizer
-from openk2.model import K2Model, build_model, get_preset, save_hf
+from openk2.model import K2Model, save_hf
+from openk2.serve.testing_checkpoints import train_on_rows
 
 WEATHER_TOOL: dict[str, Any] = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
@@ -64,25 +63,7 @@ def train_tool_model(tokenizer: Tokenizer, steps: int = 200, seed: int = 0, max_
     # Hello with and without the tool declared: with it, "auto" answers in text, so forcing a call is visible.
     dialogs = [(TOOL_DIALOG, [WEATHER_TOOL]), (HELLO_DIALOG, [WEATHER_TOOL]), (HELLO_DIALOG, None)]
     rows = [render_chat_ids(tokenizer, d, tools) for d, tools in dialogs]
-    T = max(len(ids) for ids, _ in rows)
-    ids_BT = torch.full((len(rows), T), tokenizer.pad_id)
-    labels_BT = torch.full((len(rows), T), -100)
-    for b, (ids, mask) in enumerate(rows):
-        ids_BT[b, : len(ids)] = torch.tensor(ids)
-        labels_BT[b, : len(ids) - 1] = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:], strict=True)])
-    torch.manual_seed(seed)
-    model = build_model(get_preset("tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=max_len),
-                        seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        loss = model(ids_BT, labels=labels_BT).loss
-        if loss.item() < 0.002:  # checked before stepping: these are the weights that reached it
-            break
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return model.eval()
+    return train_on_rows(rows, tokenizer.vocab_size, tokenizer.pad_id, steps=steps, seed=seed, max_len=max_len)
 
 
 def make_model_dir(path: str | os.PathLike, model: K2Model, tokenizer: Tokenizer) -> Path:

@@ -46,8 +46,11 @@ class DataSection:
 @dataclass
 class TrainSection:
     max_steps: int = 360
-    batch_size: int = 16  # sequences per micro-batch
-    grad_accum: int = 1
+    # The global batch: sequences per optimizer step on any layout (see openk2.train.batch_plan).
+    batch_size: int = 16
+    # Sequences per forward/backward on one data-parallel rank; 0 = batch_size / data-parallel ranks (no
+    # gradient accumulation). Changing it (or the layout) keeps the losses: only memory and speed change.
+    micro_batch_size: int = 0
     seq_len: int = 256
     lr: float = 2e-2
     warmup_steps: int = 20
@@ -132,7 +135,8 @@ class TrainConfig:
         t = self.train
         checks = [
             (t.max_steps > 0, "train.max_steps must be > 0"),
-            (t.batch_size > 0 and t.grad_accum > 0 and t.seq_len > 1, "batch_size, grad_accum, seq_len must be > 0"),
+            (t.batch_size > 0 and t.seq_len > 1, "train.batch_size and train.seq_len must be > 0"),
+            (0 <= t.micro_batch_size <= t.batch_size, "train.micro_batch_size must lie in [0, train.batch_size]"),
             (t.optimizer in ("muonclip", "adamw"), f"train.optimizer must be muonclip or adamw, got {t.optimizer!r}"),
             (t.decay_shape in ("cosine", "linear"), f"train.decay_shape must be cosine or linear: {t.decay_shape!r}"),
             (0 <= t.decay_fraction <= 1, "train.decay_fraction must lie in [0, 1]"),
@@ -157,6 +161,11 @@ class TrainConfig:
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+_REMOVED = {
+    "train.grad_accum": "train.batch_size is now the global batch (sequences per optimizer step on any layout); "
+                        "set it to the old batch_size x grad_accum x data-parallel ranks, and train.micro_batch_size "
+                        "to the old batch_size to keep the memory per forward",
+}
 
 
 def valid_keys() -> list[str]:
@@ -173,6 +182,8 @@ def _assign(cfg: TrainConfig, dotted: str, value: Any) -> None:
         target.overrides[key.split(".", 1)[1]] = value
         return
     fields = {f.name: f for f in dataclasses.fields(target)}
+    if dotted in _REMOVED:
+        raise TrainConfigError(f"{dotted} was removed: {_REMOVED[dotted]}")
     if key not in fields:
         raise TrainConfigError(f"unknown key {dotted!r}; valid keys: {', '.join(valid_keys())}")
     default = getattr(type(target)(), key)

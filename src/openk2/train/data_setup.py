@@ -84,7 +84,10 @@ def get_tokenizer(cfg: TrainConfig, sources: list[Source], progress: bool = True
     return tokenizer
 
 
-def prepare_data(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> PreparedData:
+def prepare_data(cfg: TrainConfig) -> PreparedData:
+    """Tokenizer, shards, the training stream and validation batches of the config. Both yield global batches
+    (`train.batch_size` rows) in one layout-independent order; data-parallel ranks keep their rows of each
+    (`openk2.train.batch_plan`)."""
     t = cfg.train
     sources, world = build_sources(cfg)
     tokenizer = get_tokenizer(cfg, sources, progress=cfg.run.progress)
@@ -92,11 +95,10 @@ def prepare_data(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> Prepar
     shards_dir = cache_dir(cfg) / f"shards-{key}"
     build_shards(sources, shards_dir, tokenizer, val_fraction=cfg.data.val_fraction, on_error=cfg.data.on_error,
                  progress=cfg.run.progress)
-    loader = PackedLoader(shards_dir, t.batch_size, t.seq_len, rank=rank, world_size=world_size, seed=t.seed)
+    loader = PackedLoader(shards_dir, t.batch_size, t.seq_len, seed=t.seed)
 
     def val(source: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return validation_batches(shards_dir, t.batch_size, t.seq_len, rank=rank, world_size=world_size,
-                                  sources=[source], max_batches=t.eval_batches)
+        return validation_batches(shards_dir, t.batch_size, t.seq_len, sources=[source], max_batches=t.eval_batches)
 
     ds = loader.data
     val_sources = [n for i, n in enumerate(ds.names) if ds.num_docs(i, "val") > 0]
