@@ -35,16 +35,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from openk2.eval.task import Benchmark, BenchmarkDataError, Completion, Sample, Score
+from openk2.eval.task import Benchmark, BenchmarkDataError, Completion, Sample, Score, ScoringInfrastructureError
 from openk2.sandbox import Limits, RunResult, Sandbox
 from openk2.sandbox.judge import JudgeInfrastructureError, JudgeOutcome, Program, cpp_available, judge
-
-try:  # the harness's "the scorer failed, not the model" (the sample is retried, not scored 0)
-    from openk2.eval.task import ScoringInfrastructureError
-except ImportError:  # a task.py from before the harness added it
-
-    class ScoringInfrastructureError(RuntimeError):  # type: ignore[no-redef]
-        pass
 
 K2_LCB_WINDOW = "2024-08-01:2025-05-31"  # K2's LiveCodeBench v6 window (Aug 2024 - May 2025)
 
