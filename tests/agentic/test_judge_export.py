@@ -27,7 +27,8 @@ def _trajectories():
     cancel, status = order_desk_tasks()
     for t in (cancel, status):
         assert attach_gold_state(t, layer) is None
-    good = _run(cancel, [{"role": "assistant", "content": None, "tool_calls": [call("cancel_order", {"order_id": "B2"})]},
+    good = _run(cancel, [{"role": "assistant", "content": None,
+                          "tool_calls": [call("cancel_order", {"order_id": "B2"})]},
                          {"role": "assistant", "content": "Your order B2 is cancelled."}], ["Cancel B2 please."])
     wrong_state = _run(cancel, [{"role": "assistant", "content": None,
                                  "tool_calls": [call("cancel_order", {"order_id": "C3"})]},
@@ -36,7 +37,8 @@ def _trajectories():
     bad_call = _run(status, [{"role": "assistant", "content": None,
                               "tool_calls": [call("get_order", {"order_id": 1}), call("teleport", {}, "c2")]},
                              {"role": "assistant", "content": "It shipped."}], ["Where is A1?"])
-    judged_ok = _run(status, [{"role": "assistant", "content": None, "tool_calls": [call("get_order", {"order_id": "A1"})]},
+    judged_ok = _run(status, [{"role": "assistant", "content": None,
+                               "tool_calls": [call("get_order", {"order_id": "A1"})]},
                               {"role": "assistant", "content": "A1 has shipped."}], ["Where is A1?"])
     judged_ok.id += "-b"
     judged_bad = _run(status, [{"role": "assistant", "content": None,
