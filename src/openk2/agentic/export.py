@@ -50,7 +50,7 @@ def sft_record(traj: Trajectory, task: Task | None = None, agent: Agent | None =
     render_chat(messages, traj.tools or None)  # raises ValueError for anything the K2 template cannot render
     provenance = {"trajectory": traj.id, "task": traj.task_id, "agent": traj.agent_id,
                   "domain": agent.domain if agent else None, "difficulty": task.difficulty if task else None,
-                  "models": dict(traj.models), "seed": traj.seed,
+                  "models": {**dict((pipeline or {}).get("models") or {}), **traj.models}, "seed": traj.seed,
                   "judge_score": verdict.score if verdict else None, "pipeline": dict(pipeline or {})}
     return {"messages": messages, "tools": list(traj.tools), "provenance": provenance}
 
