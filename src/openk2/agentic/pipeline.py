@@ -135,13 +135,15 @@ async def _bounded(items: Sequence[Any], fn: Callable[[Any], Any], concurrency: 
 async def run_synthesis(cfg: SynthConfig, client: LLMClient | None, repo: ToolRepository | None = None, *,
                         layer_factory: Callable[[Task, Agent], Any] | None = None,
                         agents: Sequence[Agent] | None = None, tasks: Sequence[Task] | None = None,
-                        policy_factory: Callable[[Agent], Any] | None = None,
+                        policy_factory: Callable[[Agent, Task], Any] | None = None,
                         user_factory: Callable[[Task], Any] | None = None,
                         judge: Any | None = None) -> dict[str, Any]:
     """Run (or resume) one shard; returns the summary also written to summary.json.
 
     `client` may be None only if every role is covered without an LLM: given tasks, `layer_factory`,
-    `policy_factory`, `user_factory` and `judge` (or `cfg.judge=False`)."""
+    `policy_factory`, `user_factory` and `judge` (or `cfg.judge=False`). `layer_factory(task, agent)` is also
+    called once as `layer_factory(None, None)` for the tool list when no repository is given. Policies have an
+    async `act(messages, tools) -> assistant message`, users an async `reply(messages) -> str | None`."""
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.to_dict(), indent=2)
@@ -212,7 +214,7 @@ async def run_synthesis(cfg: SynthConfig, client: LLMClient | None, repo: ToolRe
         else:
             layer = LLMToolSimulator(client, agent.tool_specs(repo), seed=task.seed, rates=cfg.rates,
                                      model=cfg.models.get("tool"), **cfg.params)
-        policy = policy_factory(agent) if policy_factory else LLMAgent(client, model=cfg.models.get("agent"),
+        policy = policy_factory(agent, task) if policy_factory else LLMAgent(client, model=cfg.models.get("agent"),
                                                                         **cfg.params)
         user = user_factory(task) if user_factory else LLMUser(client, task, model=cfg.models.get("user"),
                                                                 **cfg.params)

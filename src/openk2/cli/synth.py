@@ -204,3 +204,48 @@ def run_cmd(
     except ValueError as e:
         fail(str(e))
     console.print(json.dumps(summary, indent=1))
+
+
+@synth_app.command("world")
+def world_cmd(
+    out: Path = typer.Option(..., "--out", help="Run directory."),
+    split: str = typer.Option("train", help="train (people in pretraining documents) or heldout."),
+    n_tasks: int = typer.Option(50, "--n-tasks"),
+    world_seed: int = typer.Option(0, "--world-seed"), n_people: int = typer.Option(100, "--n-people"),
+    seed: int = typer.Option(0), shard: str = typer.Option("0/1", "--shard"),
+    base_url: str = _BASE_URL, api_key: str = _API_KEY,
+    model: str = typer.Option(None, "--model", help="With --base-url: an LLM agent instead of the expert."),
+    llm_user: bool = typer.Option(False, "--llm-user", help="With --model: an LLM user instead of the script."),
+    judge: bool = typer.Option(False, "--judge/--no-judge", help="LLM judge (needs --model)."),
+    temperature: float = typer.Option(None), max_tokens: int = typer.Option(None, "--max-tokens"),
+    concurrency: int = typer.Option(8), cache: Path = typer.Option(None),
+    price_in: float = typer.Option(0.0, "--price-in"), price_out: float = typer.Option(0.0, "--price-out"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """World-domain trajectories through the pipeline: expert + scripted user on a CPU, or an LLM agent."""
+    from openk2.agentic.pipeline import SynthConfig, parse_shard, run_synthesis
+    from openk2.agentic.world_path import world_inputs
+    from openk2.data.world import World
+
+    try:
+        i, n = parse_shard(shard)
+        inputs = world_inputs(World.generate(world_seed, n_people), split=split, n=n_tasks, seed=seed)
+    except ValueError as e:
+        fail(str(e))
+    use_llm = bool(model)
+    if (judge or llm_user) and not use_llm:
+        fail("--judge and --llm-user need --model (and --base-url)")
+    client = _client(base_url, api_key, model, cache or out / "llm_cache", concurrency, price_in, price_out, []) \
+        if use_llm else None
+    cfg = SynthConfig(out=str(out), seed=seed, shard=i, num_shards=n, judge=judge, concurrency=concurrency,
+                      params=_params(temperature, max_tokens), progress=progress)
+    kw = inputs.llm(scripted_user=not llm_user) if use_llm else inputs.expert()
+
+    async def go() -> dict[str, Any]:
+        if client is None:
+            return await run_synthesis(cfg, None, **kw)
+        async with client:
+            return await run_synthesis(cfg, client, **kw)
+
+    summary = asyncio.run(go())
+    console.print(json.dumps(summary, indent=1))
