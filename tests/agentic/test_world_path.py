@@ -9,6 +9,7 @@ from openk2.agentic.pipeline import SynthConfig, read_jsonl, run_synthesis
 from openk2.agentic.world_path import world_inputs
 from openk2.data.chat import render_chat
 from openk2.data.world import World
+from openk2.train.sft_data import read_chat_jsonl
 
 
 def test_world_domain_through_the_pipeline_without_an_llm(tmp_path):
@@ -21,6 +22,8 @@ def test_world_domain_through_the_pipeline_without_an_llm(tmp_path):
     sft = read_jsonl(tmp_path / "expert" / "sft.jsonl")
     assert len(sft) == 12 and sft[0]["provenance"]["agent"] == "agent-world-registry"
     render_chat(sft[0]["messages"], sft[0]["tools"])
+    convs, skipped = read_chat_jsonl([tmp_path / "expert" / "sft.jsonl"])  # what `openk2 sft` reads
+    assert len(convs) == 12 and not skipped and convs[0].tools == sft[0]["tools"]
 
     class Lazy:  # answers without tools: rule checks (expected tools) and answer checks reject it
         async def act(self, messages, tools):

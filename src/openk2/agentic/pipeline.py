@@ -215,7 +215,7 @@ async def run_synthesis(cfg: SynthConfig, client: LLMClient | None, repo: ToolRe
             layer = LLMToolSimulator(client, agent.tool_specs(repo), seed=task.seed, rates=cfg.rates,
                                      model=cfg.models.get("tool"), **cfg.params)
         policy = policy_factory(agent, task) if policy_factory else LLMAgent(client, model=cfg.models.get("agent"),
-                                                                        **cfg.params)
+                                                                              seed=task.seed, **cfg.params)
         user = user_factory(task) if user_factory else LLMUser(client, task, model=cfg.models.get("user"),
                                                                 **cfg.params)
         traj = await simulate(task, agent, policy, user, layer, tools=tools, max_turns=cfg.max_turns,

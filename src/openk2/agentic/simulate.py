@@ -255,11 +255,18 @@ class ScriptedUser:
 # ---- agents -----------------------------------------------------------------------------------------------------
 
 class LLMAgent:
-    def __init__(self, client: LLMClient, *, model: str | None = None, **params: Any) -> None:
-        self.client, self.model, self.params = client, model, params
+    """The model under test: one chat request per step, with the tools. With `seed`, step k samples with seed
+    `seed + k`, so a fresh run (no cache) reproduces on a server with seeded sampling."""
+
+    def __init__(self, client: LLMClient, *, model: str | None = None, seed: int | None = None,
+                 **params: Any) -> None:
+        self.client, self.model, self.seed, self.params = client, model, seed, params
 
     async def act(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        reply = await self.client.chat(messages, tools=tools, model=self.model, **self.params)
+        params = dict(self.params)
+        if self.seed is not None:
+            params.setdefault("seed", self.seed + sum(m.get("role") == "assistant" for m in messages))
+        reply = await self.client.chat(messages, tools=tools, model=self.model, **params)
         msg = dict(reply.message)
         msg.setdefault("content", None)
         return {k: v for k, v in msg.items() if k in ("role", "content", "tool_calls")}

@@ -39,8 +39,10 @@ class Rubric:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Rubric:
-        return cls([str(x) for x in d.get("success_criteria") or []], [str(x) for x in d.get("expected_tools") or []],
-                   [str(x) for x in d.get("checkpoints") or []])
+        def strings(v: Any) -> list[str]:  # a lone string is one item, not a list of characters
+            return [v] if isinstance(v, str) and v else [str(x) for x in v] if isinstance(v, list) else []
+
+        return cls(strings(d.get("success_criteria")), strings(d.get("expected_tools")), strings(d.get("checkpoints")))
 
 
 @dataclass
