@@ -87,12 +87,14 @@ def test_synth_run_against_openk2_serve(server, tmp_path):
     out1 = tmp_path / "llm-tasks"
     r = CliRunner().invoke(app, ["synth", "run", "--repository", str(tmp_path / "repository.jsonl"), "--out",
                                  str(out1), "--n-agents", "1", "--difficulties", "simple", "--base-url", server,
-                                 *LLM_ARGS])
+                                 "--price-in", "1.0", "--price-out", "2.0", *LLM_ARGS])
     assert r.exit_code == 0, r.output
     rejections = read_jsonl(out1 / "rejections.jsonl")
     assert rejections and all(x["stage"] == "tasks" and x["reason"] for x in rejections)
     usage = json.loads((out1 / "usage.json").read_text())
-    assert usage["models"]["toy"]["requests"] == 1 and usage["models"]["toy"]["completion_tokens"] >= 1
+    toy = usage["models"]["toy"]
+    assert toy["requests"] == 1 and toy["completion_tokens"] >= 1
+    assert toy["cost_usd"] == pytest.approx((toy["prompt_tokens"] * 1.0 + toy["completion_tokens"] * 2.0) / 1e6)
 
     # 2. given agent and task: user simulator, agent (with tools) and judge all talk to the server
     agent = Agent("agent-q", "finance/trading", "You help with stock quotes.", ["get_quote", "place_order"], seed=3)

@@ -254,10 +254,11 @@ def report_markdown(report: Mapping[str, Any], usage: Mapping[str, Any] | None =
              f"(acceptance {report['acceptance_rate']:.1%})"]
     if report.get("mean_judge_score") is not None:
         lines.append(f"- mean judge score: {report['mean_judge_score']:.3f}")
-    lines += ["", "| rejected at | count |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in report["rejected_by_stage"].items()]
-    lines += ["", "| top rejection reason | count |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in report["top_rejection_reasons"].items()]
+    if report["rejected"]:
+        lines += ["", "| rejected at | count |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in report["rejected_by_stage"].items()]
+        lines += ["", "| top rejection reason | count |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in report["top_rejection_reasons"].items()]
     lines += ["", "| difficulty | kept / total |", "|---|---|"]
     lines += [f"| {k} | {v['kept']} / {v['total']} |" for k, v in report["by_difficulty"].items()]
     if report.get("earlier_stage_rejections"):
