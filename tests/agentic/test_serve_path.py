@@ -125,6 +125,16 @@ def test_synth_run_against_openk2_serve(server, tmp_path):
     assert again["requests"] == 0 and again["cached_requests"] >= 1
 
 
+def test_synth_tools_evolution_against_openk2_serve(server, tmp_path):
+    r = CliRunner().invoke(app, ["synth", "tools", "--out", str(tmp_path / "t"), "--evolve", "robot control",
+                                 "--subdomains", "1", "--base-url", server, "--api-key", "k", "--model", "toy",
+                                 "--max-tokens", "12"])
+    assert r.exit_code == 0, r.output
+    (rej,) = read_jsonl(tmp_path / "t" / "tool_rejections.jsonl")
+    assert rej["stage"] == "evolve" and rej["item"] == "category:robot control" and rej["reason"]
+    assert json.loads((tmp_path / "t" / "usage_tools.json").read_text())["total"]["requests"] == 1
+
+
 def test_tool_simulator_and_user_against_openk2_serve(server, tmp_path):
     repo = small_repository()
     agent = Agent("agent-q", "finance/trading", "You help with stock quotes.", ["get_quote"], seed=3)
