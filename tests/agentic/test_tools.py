@@ -151,9 +151,10 @@ def test_import_from_a_real_mcp_server_subprocess():
 
 
 def test_dead_mcp_server_is_a_rejection_not_a_crash(tmp_path):
-    dies = [sys.executable, "-c", "import sys; sys.stdin.readline(); sys.exit(3)"]
+    dies = [sys.executable, "-c", "import sys; sys.stdin.readline(); sys.stderr.write('db locked\\n'); sys.exit(3)"]
     specs, rejected = import_mcp_server(dies, timeout=60)
     assert specs == [] and len(rejected) == 1 and "failed" in rejected[0].reason
+    assert rejected[0].reason.endswith("its stderr ends: db locked")
     hangs = [sys.executable, "-c", "import time; time.sleep(60)"]
     specs, rejected = import_mcp_server(hangs, timeout=1)
     assert specs == [] and "timed out" in rejected[0].reason

@@ -16,6 +16,7 @@ import inspect
 import json
 import os
 import re
+import tempfile
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -43,8 +44,10 @@ def describe_error(e: BaseException) -> str:
 
 
 async def list_mcp_tools(command: Sequence[str], *, env: Mapping[str, str] | None = None,
-                         cwd: str | os.PathLike | None = None, timeout: float = 60.0) -> list[dict[str, Any]]:
-    """The raw tools/list of an MCP server started as `command` (all pages), as MCP tool dicts."""
+                         cwd: str | os.PathLike | None = None, timeout: float = 60.0,
+                         errlog: Any = None) -> list[dict[str, Any]]:
+    """The raw tools/list of an MCP server started as `command` (all pages), as MCP tool dicts. The server's
+    stderr goes to `errlog` (a file; default: discarded)."""
     import anyio
     from mcp import ClientSession, StdioServerParameters, stdio_client
     from mcp.types import PaginatedRequestParams
@@ -52,8 +55,9 @@ async def list_mcp_tools(command: Sequence[str], *, env: Mapping[str, str] | Non
     params = StdioServerParameters(command=command[0], args=list(command[1:]), env=dict(env) if env else None,
                                    cwd=cwd)
     tools: list[dict[str, Any]] = []
-    with open(os.devnull, "w") as errlog, anyio.fail_after(timeout):
-        async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
+    with open(os.devnull, "w") as devnull, anyio.fail_after(timeout):
+        async with stdio_client(params, errlog=errlog or devnull) as (read, write), \
+                ClientSession(read, write) as session:
             await session.initialize()
             cursor = None
             while True:
@@ -69,11 +73,15 @@ async def import_mcp_server_async(command: Sequence[str], *, domain: str = "gene
                                   env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,
                                   timeout: float = 60.0) -> tuple[list[ToolSpec], list[Rejection]]:
     source = f"mcp:{name or Path(command[-1]).name}"
-    try:
-        raw = await list_mcp_tools(command, env=env, cwd=cwd, timeout=timeout)
-    except Exception as e:  # a dead, hung or broken server: one rejection for the source, never a crash
-        reason = "timed out" if isinstance(e, TimeoutError) else describe_error(e)
-        return [], [Rejection("import", source, f"MCP server {' '.join(command)!r} failed: {reason}")]
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as errlog:
+        try:
+            raw = await list_mcp_tools(command, env=env, cwd=cwd, timeout=timeout, errlog=errlog)
+        except Exception as e:  # a dead, hung or broken server: one rejection for the source, never a crash
+            reason = "timed out" if isinstance(e, TimeoutError) else describe_error(e)
+            errlog.seek(0)
+            stderr = " ".join(errlog.read()[-400:].split())
+            return [], [Rejection("import", source, f"MCP server {' '.join(command)!r} failed: {reason}"
+                                  + (f"; its stderr ends: {stderr}" if stderr else ""))]
     return load_tools(raw, domain=domain, source=source)
 
 
