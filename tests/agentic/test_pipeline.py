@@ -57,6 +57,12 @@ def test_pipeline_outputs_resume_and_shards(tmp_path):
     agents = [{a["id"] for a in read_jsonl(tmp_path / "run" / f"shard-{i}-of-2" / "agents.jsonl")} for i in range(2)]
     assert not agents[0] & agents[1] and len(agents[0] | agents[1]) == 3
     assert sum(s["tasks"] for s in shards) == 6 and all(s["usage"]["requests"] == 0 for s in shards)
+    r = CliRunner().invoke(app, ["synth", "merge", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    merged = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (merged["shards"], merged["missing_shards"], merged["kept"], merged["sft_records"]) == (2, [], 6, 6)
+    assert len(read_jsonl(tmp_path / "run" / "sft.jsonl")) == 6
+    assert json.loads((tmp_path / "run" / "usage.json").read_text())["total"]["cached_requests"] > 0
 
 
 def test_pipeline_on_an_executable_layer_with_gold_states(tmp_path):

@@ -267,3 +267,50 @@ async def run_synthesis(cfg: SynthConfig, client: LLMClient | None, repo: ToolRe
                "usage": usage.get("total", {})}
     atomic_write_json(run_dir / "summary.json", summary, indent=2)
     return summary
+
+
+def merge_shards(out: str | os.PathLike) -> dict[str, Any]:
+    """Combine the `shard-i-of-N` run directories under `out`: `sft.jsonl` (concatenated in shard order),
+    `report.json`/`report.md` over all verdicts, `usage.json` (counters summed), `summary.json`."""
+    out = Path(out)
+    shard_dirs = sorted(out.glob("shard-*-of-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not shard_dirs:
+        raise ValueError(f"no shard-i-of-N directories under {out}")
+    counts = {p.name.rsplit("-of-", 1)[1] for p in shard_dirs}
+    if len(counts) != 1:
+        raise ValueError(f"shards of different N under {out}: {sorted(counts)}")
+    n = int(counts.pop())
+    missing = sorted(set(range(n)) - {int(p.name.split("-")[1]) for p in shard_dirs})
+    sft_lines: list[str] = []
+    verdicts: list[Verdict] = []
+    tasks: dict[str, Task] = {}
+    rejections: list[Rejection] = []
+    usage: dict[str, Any] = {}
+    for d in shard_dirs:
+        sft = d / "sft.jsonl"
+        if sft.exists():
+            sft_lines += [line + "\n" for line in sft.read_text(encoding="utf-8").splitlines() if line.strip()]
+        tasks.update({t["id"]: Task.from_dict(t) for t in read_jsonl(d / "tasks.jsonl")})
+        for name in ("kept.jsonl", "rejected.jsonl"):
+            verdicts += [Verdict(**r["verdict"]) for r in read_jsonl(d / name)]
+        rejections += [Rejection(**r) for r in read_jsonl(d / "rejections.jsonl")]
+        for model, counters in (json.loads((d / "usage.json").read_text())["models"].items()
+                                if (d / "usage.json").exists() else []):
+            acc = usage.setdefault(model, {})
+            for k, v in counters.items():
+                acc[k] = acc.get(k, 0) + v
+    total: dict[str, Any] = {}
+    for counters in usage.values():
+        for k, v in counters.items():
+            total[k] = total.get(k, 0) + v
+    usage_summary = {"models": usage, "total": total}
+    atomic_write_text(out / "sft.jsonl", "".join(sft_lines))
+    atomic_write_json(out / "usage.json", usage_summary, indent=2)
+    report = acceptance_report(verdicts, tasks, rejections)
+    atomic_write_json(out / "report.json", report, indent=2)
+    atomic_write_text(out / "report.md", report_markdown(report, usage_summary))
+    summary = {"shards": len(shard_dirs), "num_shards": n, "missing_shards": missing, "tasks": len(tasks),
+               "trajectories": len(verdicts), "kept": report["kept"], "sft_records": len(sft_lines),
+               "acceptance_rate": report["acceptance_rate"], "usage": total}
+    atomic_write_json(out / "summary.json", summary, indent=2)
+    return summary

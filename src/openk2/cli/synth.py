@@ -249,3 +249,17 @@ def world_cmd(
 
     summary = asyncio.run(go())
     console.print(json.dumps(summary, indent=1))
+
+
+@synth_app.command("merge")
+def merge_cmd(out: Path = typer.Option(..., "--out", help="The --out of the sharded runs.")) -> None:
+    """Combine shard-i-of-N runs: one sft.jsonl, report and usage over all shards."""
+    from openk2.agentic.pipeline import merge_shards
+
+    try:
+        summary = merge_shards(out)
+    except ValueError as e:
+        fail(str(e))
+    if summary["missing_shards"]:
+        console.print(f"[yellow]missing shards: {summary['missing_shards']}[/yellow]")
+    console.print(json.dumps(summary, indent=1))
