@@ -160,3 +160,25 @@ def test_dead_mcp_server_is_a_rejection_not_a_crash(tmp_path):
     assert specs == [] and "timed out" in rejected[0].reason
     specs, rejected = import_mcp_server([str(tmp_path / "no-such-binary")], timeout=10)
     assert specs == [] and "failed" in rejected[0].reason
+
+
+def test_dedup_index_matches_pairwise_search():
+    import random
+
+    from openk2.agentic.tools import DedupIndex, near_duplicate
+
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(40)]
+    specs = []
+    for i in range(400):
+        ws = rng.sample(vocab, rng.randint(2, 6))
+        specs.append(validate_tool({"name": f"t{i % 350}", "description": " ".join(ws),
+                                    "parameters": {"type": "object", "properties": {}}}))
+    for threshold in (0.5, 0.8):
+        index, seen = DedupIndex(threshold), []
+        for s in specs:
+            got, want = index.find(s), near_duplicate(s, seen, threshold)
+            assert (got and (got[0].name, got[1])) == (want and (want[0].name, want[1]))
+            if got is None:
+                index.add(s)
+                seen.append(s)

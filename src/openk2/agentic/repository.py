@@ -19,25 +19,26 @@ from pathlib import Path
 from typing import Any
 
 from openk2.agentic.common import Rejection, text_vector
-from openk2.agentic.tools import ToolSchemaError, ToolSpec, near_duplicate
+from openk2.agentic.tools import DedupIndex, ToolSchemaError, ToolSpec
 from openk2.utils.io import atomic_write_text
 
 
 class ToolRepository:
     def __init__(self, tools: Iterable[ToolSpec] = (), dedupe_threshold: float = 0.8) -> None:
         self.threshold = dedupe_threshold
-        self._tools: dict[str, ToolSpec] = {}
+        self._dedup = DedupIndex(dedupe_threshold)
+        self._tools = self._dedup.tools
         self.rejections: list[Rejection] = []
         self.add_many(tools)
 
     def add(self, spec: ToolSpec, stage: str = "repository") -> Rejection | None:
         """Add a tool unless it duplicates one already here; returns the rejection if it does."""
-        dup = near_duplicate(spec, self._tools.values(), self.threshold)
+        dup = self._dedup.find(spec)
         if dup is not None:
             r = Rejection(stage, spec.name, dup[1], {"source": spec.source, "duplicate_of": dup[0].name})
             self.rejections.append(r)
             return r
-        self._tools[spec.name] = spec
+        self._dedup.add(spec)
         return None
 
     def add_many(self, specs: Iterable[ToolSpec], stage: str = "repository") -> list[Rejection]:

@@ -18,6 +18,7 @@ name + description + parameter-name word sets overlap by at least `threshold` (J
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -172,17 +173,62 @@ def near_duplicate(spec: ToolSpec, others: Iterable[ToolSpec], threshold: float 
     return None
 
 
+class DedupIndex:
+    """`near_duplicate` over many tools without comparing every pair: prefix filtering (Bayardo et al., "Scaling
+    up all pairs similarity search", 2007). Under one fixed word order, two sets with Jaccard >= t share a word
+    among the first |A| - ceil(t |A|) + 1 words of each, so only tools sharing such a word are compared; the
+    answer is exactly `near_duplicate`'s (the earliest added tool that matches)."""
+
+    def __init__(self, threshold: float = 0.8) -> None:
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        self.threshold = threshold
+        self.tools: dict[str, ToolSpec] = {}  # insertion ordered
+        self._order: dict[str, int] = {}
+        self._sets: dict[str, frozenset[str]] = {}
+        self._index: dict[str, set[str]] = {}
+
+    def _prefix(self, ws: frozenset[str]) -> list[str]:
+        ordered = sorted(ws)
+        return ordered[: len(ordered) - math.ceil(self.threshold * len(ordered)) + 1] if ordered else []
+
+    def find(self, spec: ToolSpec) -> tuple[ToolSpec, str] | None:
+        ws = frozenset(spec.words)
+        names = {n for w in self._prefix(ws) for n in self._index.get(w, ())}
+        if spec.name in self.tools:
+            names.add(spec.name)
+        for name in sorted(names, key=self._order.__getitem__):
+            other = self.tools[name]
+            if other.name == spec.name:
+                same = other.signature == spec.signature
+                return other, "exact duplicate" if same else f"name {spec.name!r} already taken ({other.source})"
+            sim = jaccard(ws, self._sets[name])
+            if sim >= self.threshold:
+                return other, f"near-duplicate of {other.name!r} (word overlap {sim:.2f} >= {self.threshold})"
+        return None
+
+    def add(self, spec: ToolSpec) -> None:
+        ws = frozenset(spec.words)
+        self._order[spec.name] = len(self._order)
+        self.tools[spec.name] = spec
+        self._sets[spec.name] = ws
+        for w in self._prefix(ws):
+            self._index.setdefault(w, set()).add(spec.name)
+
+
 def dedupe(specs: Iterable[ToolSpec], threshold: float = 0.8, existing: Iterable[ToolSpec] = (),
            stage: str = "dedupe") -> tuple[list[ToolSpec], list[Rejection]]:
     """Keep the first of each group of duplicates (exact, same name, or near-duplicate); reject the rest."""
+    index = DedupIndex(threshold)
+    for spec in existing:
+        index.add(spec)
     kept: list[ToolSpec] = []
-    seen = list(existing)
     rejections: list[Rejection] = []
     for spec in specs:
-        dup = near_duplicate(spec, seen, threshold)
+        dup = index.find(spec)
         if dup is None:
             kept.append(spec)
-            seen.append(spec)
+            index.add(spec)
         else:
             rejections.append(Rejection(stage, spec.name, dup[1], {"source": spec.source, "duplicate_of": dup[0].name}))
     return kept, rejections
