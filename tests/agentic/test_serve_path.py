@@ -135,6 +135,17 @@ def test_synth_tools_evolution_against_openk2_serve(server, tmp_path):
     assert json.loads((tmp_path / "t" / "usage_tools.json").read_text())["total"]["requests"] == 1
 
 
+def test_synth_world_with_an_llm_agent_against_openk2_serve(server, tmp_path):
+    r = CliRunner().invoke(app, ["synth", "world", "--out", str(tmp_path / "w"), "--n-tasks", "2", "--n-people", "40",
+                                 "--base-url", server, "--api-key", "k", "--model", "toy", "--max-tokens", "8",
+                                 "--no-progress", "--judge"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+    assert summary["trajectories"] == 2 and summary["usage"]["requests"] >= 2
+    for rec in read_jsonl(tmp_path / "w" / "rejected.jsonl"):
+        assert rec["verdict"]["reasons"]  # noise from the tiny model: rejected, with reasons
+
+
 def test_tool_simulator_and_user_against_openk2_serve(server, tmp_path):
     repo = small_repository()
     agent = Agent("agent-q", "finance/trading", "You help with stock quotes.", ["get_quote"], seed=3)
