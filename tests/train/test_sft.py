@@ -164,3 +164,21 @@ def test_cli_sft_and_bad_line_errors(base_run, tmp_path):
     out = " ".join(proc.stdout.split())  # rich wraps long lines
     assert "at step 2," in out and "1 bad lines skipped" in out
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_sft_from_a_hf_checkpoint(base_run, tmp_path):
+    """init.from_checkpoint may be a HF directory: its config.json defines the model, its weights start SFT."""
+    from openk2.cli.hf import resolve_model_source
+    from openk2.model_dir import load_model_dir
+    from openk2.serve.testing import make_model_dir
+
+    root, base, train, _ = base_run
+    loaded = load_model_dir(base)
+    hf = make_model_dir(tmp_path / "hf", loaded.model, loaded.tokenizer)
+    cfg = sft_config(hf, [train], run_dir=tmp_path / "sft", overrides=[*SFT, "train.max_steps=1",
+                                                                       "train.eval_every=0"])
+    trainer = Trainer(cfg)
+    start = resolve_model_source(hf).state_dict()
+    assert all(torch.equal(v.float(), start[k].float()) for k, v in trainer.model.state_dict().items())
+    trainer.train()
+    assert load_model_dir(tmp_path / "sft").model.config.num_hidden_layers == loaded.model.config.num_hidden_layers
