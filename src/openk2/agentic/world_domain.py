@@ -51,8 +51,7 @@ You help users with the registry of people, companies and cities. You can only a
 5. Answer briefly, in one sentence, stating the value you found.
 """
 
-SYSTEM_PROMPT = ("You are the world registry assistant. Use the tools; never guess. Birth, university and field "
-                 "records are permanent. Only employer and hobby may be updated, after looking the person up.")
+SYSTEM_PROMPT = "You are the world registry assistant. Follow the registry policy: use the tools, never guess."
 
 
 def _tool(name: str, description: str, properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
