@@ -170,9 +170,9 @@ def test_dedup_index_matches_pairwise_search():
     rng = random.Random(0)
     vocab = [f"w{i}" for i in range(40)]
     specs = []
-    for i in range(400):
+    for i in range(200):
         ws = rng.sample(vocab, rng.randint(2, 6))
-        specs.append(validate_tool({"name": f"t{i % 350}", "description": " ".join(ws),
+        specs.append(validate_tool({"name": f"t{i % 180}", "description": " ".join(ws),
                                     "parameters": {"type": "object", "properties": {}}}))
     for threshold in (0.5, 0.8):
         index, seen = DedupIndex(threshold), []
