@@ -182,3 +182,18 @@ def test_dedup_index_matches_pairwise_search():
             if got is None:
                 index.add(s)
                 seen.append(s)
+
+
+def test_tsne_map_separates_domains():
+    import numpy as np
+
+    from openk2.agentic.common import text_vector
+    from openk2.agentic.repository import tsne_2d
+
+    groups = [["stock", "order", "price", "trade", "market"], ["arm", "joint", "gripper", "motor", "sensor"]]
+    rng = np.random.default_rng(0)
+    x = np.array([text_vector(list(rng.choice(g, 3, replace=False))) for g in groups for _ in range(15)])
+    y = tsne_2d(x, iters=300)
+    d = np.linalg.norm(y[:, None] - y[None], axis=-1) + np.eye(30) * 1e9
+    label = np.arange(30) >= 15
+    assert (label[d.argmin(1)] == label).mean() >= 0.9  # nearest neighbours on the map share the domain
