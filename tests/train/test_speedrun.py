@@ -10,7 +10,7 @@ TINY = ["model.preset='tiny'", "data.world_people=60", "data.vocab_size=700", "d
 
 def test_speedrun_writes_report_plots_and_probe_results(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    report = speedrun("smoke", overrides=[*TINY, f"data.cache_dir='{tmp_path / 'cache'}'"])
+    report = speedrun("smoke", overrides=[*TINY, f"data.cache_dir='{tmp_path / 'cache'}'"], sft=False)
     run = tmp_path / "runs" / "smoke"
     assert report.resolve() == run / "report.md"
     text = report.read_text()
@@ -31,8 +31,8 @@ def test_speedrun_writes_report_plots_and_probe_results(tmp_path, monkeypatch):
 def test_speedrun_again_on_a_finished_run_reports_the_training_it_did(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     overrides = [*TINY, "train.max_steps=3", f"data.cache_dir='{tmp_path / 'cache'}'"]
-    speedrun("again", overrides=overrides)
+    speedrun("again", overrides=overrides, sft=False)
     first = json.loads((tmp_path / "runs" / "again" / "summary.json").read_text())["last_step"]
-    speedrun("again", overrides=overrides)  # resumes at max_steps: trains nothing, evaluates and reports again
+    speedrun("again", overrides=overrides, sft=False)  # resumes at max_steps: trains nothing, reports again
     second = json.loads((tmp_path / "runs" / "again" / "summary.json").read_text())["last_step"]
     assert second["step"] == 3 and second["tokens"] == first["tokens"] > 0 and second["loss"] == first["loss"]

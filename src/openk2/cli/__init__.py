@@ -7,6 +7,8 @@ from openk2.cli import (
     model,  # noqa: F401  (registers commands)
     plan,  # noqa: F401
     serve,  # noqa: F401
+    sft,  # noqa: F401
+    synth,  # noqa: F401
     train,  # noqa: F401
 )
 from openk2.cli.app import app

@@ -50,12 +50,13 @@ def speedrun(
     name: str = typer.Option("nano", help="Run name: writes runs/<name>/."),
     config: Path = typer.Option(None, "--config", "-c", help="A TOML recipe (default: the nano settings)."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted override (repeatable)."),
+    sft: bool = typer.Option(True, "--sft/--no-sft", help="Run the SFT stage (world tool use) after pretraining."),
 ) -> None:
-    """The main job: world corpus -> tokenizer -> pretraining with MuonClip -> evaluation -> report."""
+    """The main job: world corpus -> tokenizer -> pretraining with MuonClip -> evaluation -> SFT stage -> report."""
     from openk2.train.config import TrainConfigError
     from openk2.train.speedrun import speedrun as run
 
     try:
-        run(name, config, overrides)
+        run(name, config, overrides, sft=sft)
     except (TrainConfigError, ValueError, FileNotFoundError) as e:
         fail(str(e))

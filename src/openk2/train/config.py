@@ -99,6 +99,21 @@ class ParallelSection:
 
 
 @dataclass
+class SFTSection:
+    """Supervised fine-tuning on chat JSONL (`openk2 sft`, `openk2.train.sft_data`). Empty `train_files` = pretraining.
+
+    Each line: {"messages": [...OpenAI chat messages...], "tools": [...OpenAI tool schemas...]} ("tools"
+    optional); rendered with the starting checkpoint's chat format, loss on assistant tokens only, conversations
+    packed into `train.seq_len` rows. Bad lines fail or are skipped by `data.on_error`, reported as file:line.
+    """
+
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)  # empty: hold out val_fraction of the training conversations
+    val_fraction: float = 0.05
+    too_long: str = "truncate"  # a conversation longer than a row: "truncate" (keep its start) or "skip"
+
+
+@dataclass
 class RunSection:
     dir: str = "runs/nano"
     tensorboard: bool = True
@@ -114,6 +129,7 @@ class TrainConfig:
     init: InitSection = field(default_factory=InitSection)
     run: RunSection = field(default_factory=RunSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    sft: SFTSection = field(default_factory=SFTSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,6 +160,8 @@ class TrainConfig:
             (t.dtype in ("auto", "float32", "bfloat16"), f"train.dtype must be auto, float32 or bfloat16: {t.dtype!r}"),
             (self.data.on_error in ("fail", "skip"), "data.on_error must be fail or skip"),
             (t.keep_last >= 1, "train.keep_last must be >= 1"),
+            (self.sft.too_long in ("truncate", "skip"), "sft.too_long must be truncate or skip"),
+            (0 <= self.sft.val_fraction < 1, "sft.val_fraction must lie in [0, 1)"),
         ]
         for ok, msg in checks:
             if not ok:

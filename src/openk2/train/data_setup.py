@@ -88,6 +88,10 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     """Tokenizer, shards, the training stream and validation batches of the config. Both yield global batches
     (`train.batch_size` rows) in one layout-independent order; data-parallel ranks keep their rows of each
     (`openk2.train.batch_plan`)."""
+    if cfg.sft.train_files:  # chat JSONL, assistant-only loss (the same trainer, another data source)
+        from openk2.train.sft_data import prepare_sft_data
+
+        return prepare_sft_data(cfg)
     t = cfg.train
     sources, world = build_sources(cfg)
     tokenizer = get_tokenizer(cfg, sources, progress=cfg.run.progress)

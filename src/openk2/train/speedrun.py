@@ -1,8 +1,9 @@
 """`openk2 speedrun`: the whole recipe on a laptop, each stage measured, ending in `runs/<name>/report.md`.
 
 Stages today: world corpus -> tokenizer -> shards -> pretraining with MuonClip -> evaluation (validation loss
-and bits per byte, knowledge probes, samples) -> report with plots. Later stages (SFT, RL, benchmarks) append
-to the same run directory and report.
+and bits per byte, knowledge probes, samples) -> report with plots -> SFT stage (world-domain tool-use
+trajectories -> `openk2 sft` into runs/<name>/sft -> `world-agent` success before and after, `sft_stage.py`).
+Later stages (RL, benchmarks) append to the same run directory and report.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ PROBE_SHORT_LABELS = {"seen/recall": "recall, seen people", "seen/qa": "Q/A, unt
                       "unseen": "held-out people (chance)"}
 
 
-def speedrun(name: str = "nano", config: str | Path | None = None, overrides: list[str] = ()) -> Path:
+def speedrun(name: str = "nano", config: str | Path | None = None, overrides: list[str] = (),
+             sft: bool = True, sft_options: dict[str, Any] | None = None) -> Path:
+    """Run (or resume) every stage into runs/<name>; `sft=False` skips the SFT stage, `sft_options` are keyword
+    arguments of `openk2.train.sft_stage.sft_stage` (n_train, n_eval, eval_seed, overrides of the SFT config)."""
     cfg = load_config(config, [f"run.dir='runs/{name}'", *overrides])
     run_dir = Path(cfg.run.dir)
     timings: dict[str, float] = {}
@@ -85,6 +89,17 @@ def speedrun(name: str = "nano", config: str | Path | None = None, overrides: li
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     plots = write_plots(run_dir, cfg.train.qk_clip_tau if cfg.train.optimizer == "muonclip" else None)
     write_report(run_dir, cfg, summary, plots)
+    if sft and data.world is not None:  # world-domain tool use: synthesis -> SFT -> world-agent before/after
+        from openk2.train.sft_stage import report_lines, sft_stage
+
+        del trainer, model
+        t0 = time.perf_counter()
+        stage = sft_stage(run_dir, world_seed=cfg.data.world_seed, world_people=cfg.data.world_people,
+                          progress=cfg.run.progress, **(sft_options or {}))
+        timings["sft stage (synthesis, SFT, world-agent before/after)"] = time.perf_counter() - t0
+        summary["sft_stage"] = {k: v for k, v in stage.items() if k != "examples_after"}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_report(run_dir, cfg, summary, plots, extra=report_lines(stage))
     print(f"report: {run_dir / 'report.md'}")
     return run_dir / "report.md"
 
@@ -132,7 +147,8 @@ def write_plots(run_dir: Path, qk_clip_tau: float | None = None) -> list[str]:
     return ["training.png"]
 
 
-def write_report(run_dir: Path, cfg: TrainConfig, s: dict[str, Any], plots: list[str]) -> None:
+def write_report(run_dir: Path, cfg: TrainConfig, s: dict[str, Any], plots: list[str], extra: list[str] = ()
+                 ) -> None:
     last, final, probes, params = s["last_step"], s["final_eval"], s["probes"], s["params"]
     lines = [
         f"# openk2 speedrun: {s['name']}", "",
@@ -161,4 +177,5 @@ def write_report(run_dir: Path, cfg: TrainConfig, s: dict[str, Any], plots: list
                   if k.startswith("seen/") and k.count("/") == 1 and k.split("/")[1] not in ("recall", "qa")]
     lines += ["", "## Samples (temperature 0.7)", ""]
     lines += [f"- **{p}**{c!r}" for p, c in s["samples"].items()]
+    lines += list(extra)
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")

@@ -116,6 +116,13 @@ class Trainer:
             if not self.is_main:
                 data = prepare_data(cfg)
         self.data = data
+        # A HF checkpoint to start from (fine-tuning a released or exported model): its config is the model's.
+        hf_init = Path(cfg.init.from_checkpoint) if cfg.init.from_checkpoint else None
+        self._hf_init = None
+        if hf_init is not None and (hf_init / "config.json").is_file():
+            from openk2.model.hf import load_hf
+
+            self._hf_init = load_hf(hf_init)
         self.model_config = self._model_config()
         self.step = 0
         self.tokens = 0
@@ -123,7 +130,11 @@ class Trainer:
         if self.is_main:
             self._check_run_config(resume_from)
         model = build_model(self.model_config, device=self.policy.device, seed=t.seed)
-        init_from = _checkpoint_dir(Path(cfg.init.from_checkpoint)) if cfg.init.from_checkpoint else None
+        init_from = _checkpoint_dir(Path(cfg.init.from_checkpoint)) \
+            if cfg.init.from_checkpoint and self._hf_init is None else None
+        if resume_from is None and self._hf_init is not None:
+            model.load_state_dict(self._hf_init.state_dict())
+        self._hf_init = None
         if resume_from is None and init_from is not None and not _is_dcp(init_from):
             _load_legacy_weights(model, init_from, self.policy.device)  # the whole model, before sharding
         legacy_resume = resume_from is not None and not _is_dcp(resume_from)
@@ -155,6 +166,11 @@ class Trainer:
 
     # ----------------------------------------------------------------- setup
     def _model_config(self) -> ModelConfig:
+        if self._hf_init is not None:
+            if self.data.tokenizer.vocab_size > self._hf_init.config.vocab_size:
+                raise TrainConfigError(f"the tokenizer has {self.data.tokenizer.vocab_size} tokens but the checkpoint "
+                                       f"{self.cfg.init.from_checkpoint} only {self._hf_init.config.vocab_size} rows")
+            return self._hf_init.config
         m = self.cfg.model
         overrides = dict(m.overrides)
         tok_vocab = self.data.tokenizer.vocab_size
@@ -173,9 +189,11 @@ class Trainer:
         stored = self.run_dir / "train_config.json"  # not config.json: that name marks a HF checkpoint
         current = self.cfg.to_dict()
         if resume_from is not None and stored.exists() and not self.cfg.run.force:
+            # A section added since the run was written (e.g. [sft]) reads as its defaults.
+            old = {**TrainConfig().to_dict(), **json.loads(stored.read_text())}
             # The layout and the micro-batch size may change between runs: neither changes the losses.
             free = ("run.force", "train.max_steps", "run.progress", "parallel.", "train.micro_batch_size")
-            changed = [d for d in diff_configs(json.loads(stored.read_text()), current) if not d.startswith(free)]
+            changed = [d for d in diff_configs(old, current) if not d.startswith(free)]
             if changed:
                 raise TrainConfigError(
                     f"{self.run_dir} was written by a different config; refusing to resume. Changed keys:\n  "
@@ -295,7 +313,8 @@ class Trainer:
             return {"step": self.step}
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=t.max_steps, initial=self.step, desc="pretrain", unit="step",
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="sft" if self.cfg.sft.train_files else "pretrain",
+                   unit="step",
                    disable=not (self.cfg.run.progress and self.is_main), dynamic_ncols=True)
         last: dict[str, Any] = {}
         t0, tok0 = time.perf_counter(), self.tokens

@@ -1,0 +1,143 @@
+"""The speedrun's SFT stage: world-domain trajectories -> SFT of the pretrained model -> `world-agent` before/after.
+
+    result = sft_stage(run_dir="runs/nano", world_seed=0, world_people=100)
+
+1. Synthesis: `n_train` tasks about training people, solved by the programmatic expert against the real tools with
+   a scripted user (`openk2.agentic.world_tasks.synthesize`), written as chat JSONL to `<run>/sft/data/`.
+2. SFT: `recipes/sft-nano.toml` settings (built in as `SFT_OVERRIDES`) from the pretraining run's latest checkpoint
+   into `<run>/sft`, a run directory that `openk2 eval --model`, `openk2 serve` and `load_model_dir` accept.
+3. Evaluation: the `world-agent` benchmark's episodes on `n_eval` held-out tasks (people in no pretraining document
+   and in no SFT trajectory), in process, greedy, for the pretrained model and for the SFT model.
+
+Results go to `<run>/sft_stage.json` and a plot `<run>/sft_stage.png`; `speedrun.write_report` adds a section.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+#: The stage's SFT settings (the same as recipes/sft-nano.toml, which documents them).
+SFT_OVERRIDES = [
+    "train.max_steps=60", "train.batch_size=8", "train.seq_len=1024", "train.lr=5e-3", "train.warmup_steps=5",
+    "train.decay_fraction=0.5", "train.eval_every=30", "train.eval_batches=2", "train.checkpoint_every=30",
+    "train.keep_last=1", "run.tensorboard=false",
+]
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    tmp.replace(path)
+
+
+def sft_stage(run_dir: str | Path, *, world_seed: int = 0, world_people: int = 100, n_train: int = 480,
+              n_eval: int = 40, eval_seed: int = 0, overrides: list[str] = (), progress: bool = True,
+              log: Any = print) -> dict[str, Any]:
+    from openk2.agentic.world_tasks import synthesize
+    from openk2.data.world import World
+    from openk2.eval.benchmarks.world_agent import evaluate_model
+    from openk2.train.sft import run_sft, sft_config
+
+    run_dir = Path(run_dir)
+    sft_dir = run_dir / "sft"
+    timings: dict[str, float] = {}
+    world = World.generate(seed=world_seed, n_people=world_people)
+
+    t0 = time.perf_counter()
+    data_dir = sft_dir / "data"
+    records = synthesize(world, "train", n_train, seed=0)
+    write_jsonl(data_dir / "train.jsonl", records)
+    timings["synthesis"] = time.perf_counter() - t0
+    log(f"sft stage: {len(records)} expert trajectories -> {data_dir / 'train.jsonl'}")
+
+    def evaluate(model_dir: Path) -> dict[str, Any]:
+        return evaluate_model(model_dir, n=n_eval, seed=eval_seed, world_seed=world_seed, world_people=world_people)
+
+    t0 = time.perf_counter()
+    before = evaluate(run_dir)
+    timings["world-agent eval, pretrained"] = time.perf_counter() - t0
+    log(f"sft stage: world-agent before SFT {before['success']:.1%} (tool calls in {before['made_tool_calls']:.0%})")
+
+    t0 = time.perf_counter()
+    cfg = sft_config(run_dir, [data_dir / "train.jsonl"], run_dir=sft_dir,
+                     overrides=[*SFT_OVERRIDES, f"run.progress={'true' if progress else 'false'}", *overrides])
+    last = run_sft(cfg)
+    timings["sft"] = time.perf_counter() - t0
+    log(f"sft stage: SFT to step {last['step']}, train loss {last.get('loss', float('nan')):.3f}")
+
+    t0 = time.perf_counter()
+    after = evaluate(sft_dir)
+    timings["world-agent eval, SFT"] = time.perf_counter() - t0
+    log(f"sft stage: world-agent after SFT {after['success']:.1%}")
+
+    from openk2.train.metrics import read_metrics
+
+    rows = read_metrics(sft_dir / "metrics.jsonl")
+    result = {
+        "n_train_trajectories": len(records), "n_eval_tasks": n_eval, "eval_seed": eval_seed,
+        "before": {k: v for k, v in before.items() if k != "episodes"},
+        "after": {k: v for k, v in after.items() if k != "episodes"},
+        "sft": {"steps": last["step"], "final_loss": last.get("loss"), "data": last.get("data", {}),
+                "val_loss": [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]},
+        "timings_s": timings, "total_s": sum(timings.values()),
+        "examples_after": [{k: e[k] for k in ("id", "kind", "score", "final_answer")} for e in after["episodes"][:8]],
+    }
+    (run_dir / "sft_stage.json").write_text(json.dumps(result, indent=2, default=str))
+    (sft_dir / "eval_episodes.json").write_text(json.dumps({"before": before["episodes"], "after": after["episodes"]},
+                                                           indent=1, default=str))
+    result["plot"] = write_plot(run_dir, result, rows)
+    return result
+
+
+def write_plot(run_dir: Path, result: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    kinds = sorted(set(result["before"]["by_kind"]) | set(result["after"]["by_kind"]))
+    labels = ["all", *kinds]
+    b = [result["before"]["success"], *(result["before"]["by_kind"].get(k, 0) for k in kinds)]
+    a = [result["after"]["success"], *(result["after"]["by_kind"].get(k, 0) for k in kinds)]
+    x = range(len(labels))
+    axes[0].bar([i - 0.2 for i in x], [100 * v for v in b], width=0.4, label="pretrained")
+    axes[0].bar([i + 0.2 for i in x], [100 * v for v in a], width=0.4, label="after SFT")
+    axes[0].set_xticks(list(x), labels, rotation=20)
+    axes[0].set(title=f"world-agent success, {result['n_eval_tasks']} held-out tasks (%)", ylim=(0, 100))
+    axes[0].legend()
+    if rows:
+        axes[1].plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train (assistant tokens)", lw=0.8)
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if val:
+            axes[1].plot(*zip(*val, strict=True), "o-", label="held-out conversations")
+        axes[1].set(title="SFT loss (nats/token)", xlabel="step", yscale="log")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "sft_stage.png", dpi=110)
+    plt.close(fig)
+    return "sft_stage.png"
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """The report section of the stage (markdown lines)."""
+    b, a = result["before"], result["after"]
+    lines = ["", "## SFT stage: world-domain tool use", "",
+             f"{result['n_train_trajectories']} expert trajectories (scripted user, programmatic expert, real tools) "
+             f"about people in the documents; SFT {result['sft']['steps']} steps; `world-agent` on "
+             f"{result['n_eval_tasks']} held-out tasks about people in no document (seed {result['eval_seed']}).", "",
+             "| | pretrained | after SFT |", "|---|---:|---:|",
+             f"| world-agent success | {b['success']:.1%} | {a['success']:.1%} |",
+             f"| episodes with a tool call | {b['made_tool_calls']:.0%} | {a['made_tool_calls']:.0%} |"]
+    for k in sorted(set(b["by_kind"]) | set(a["by_kind"])):
+        lines.append(f"| success, {k} | {b['by_kind'].get(k, 0):.0%} | {a['by_kind'].get(k, 0):.0%} |")
+    lines += ["", f"![sft stage]({result.get('plot', 'sft_stage.png')})", "", "| step | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in result["timings_s"].items()]
+    return lines
+
+
+__all__ = ["SFT_OVERRIDES", "report_lines", "sft_stage", "write_jsonl"]
