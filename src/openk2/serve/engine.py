@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from openk2.model.decode import CompileSwitch
 from openk2.model.generate import left_pad, sample_next
-from openk2.serve.slot_cache import SlotKVCache
+from openk2.serve.slot_cache import SlotKVCache, decode_rows
 
 if TYPE_CHECKING:
     from openk2.model.transformer import K2Model
@@ -193,6 +194,8 @@ class Engine:
 
     `max_batch` rows of `max_len` tokens are preallocated (`max_batch * max_len * cache.bytes_per_token`
     bytes). `vocab_limit` keeps sampling inside the tokenizer's vocabulary when the embedding has more rows.
+    `compile` is the decode step's switch (`openk2.model.decode`): each new (padded batch, key window) shape
+    compiles once, on the engine thread, the first time it occurs.
     """
 
     def __init__(
@@ -204,6 +207,7 @@ class Engine:
         prefill_tokens: int = 4096,
         vocab_limit: int | None = None,
         max_waiting: int = 4096,
+        compile: CompileSwitch = "auto",
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -215,6 +219,7 @@ class Engine:
         self.prefill_tokens = max(prefill_tokens, 1)
         self.vocab_limit = min(vocab_limit or cfg.vocab_size, cfg.vocab_size)
         self.max_waiting = max_waiting
+        self.compile = compile
         self.cache = SlotKVCache(cfg.num_hidden_layers, max_batch, self.max_len,
                                  cfg.kv_lora_rank + cfg.qk_rope_head_dim, self.device, model.lm_head.weight.dtype)
         self.stats = EngineStats()
@@ -397,12 +402,9 @@ class Engine:
 
     def _decode(self) -> None:
         B = len(self._rows)
-        ids_B1 = torch.tensor([[s.last_token] for s in self._rows], device=self.device)
-        valid_B1 = torch.ones(B, 1, dtype=torch.bool, device=self.device)
-        view = self.cache.rows(0, B)
+        ids_B = torch.tensor([s.last_token for s in self._rows], device=self.device)
         try:
-            logits_BV = self.model(ids_B1, position_ids_BT=view.positions(valid_B1), cache=view,
-                                   valid_BT=valid_B1).logits[:, -1]
+            logits_BV = decode_rows(self.model, self.cache, ids_B, self.compile)
         except Exception as e:
             log.exception("decode step failed")
             self._fail_all(f"decode failed: {e!r}")
