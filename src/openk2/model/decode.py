@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 # Window sizes are powers of two from here: few graphs, and attention over at most 2x the live keys.
 MIN_WINDOW = 64
 # Graphs per DecodeStep. Each is a full compile (tens of seconds on a small CPU), so beyond this the step
-# runs eagerly instead of compiling more; torch's own recompile limit is raised to match (per code object).
+# runs eagerly instead of compiling more.
 DEFAULT_MAX_GRAPHS = 8
 # Dense routing (every expert, zero gate for the unchosen) once the chosen token-slots would gather at least
 # this fraction of all experts' weights: the gathered copies then cost more than reading each expert once.
@@ -155,6 +155,17 @@ def decode_forward(
 # ---------------------------------------------------------------------------------------------- compiling
 _COMPILE_BROKEN: str | None = None  # set once compilation failed on this platform: warn once, then stay eager
 _lock = threading.Lock()
+_graph_budget_total = 0  # sum of max_graphs over the DecodeSteps made: they share one code object in Dynamo
+
+
+def _reserve_graphs(n: int) -> None:
+    """Dynamo counts recompiles per code object, and every DecodeStep compiles the same `step` function: raise
+    its limit to the budgets of all steps together, so that our own budget, not Dynamo's, decides."""
+    global _graph_budget_total
+    with _lock:
+        _graph_budget_total += n
+        if torch._dynamo.config.recompile_limit < _graph_budget_total:
+            torch._dynamo.config.recompile_limit = _graph_budget_total
 
 
 def _mode_for(device: torch.device) -> str | None:
@@ -179,6 +190,8 @@ class DecodeStep:
         self.model = model
         self.enabled = compile_enabled(compile)
         self.max_graphs = max_graphs
+        if self.enabled:
+            _reserve_graphs(max_graphs)
         self.backend = backend
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self.eager_fallbacks = 0
@@ -223,8 +236,7 @@ class DecodeStep:
         inv_freq = model._rope[0]
         t0 = time.perf_counter()
         try:
-            with torch._dynamo.config.patch(recompile_limit=max(self.max_graphs, 8)):
-                out = self._compiled_fn()(inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B)
+            out = self._compiled_fn()(inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B)
         except Exception as e:
             if not new_graph:
                 raise  # the graph ran before: this is a real error, not a compile failure
