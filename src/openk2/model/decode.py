@@ -117,8 +117,8 @@ def _moe_step(moe: MoE, x_BD: torch.Tensor) -> torch.Tensor:
     else:
         # Every expert on every token, gates zero for the unchosen: each expert's weights are read once.
         Fd, D = ex.gate_proj.shape[1], ex.gate_proj.shape[2]
-        gate_BEF = F.linear(x_BD, ex.gate_proj.view(E * Fd, D)).view(B, E, Fd)
-        up_BEF = F.linear(x_BD, ex.up_proj.view(E * Fd, D)).view(B, E, Fd)
+        gate_BEF = F.linear(x_BD, ex.gate_proj.reshape(E * Fd, D)).view(B, E, Fd)
+        up_BEF = F.linear(x_BD, ex.up_proj.reshape(E * Fd, D)).view(B, E, Fd)
         gates_BE = torch.zeros(B, E, dtype=weights_BK.dtype, device=x_BD.device).scatter(1, expert_ids_BK, weights_BK)
         h_EBF = (F.silu(gate_BEF) * up_BEF * gates_BE[..., None]).to(x_BD.dtype).transpose(0, 1)
         y_BD = torch.bmm(h_EBF, ex.down_proj.transpose(1, 2)).sum(dim=0)
