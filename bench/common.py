@@ -22,6 +22,14 @@ CONFIGS: dict[str, dict] = {
     "A": dict(_BASE, n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=128),
     "B": dict(_BASE, n_routed_experts=64, num_experts_per_tok=6, moe_intermediate_size=64),
 }
+# The bandwidth-bound config: its active fp32 weights per decode token (178 MiB) are 5.6x the 32 MiB
+# last-level cache of the bench machine (config A's 15.6 MiB fit in it), so decode is bound by memory
+# bandwidth, not per-token overhead. Only `bench/inference.py` runs it.
+CONFIGS["C"] = dict(
+    _BASE, vocab_size=16384, hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8,
+    q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+    n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=512,
+)
 BATCH, SEQ = 8, 256
 
 

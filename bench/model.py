@@ -47,8 +47,8 @@ def train_step_fn(model, ids_BT, forward):
 
 
 def ours_loss(model, ids_BT):
-    # return_logits=False: the chunked linear + cross-entropy, as the trainer runs it.
-    return model(ids_BT[:, :-1], labels=ids_BT[:, 1:], return_logits=False).loss
+    # The call the README documents: with labels, the chunked linear + cross-entropy (no [B, T, V] logits).
+    return model(ids_BT[:, :-1], labels=ids_BT[:, 1:]).loss
 
 
 def hf_loss(model, ids_BT):
@@ -127,7 +127,7 @@ def run_config(name: str, steps: int, rounds: int, decode_tokens: int) -> dict:
 
     for batch in (1, 8):
         ids = torch.randint(0, cfg.vocab_size, (batch, 32))
-        ours.generate(ids[:, :8], 4)  # warm-up
+        ours.generate(ids, decode_tokens)  # warm-up at the timed shape: compiles the decode step
         hf_generate(ids[:, :8], 4)
         gen_s = interleaved_times(
             {"ours": lambda ids=ids: ours.generate(ids, decode_tokens),

@@ -65,9 +65,10 @@ def test_loss_without_logits_under_no_grad():
     model = _random_model().eval()
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
-        plain = model(ids, labels=ids).loss
-        fused = model(ids, labels=ids, return_logits=False)
-    assert fused.logits is None and torch.allclose(plain, fused.loss, atol=1e-5)
+        plain = model(ids, labels=ids, return_logits=True)
+        fused = model(ids, labels=ids)  # the default: the fast loss path, no logits
+    assert plain.logits is not None and fused.logits is None
+    assert torch.allclose(plain.loss, fused.loss, atol=1e-5)
 
 
 @pytest.mark.parametrize("n_tokens", [1, 3])

@@ -52,8 +52,14 @@ def serve(
     dtype: str = typer.Option("auto", help="auto (fp32 on CPU, bf16 on CUDA), float32 or bfloat16."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     tool_call_parser: str = typer.Option(None, "--tool-call-parser", help=_PARSER_HELP),
+    compile: str = typer.Option("auto", "--compile", help=(
+        "Compile the decode step: auto (unless OPENK2_COMPILE=0), on or off. Each new (batch, window) shape "
+        "compiles once (seconds to a minute on a CPU; cached across runs), then decodes ~1.7-1.9x faster.")),
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    switch = {"auto": "auto", "on": True, "off": False}.get(compile)
+    if switch is None:
+        fail(f"--compile must be auto, on or off, got {compile!r}")
     from openk2.serve.server import build_service, is_loopback
     from openk2.serve.server import serve as run_server
 
@@ -61,7 +67,7 @@ def serve(
         console.print(f"[yellow]warning:[/yellow] binding {host} without --api-key exposes the model to the network")
     bundle = _load(source, device, dtype, threads, model_name, tool_call_parser)
     try:
-        service = build_service(bundle, max_batch=max_batch, max_len=max_len)
+        service = build_service(bundle, max_batch=max_batch, max_len=max_len, compile=switch)
     except ValueError as e:
         fail(str(e))
     console.print(f"serving [bold]{bundle.name}[/bold] at http://{host}:{port}/v1 "

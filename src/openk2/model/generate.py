@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from openk2.model.decode import CompileSwitch, decode_step, window_size
+
 if TYPE_CHECKING:
     from openk2.model.transformer import K2Model
 
@@ -55,12 +57,18 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    compile: CompileSwitch = "auto",
 ) -> torch.Tensor:
     """Returns [B, T + n] = prompt followed by up to `max_new_tokens` new tokens.
 
     Prompts of different lengths: pass a list of token lists, or a left-padded tensor with
     `attention_mask` (1 = real token). Rows that hit `eos_token_id` are filled with `pad_token_id`
     (default: the eos id) until every row is done.
+
+    The prompt runs through the model's forward; each new token through the model's shared `DecodeStep`
+    (`openk2.model.decode`), compiled unless `compile=False` (or OPENK2_COMPILE=0 with "auto"). With
+    compiling off, or where it fails, decoding runs the eager reference path (`K2Model.forward` with the
+    cache): the same greedy tokens, logits equal within fp32 rounding.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -78,16 +86,20 @@ def generate(
     pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
     was_training = model.training
     model.eval()
-    cache = model.new_cache(B, T + max_new_tokens)
+    step_fn = decode_step(model, compile)
+    # A compiled step reuses its graph for every cache of the same (batch, power-of-two) size.
+    capacity = window_size(T + max_new_tokens) if step_fn.compiled else T + max_new_tokens
+    cache = model.new_cache(B, capacity)
     positions_BT = (valid_BT.long().cumsum(dim=1) - 1).clamp(min=0)
     logits = model(ids_BT, position_ids_BT=positions_BT, cache=cache, valid_BT=valid_BT,
                    last_logits_only=True).logits
-    next_pos_B1 = positions_BT[:, -1:] + 1
+    logits_BV = logits[:, -1]
+    next_pos_B = positions_BT[:, -1] + 1
     finished_B = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens = []
     ones_B1 = torch.ones(B, 1, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        tok_B = sample_next(logits[:, -1], temperature, top_p, top_k, generator)
+        tok_B = sample_next(logits_BV, temperature, top_p, top_k, generator)
         tok_B = tok_B.masked_fill(finished_B, pad)
         new_tokens.append(tok_B)
         if eos_token_id is not None:
@@ -96,7 +108,13 @@ def generate(
                 break
         if step + 1 == max_new_tokens:
             break
-        logits = model(tok_B[:, None], position_ids_BT=next_pos_B1, cache=cache, valid_BT=ones_B1).logits
-        next_pos_B1 = next_pos_B1 + 1
+        out = step_fn(cache.latent_NBSL, cache.key_valid_BS, tok_B, next_pos_B)
+        if out is None:  # the eager reference path
+            logits_BV = model(tok_B[:, None], position_ids_BT=next_pos_B[:, None], cache=cache,
+                              valid_BT=ones_B1).logits[:, -1]
+        else:
+            logits_BV, new_latent_NBL = out
+            cache.append_decoded(new_latent_NBL)
+        next_pos_B = next_pos_B + 1
     model.train(was_training)
     return torch.cat((ids_BT, torch.stack(new_tokens, dim=1)), dim=1)

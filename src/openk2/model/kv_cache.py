@@ -46,6 +46,14 @@ class KVCache:
     def end_chunk(self, T: int) -> None:
         self.length += T
 
+    def append_decoded(self, new_latent_NBL: torch.Tensor) -> None:
+        """Store one decoded token per row (every row valid), as a `DecodeStep` returns them."""
+        if self.length >= self.max_len:
+            raise ValueError(f"KV cache overflow: {self.length + 1} tokens > capacity {self.max_len}")
+        self.latent_NBSL[:, :, self.length] = new_latent_NBL
+        self.key_valid_BS[:, self.length] = True
+        self.length += 1
+
 
 class LayerCache:
     def __init__(self, cache: KVCache, layer_idx: int) -> None:

@@ -34,7 +34,7 @@ _RESIDUAL_OUT_PATTERN = re.compile(r"(o_proj\.weight|down_proj\.weight|experts\.
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor | None  # None when the loss was computed with `return_logits=False`
+    logits: torch.Tensor | None  # None when a loss was computed without `return_logits=True`
     loss: torch.Tensor | None = None
 
 
@@ -237,14 +237,15 @@ class K2Model(nn.Module):
         cache: KVCache | None = None,
         valid_BT: torch.Tensor | None = None,
         last_logits_only: bool = False,
-        return_logits: bool = True,
+        return_logits: bool | None = None,
     ) -> CausalLMOutput:
         """Logits [B, T, V] and, with `labels`, the cross-entropy over tokens whose label is not -100.
 
         `labels[b, t]` is the target for position t, i.e. already shifted (the openk2 loader yields
         (inputs, targets) pairs). `reduction="sum"` returns the summed loss for token-count normalization
-        across micro-batches. `return_logits=False` (with `labels`) computes the loss chunk by chunk without
-        materializing the [B, T, V] logits (faster and much smaller; `logits` is then None).
+        across micro-batches. With `labels`, the loss is computed chunk by chunk without materializing the
+        [B, T, V] logits (faster and much smaller) and `logits` is None, unless `return_logits=True` asks for
+        them (then the loss comes from those logits). Without `labels`, logits are always returned.
         `cache`/`valid_BT`/`position_ids_BT` are used by `generate`.
         """
         B, T = input_ids_BT.shape
@@ -262,7 +263,7 @@ class K2Model(nn.Module):
         if last_logits_only:
             x_BTD = x_BTD[:, -1:]
         logits_BTV = None
-        if labels is None or return_logits:
+        if labels is None or return_logits:  # None (the default) = logits only when there is no loss
             logits_BTV = self.lm_head(x_BTD)
         loss = None
         if labels is not None:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from openk2.model.decode import CompileSwitch
 from openk2.model.generate import left_pad
 from openk2.serve.generation import (
     Event,
@@ -49,7 +50,7 @@ from openk2.serve.generation import (
     TokenLogprob,
 )
 from openk2.serve.sampling import apply_bias_and_bans, is_greedy, sample_token
-from openk2.serve.slot_cache import SlotKVCache
+from openk2.serve.slot_cache import SlotKVCache, decode_rows
 
 if TYPE_CHECKING:
     from openk2.model.transformer import K2Model
@@ -95,6 +96,8 @@ class Engine:
 
     `max_batch` rows of `max_len` tokens are preallocated (`max_batch * max_len * cache.bytes_per_token`
     bytes). `vocab_limit` keeps sampling inside the tokenizer's vocabulary when the embedding has more rows.
+    `compile` is the decode step's switch (`openk2.model.decode`): each new (padded batch, key window) shape
+    compiles once, on the engine thread, the first time it occurs.
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class Engine:
         prefill_tokens: int = 4096,
         vocab_limit: int | None = None,
         max_waiting: int = 4096,
+        compile: CompileSwitch = "auto",
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -117,6 +121,7 @@ class Engine:
         self.prefill_tokens = max(prefill_tokens, 1)
         self.vocab_limit = min(vocab_limit or cfg.vocab_size, cfg.vocab_size)
         self.max_waiting = max_waiting
+        self.compile = compile
         self.cache = SlotKVCache(cfg.num_hidden_layers, max_batch, self.max_len,
                                  cfg.kv_lora_rank + cfg.qk_rope_head_dim, self.device, model.lm_head.weight.dtype)
         self.stats = EngineStats()
@@ -317,9 +322,11 @@ class Engine:
     def _decode(self) -> None:
         B = len(self._rows)
         ids_B1 = torch.tensor([[s.last_token] for s in self._rows], device=self.device)
+        saved = self.cache.lengths[:B]
         try:
-            logits_BV = self._decode_rows(0, ids_B1)
+            logits_BV = decode_rows(self.model, self.cache, ids_B1[:, 0], self.compile)
         except Exception as e:
+            self.cache.lengths[:B] = saved
             # Find the culprit: each row alone (rows that fail by themselves end with the error, the rest go on).
             log.warning("batched decode failed (%r); retrying its %d rows one by one", e, B)
             self._decode_one_by_one(ids_B1)

@@ -16,9 +16,10 @@ from openk2.serve.service import OpenAIService
 
 
 def build_service(bundle: LoadedModel, *, max_batch: int = 16, max_len: int | None = None,
-                  prefill_tokens: int = 4096) -> OpenAIService:
+                  prefill_tokens: int = 4096, compile: bool | str = "auto") -> OpenAIService:
+    """`compile`: the decode step's switch (`openk2.model.decode`): True, False or "auto"."""
     engine = Engine(bundle.model, max_batch=max_batch, max_len=max_len, prefill_tokens=prefill_tokens,
-                    vocab_limit=bundle.tokenizer.vocab_size)
+                    vocab_limit=bundle.tokenizer.vocab_size, compile=compile)
     return OpenAIService(engine, bundle.tokenizer, bundle.name, bundle.chat_format)
 
 

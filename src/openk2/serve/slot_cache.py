@@ -19,7 +19,14 @@ the token's index among the row's valid tokens), exactly as `generate` computes 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+from openk2.model.decode import CompileSwitch, decode_step, window_size
+
+if TYPE_CHECKING:
+    from openk2.model.transformer import K2Model
 
 
 class SlotKVCache:
@@ -50,6 +57,40 @@ class SlotKVCache:
         n = self.lengths[src]
         self.latent_NBSL[:, dst, :n] = self.latent_NBSL[:, src, :n]
         self.lengths[dst], self.lengths[src] = n, 0
+
+
+def decode_rows(
+    model: K2Model, cache: SlotKVCache, tok_B: torch.Tensor, compile: CompileSwitch = "auto",
+) -> torch.Tensor:
+    """Logits [B, V] of one new token for each of rows 0..B-1 (appended to the cache), through the model's
+    shared `DecodeStep`; the eager reference path (`K2Model.forward` over `rows(0, B)`) when it declines.
+
+    The compiled step sees a static shape: the batch is padded to a power of two with free rows (length 0:
+    they attend to their own token only, and their outputs are dropped) and the keys to a power-of-two
+    window, so a server compiles a handful of graphs, not one per (batch, length)."""
+    B = tok_B.shape[0]
+    step = decode_step(model, compile)
+    if step.compiled:
+        B_pad = min(1 << (B - 1).bit_length(), cache.slots)
+        lengths = cache.lengths[:B_pad]
+        n_keys = max(lengths[:B])
+        if n_keys + 1 > cache.max_len:
+            raise ValueError(f"KV cache overflow: {n_keys + 1} tokens > capacity {cache.max_len}")
+        S = min(window_size(n_keys), cache.max_len)
+        len_B = torch.tensor(lengths, device=tok_B.device)
+        key_valid_BS = torch.arange(S, device=tok_B.device)[None, :] < len_B[:, None]
+        tok_pad_B = torch.cat((tok_B, tok_B.new_zeros(B_pad - B))) if B_pad > B else tok_B
+        out = step(cache.latent_NBSL[:, :B_pad, :S], key_valid_BS, tok_pad_B, len_B)
+        if out is not None:
+            logits_BV, new_latent_NBL = out
+            rows_B = torch.arange(B, device=tok_B.device)
+            cache.latent_NBSL[:, rows_B, len_B[:B]] = new_latent_NBL[:, :B]
+            for r in range(B):
+                cache.lengths[r] += 1
+            return logits_BV[:B]
+    valid_B1 = torch.ones(B, 1, dtype=torch.bool, device=tok_B.device)
+    view = cache.rows(0, B)
+    return model(tok_B[:, None], position_ids_BT=view.positions(valid_B1), cache=view, valid_BT=valid_B1).logits[:, -1]
 
 
 class SlotView:

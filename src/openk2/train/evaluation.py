@@ -20,8 +20,9 @@ def complete(
     outs: list[str] = []
     for i in range(0, len(prompts), batch_size):
         ids = tokenizer.encode_batch(list(prompts[i:i + batch_size]), add_bos=True)
+        # Eager decode: a dozen tokens per batch between training steps would not pay back a compile.
         out_BT = model.generate(ids, max_new_tokens, temperature=temperature, generator=gen,
-                                eos_token_id=tokenizer.bos_id)
+                                eos_token_id=tokenizer.bos_id, compile=False)
         new_BT = out_BT[:, max(len(x) for x in ids):].tolist()  # generate may stop early at eos
         for row in new_BT:
             if tokenizer.bos_id in row:  # a new document starts: the continuation ended

@@ -1,0 +1,274 @@
+"""The decode step: one new token per sequence over a static-shape latent cache, compiled where torch allows.
+
+`generate`, the serving engine (`openk2.serve.engine`) and anything else that decodes (RL rollouts run
+through either) share one `DecodeStep` per model (`decode_step(model)`). A step is a pure function
+
+    (latent_NBSL, key_valid_BS, tok_B, rope_pos_B) -> (logits_BV, new_latent_NBL)
+
+over a fixed-size window of the latent cache: the cache is read, never written, inside the graph, and the
+caller stores `new_latent_NBL` (one indexed copy). Keeping the graph free of input mutation is what lets
+CUDA graphs (`mode="reduce-overhead"`) replay it, and it lets the same graph serve `KVCache` (one shared
+time axis, left padding) and `SlotKVCache` (one length per row) alike.
+
+Why it is faster than the reference path (`K2Model.forward(..., cache=...)`, which stays the reference):
+static shapes (the window is a power-of-two bucket, so a graph is reused for many steps), no host syncs
+and no data-dependent shapes in the step (expert routing is a dense gather of the chosen experts' weights
+for small batches, or every expert with zero gates for larger ones), and `torch.compile` fuses the
+hundred-odd small ops of a step (norms, rope, softmax, SwiGLU, routing) into a few C++ (CPU) or Triton
+(GPU) kernels around the matmuls.
+
+Shapes that need a new graph compile once each (`dynamic=False`) up to `max_graphs` per `DecodeStep`;
+beyond that, or when compilation fails (no C++ compiler, an unsupported platform), the step runs the
+eager reference path, with one warning: never a silent recompile storm. Inductor's FX graph cache keeps
+compiled kernels across processes (`TORCHINDUCTOR_CACHE_DIR`), so a second process mostly re-traces.
+
+`OPENK2_COMPILE=0` in the environment turns `compile="auto"` off (the test suite sets it: most tests
+generate a few tokens, where compiling would cost far more than it saves).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from openk2.model.attention import MLA
+from openk2.model.moe import MLP, MoE
+from openk2.model.rope import apply_rope
+
+if TYPE_CHECKING:
+    from openk2.model.transformer import K2Model
+
+log = logging.getLogger(__name__)
+
+# Window sizes are powers of two from here: few graphs, and attention over at most 2x the live keys.
+MIN_WINDOW = 64
+# Graphs per DecodeStep. Each is a full compile (tens of seconds on a small CPU), so beyond this the step
+# runs eagerly instead of compiling more.
+DEFAULT_MAX_GRAPHS = 8
+# Dense routing (every expert, zero gate for the unchosen) once the token-slots outnumber the experts. Below that,
+# each token's chosen experts are gathered: compiled, Inductor fuses the gather into the GEMV kernel (no weight
+# copy), so gathering reads at most as many bytes as the dense path and does B x fewer FLOPs.
+_DENSE_ROUTING_MIN_FRACTION = 1.0
+
+CompileSwitch = bool | str  # True, False or "auto"
+
+
+def window_size(n_keys: int) -> int:
+    """The power-of-two cache window (>= MIN_WINDOW) that holds `n_keys` keys."""
+    return max(MIN_WINDOW, 1 << max(0, n_keys - 1).bit_length())
+
+
+def compile_enabled(compile: CompileSwitch) -> bool:
+    """Resolve the switch: "auto" compiles unless OPENK2_COMPILE=0 (or false/off/no) is set."""
+    if compile == "auto":
+        return os.environ.get("OPENK2_COMPILE", "1").strip().lower() not in ("0", "false", "off", "no")
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+    return compile
+
+
+# ---------------------------------------------------------------------------------------------- the step
+def _attention_step(
+    attn: MLA, x_BD: torch.Tensor, cos_BR: torch.Tensor, sin_BR: torch.Tensor,
+    latent_BSL: torch.Tensor, key_valid_BS: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed MLA for one query per row over the cached latents plus the row's own new latent.
+
+    The new key is scored separately instead of being written into the cache first: the graph stays free of
+    input mutation. Returns (attention output [B, D], the new latent [B, L] for the caller to store)."""
+    B = x_BD.shape[0]
+    H, N, C, V = attn.n_heads, attn.nope_dim, attn.kv_lora_rank, attn.v_dim
+    q_BHQ = attn._queries(x_BD).view(B, H, attn.qk_dim)
+    ckv_BC, k_pe_BR = attn.kv_a_proj_with_mqa(x_BD).split([C, attn.rope_dim], dim=-1)
+    ckv_BC = attn.kv_a_layernorm(ckv_BC)
+    # The shared rope key rotates as one more head.
+    pe_BXR = apply_rope(torch.cat((q_BHQ[..., N:], k_pe_BR.unsqueeze(1)), dim=1), cos_BR[:, None], sin_BR[:, None])
+    new_BL = torch.cat((ckv_BC, pe_BXR[:, H]), dim=-1)
+    w_HXC = attn.kv_b_proj.weight.view(H, N + V, C)
+    # W_uk folded into the query: per head [B, N] @ [N, C].
+    q_lat_HBC = torch.bmm(q_BHQ[..., :N].transpose(0, 1), w_HXC[:, :N])
+    q_BHL = torch.cat((q_lat_HBC.transpose(0, 1), pe_BXR[:, :H]), dim=-1)
+    scores_BHS = torch.bmm(q_BHL, latent_BSL.transpose(1, 2)) * attn.scale
+    scores_BHS = scores_BHS.masked_fill(~key_valid_BS[:, None, :], float("-inf"))
+    own_BH1 = (q_BHL * new_BL[:, None, :]).sum(dim=-1, keepdim=True) * attn.scale
+    probs_BHX = torch.cat((scores_BHS, own_BH1), dim=-1).float().softmax(dim=-1).to(latent_BSL.dtype)
+    S = latent_BSL.shape[1]
+    o_lat_BHC = torch.bmm(probs_BHX[..., :S], latent_BSL[..., :C]) + probs_BHX[..., S:] * ckv_BC[:, None, :]
+    # W_uv folded into the output: per head [B, C] @ [C, V].
+    out_HBV = torch.bmm(o_lat_BHC.transpose(0, 1), w_HXC[:, N:].transpose(1, 2))
+    return attn.o_proj(out_HBV.transpose(0, 1).reshape(B, H * V)), new_BL
+
+
+def _moe_step(moe: MoE, x_BD: torch.Tensor) -> torch.Tensor:
+    """Routed + shared experts for a few tokens, with shapes that depend only on B (no dispatch sort)."""
+    expert_ids_BK, weights_BK, _ = moe.gate(x_BD)
+    B, K = expert_ids_BK.shape
+    E = moe.n_experts
+    ex = moe.experts
+    if B * K <= _DENSE_ROUTING_MIN_FRACTION * E:
+        y_BD = ex.forward_gathered(x_BD, expert_ids_BK, weights_BK)
+    else:
+        # Every expert on every token, gates zero for the unchosen: each expert's weights are read once.
+        Fd, D = ex.gate_proj.shape[1], ex.gate_proj.shape[2]
+        gate_BEF = F.linear(x_BD, ex.gate_proj.reshape(E * Fd, D)).view(B, E, Fd)
+        up_BEF = F.linear(x_BD, ex.up_proj.reshape(E * Fd, D)).view(B, E, Fd)
+        gates_BE = torch.zeros(B, E, dtype=weights_BK.dtype, device=x_BD.device).scatter(1, expert_ids_BK, weights_BK)
+        h_EBF = (F.silu(gate_BEF) * up_BEF * gates_BE[..., None]).to(x_BD.dtype).transpose(0, 1)
+        y_BD = torch.bmm(h_EBF, ex.down_proj.transpose(1, 2)).sum(dim=0)
+    if moe.shared_experts is not None:
+        y_BD = y_BD + moe.shared_experts(x_BD)
+    return y_BD
+
+
+def decode_forward(
+    model: K2Model, inv_freq: torch.Tensor, latent_NBSL: torch.Tensor, key_valid_BS: torch.Tensor,
+    tok_B: torch.Tensor, rope_pos_B: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row: (logits [B, V], new latents [n_layers, B, L]). Uncompiled, this is plain eager code
+    (tested against the reference forward); `DecodeStep` compiles it."""
+    assert model._rope is not None
+    attention_factor = model._rope[1]
+    x_BD = model.model.embed_tokens(tok_B)
+    angles_BR = rope_pos_B.to(torch.float32)[:, None] * inv_freq
+    cos_BR = (angles_BR.cos() * attention_factor).to(x_BD.dtype)
+    sin_BR = (angles_BR.sin() * attention_factor).to(x_BD.dtype)
+    new = []
+    for i, layer in enumerate(model.model.layers):
+        a_BD, new_BL = _attention_step(layer.self_attn, layer.input_layernorm(x_BD), cos_BR, sin_BR,
+                                       latent_NBSL[i], key_valid_BS)
+        new.append(new_BL)
+        x_BD = x_BD + a_BD
+        h_BD = layer.post_attention_layernorm(x_BD)
+        mlp = layer.mlp
+        x_BD = x_BD + (_moe_step(mlp, h_BD) if isinstance(mlp, MoE) else MLP.forward(mlp, h_BD))
+    logits_BV = model.lm_head(model.model.norm(x_BD))
+    return logits_BV, torch.stack(new).to(latent_NBSL.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- compiling
+_COMPILE_BROKEN: str | None = None  # set once compilation failed on this platform: warn once, then stay eager
+_lock = threading.Lock()
+_graph_budget_total = 0  # sum of max_graphs over the DecodeSteps made: they share one code object in Dynamo
+
+
+def _reserve_graphs(n: int) -> None:
+    """Dynamo counts recompiles per code object, and every DecodeStep compiles the same `step` function: raise
+    its limit to the budgets of all steps together, so that our own budget, not Dynamo's, decides."""
+    global _graph_budget_total
+    with _lock:
+        _graph_budget_total += n
+        if torch._dynamo.config.recompile_limit < _graph_budget_total:
+            torch._dynamo.config.recompile_limit = _graph_budget_total
+
+
+def _mode_for(device: torch.device) -> str | None:
+    # CUDA graphs replay the whole step with one launch; on CPU, default mode (C++ kernels, no graphs).
+    return "reduce-overhead" if device.type == "cuda" else None
+
+
+class DecodeStep:
+    """The shared decode step of one model; see the module docstring.
+
+    `__call__` returns None when the step must run the eager reference path instead (compiling disabled or
+    failed, or the graph budget spent); callers then run `K2Model.forward` with their cache.
+
+    `compile_seconds` holds the wall time of each graph's first call (trace + compile, or a cache load),
+    keyed by (batch, window); `eager_fallbacks` counts steps sent to the reference path.
+    """
+
+    def __init__(
+        self, model: K2Model, compile: CompileSwitch = "auto", max_graphs: int = DEFAULT_MAX_GRAPHS,
+        backend: str | Callable = "inductor",
+    ) -> None:
+        self.model = model
+        self.enabled = compile_enabled(compile)
+        self.max_graphs = max_graphs
+        if self.enabled:
+            _reserve_graphs(max_graphs)
+        self.backend = backend
+        self.compile_seconds: dict[tuple[int, int], float] = {}
+        self.eager_fallbacks = 0
+        self._fn: Callable | None = None
+        self._warned_budget = False
+
+    @property
+    def compiled(self) -> bool:
+        return self.enabled and _COMPILE_BROKEN is None
+
+    def _compiled_fn(self) -> Callable:
+        if self._fn is None:
+            model = self.model
+
+            def step(inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B):
+                return decode_forward(model, inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B)
+
+            device = model.lm_head.weight.device
+            self._fn = torch.compile(step, backend=self.backend, fullgraph=True, dynamic=False,
+                                     mode=_mode_for(device) if self.backend == "inductor" else None)
+        return self._fn
+
+    def __call__(
+        self, latent_NBSL: torch.Tensor, key_valid_BS: torch.Tensor, tok_B: torch.Tensor, rope_pos_B: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        global _COMPILE_BROKEN
+        if not self.compiled:
+            self.eager_fallbacks += 1
+            return None
+        key = (latent_NBSL.shape[1], latent_NBSL.shape[2])
+        new_graph = key not in self.compile_seconds
+        if new_graph and len(self.compile_seconds) >= self.max_graphs:
+            if not self._warned_budget:
+                self._warned_budget = True
+                warnings.warn(f"decode step: {self.max_graphs} graphs compiled already; shape (batch, window) "
+                              f"{key} runs the eager path", RuntimeWarning, stacklevel=2)
+            self.eager_fallbacks += 1
+            return None
+        model = self.model
+        if model._rope is None or model._rope[0].device != latent_NBSL.device:
+            model._cos_sin(rope_pos_B[:1, None], latent_NBSL.dtype)  # builds model._rope
+        inv_freq = model._rope[0]
+        t0 = time.perf_counter()
+        try:
+            out = self._compiled_fn()(inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B)
+        except Exception as e:
+            if not new_graph:
+                raise  # the graph ran before: this is a real error, not a compile failure
+            with _lock:
+                if _COMPILE_BROKEN is None:
+                    _COMPILE_BROKEN = f"{type(e).__name__}: {e}"
+                    warnings.warn(f"torch.compile failed for the decode step; decoding eagerly from now on "
+                                  f"({_COMPILE_BROKEN.splitlines()[0][:300]})", RuntimeWarning, stacklevel=2)
+                    log.warning("decode step compile failed", exc_info=True)
+            self.eager_fallbacks += 1
+            return None
+        if new_graph:
+            self.compile_seconds[key] = time.perf_counter() - t0
+            log.info("decode step compiled for (batch, window) %s in %.1f s", key, self.compile_seconds[key])
+        if latent_NBSL.device.type == "cuda":
+            # CUDA-graph outputs are overwritten by the next replay: the caller may keep the logits.
+            out = (out[0].clone(), out[1])
+        return out
+
+
+def decode_step(model: K2Model, compile: CompileSwitch = "auto") -> DecodeStep:
+    """The model's shared DecodeStep for this switch (created on first use, then reused: its graphs live as
+    long as the model). `compile=False` gets a step that always sends callers to the eager path."""
+    enabled = compile_enabled(compile)
+    steps: dict[bool, DecodeStep] = model.__dict__.setdefault("_decode_steps", {})
+    if enabled not in steps:
+        steps[enabled] = DecodeStep(model, compile=enabled)
+    return steps[enabled]
+
+
+def reset_compile_failure() -> None:
+    """Forget an earlier compile failure (tests; or after installing a compiler)."""
+    global _COMPILE_BROKEN
+    _COMPILE_BROKEN = None

@@ -1,0 +1,153 @@
+"""The shared decode step (`openk2.model.decode`) against the eager reference path: the step's math uncompiled,
+traced by Dynamo without graph breaks (backend "eager": fast), once through Inductor, and the fallbacks."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import openk2.model.decode as decode_module
+from openk2.model import K2Model, build_model, get_preset
+from openk2.model.decode import DecodeStep, decode_forward, window_size
+from openk2.serve.engine import Engine, SamplingParams
+
+V = 256
+
+
+def _model(**overrides) -> K2Model:
+    model = build_model(get_preset("tiny", initializer_range=0.1, **overrides), seed=0).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.moe_layers():
+            m.gate.e_score_correction_bias.copy_(0.1 * torch.randn(m.gate.e_score_correction_bias.shape, generator=gen))
+    return model
+
+
+def _install(model: K2Model, step: DecodeStep) -> DecodeStep:
+    """Make `step` the model's shared compiled step (what `decode_step(model, True)` returns)."""
+    model.__dict__.setdefault("_decode_steps", {})[True] = step
+    return step
+
+
+@pytest.fixture(autouse=True)
+def _clean_compile_state():
+    decode_module.reset_compile_failure()
+    yield
+    decode_module.reset_compile_failure()
+
+
+def test_window_sizes():
+    assert [window_size(n) for n in (0, 1, 64, 65, 128, 129, 1000)] == [64, 64, 64, 128, 128, 256, 1024]
+
+
+@pytest.mark.parametrize("batch", [1, 5])  # 1: gathered experts; 5 (5 x 2 slots > 8 experts): every expert, dense
+def test_decode_forward_matches_reference_step(batch):
+    model = _model(n_routed_experts=8, num_experts_per_tok=2)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (7, 3, 9, 1, 5)[:batch]]
+    from openk2.model.generate import left_pad
+
+    ids_BT, valid_BT = left_pad(prompts)
+    T = ids_BT.shape[1]
+    pos_BT = (valid_BT.long().cumsum(1) - 1).clamp(min=0)
+    tok_B = torch.randint(0, V, (batch,), generator=g)
+    with torch.inference_mode():
+        cache = model.new_cache(batch, 64)
+        model(ids_BT, position_ids_BT=pos_BT, cache=cache, valid_BT=valid_BT)
+        model._cos_sin(pos_BT, torch.float32)
+        logits_BV, new_NBL = decode_forward(model, model._rope[0], cache.latent_NBSL, cache.key_valid_BS, tok_B,
+                                            pos_BT[:, -1] + 1)
+        ref_BV = model(tok_B[:, None], position_ids_BT=pos_BT[:, -1:] + 1, cache=cache,
+                       valid_BT=torch.ones(batch, 1, dtype=torch.bool)).logits[:, -1]
+    torch.testing.assert_close(logits_BV, ref_BV, atol=1e-5, rtol=1e-5)
+    # The reference stored the same latents at position T.
+    torch.testing.assert_close(new_NBL, cache.latent_NBSL[:, :, T], atol=1e-6, rtol=1e-6)
+
+
+def test_traced_step_generates_the_eager_tokens_without_graph_breaks():
+    """Dynamo's "eager" backend traces the step with fullgraph=True (a graph break raises) without Inductor."""
+    model = _model()
+    step = _install(model, DecodeStep(model, compile=True, backend="eager"))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    ref = model.generate(prompts, 12, compile=False)
+    assert torch.equal(model.generate(prompts, 12, compile=True), ref)
+    assert list(step.compile_seconds) == [(2, 64)] and step.eager_fallbacks == 0
+    # Sampling goes through the same step: equal generator seeds give equal tokens.
+    a = model.generate(prompts, 6, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompts, 6, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3),
+                       compile=False)
+    assert torch.equal(a, b)
+
+
+def test_engine_decodes_through_the_shared_step():
+    model = _model()
+    step = _install(model, DecodeStep(model, compile=True, backend="eager"))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    ref = [model.generate([p], 8, compile=False)[0, len(p):].tolist() for p in prompts]
+    with Engine(model, max_batch=4, max_len=48, compile=True) as engine:
+        outs = [engine.submit(p, SamplingParams(max_tokens=8)).result()[0] for p in prompts[:1]]
+        gens = [engine.submit(p, SamplingParams(max_tokens=8)) for p in prompts[1:]]
+        outs += [gen.result()[0] for gen in gens]
+    assert outs == ref
+    # Batches padded to powers of two (1, 2 and then 2 rows of 4 slots), one window (48 < 64: capped).
+    assert set(step.compile_seconds) <= {(1, 48), (2, 48)} and step.eager_fallbacks == 0
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning():
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    model = _model()
+    _install(model, DecodeStep(model, compile=True, backend=broken_backend))
+    ref = model.generate([[1, 2, 3]], 6, compile=False)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        out = model.generate([[1, 2, 3]], 6, compile=True)
+    assert torch.equal(out, ref)
+    other = _model()
+    _install(other, DecodeStep(other, compile=True, backend=broken_backend))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the platform is known not to compile
+        assert torch.equal(other.generate([[1, 2, 3]], 6, compile=True), ref)
+
+
+def test_graph_budget_falls_back_instead_of_recompiling():
+    model = _model()
+    step = _install(model, DecodeStep(model, compile=True, max_graphs=1, backend="eager"))
+    model.generate([[1, 2, 3]], 4, compile=True)
+    ref = model.generate([[1, 2, 3], [4, 5]], 4, compile=False)
+    with pytest.warns(RuntimeWarning, match="1 graphs compiled already"):
+        out = model.generate([[1, 2, 3], [4, 5]], 4, compile=True)  # batch 2: a new shape
+    assert torch.equal(out, ref)
+    assert len(step.compile_seconds) == 1 and step.eager_fallbacks == 3
+
+
+def test_compile_switch():
+    assert decode_module.compile_enabled(True) and not decode_module.compile_enabled(False)
+    with pytest.raises(ValueError):
+        decode_module.compile_enabled("yes")
+
+
+@pytest.mark.slow
+def test_inductor_step_equals_eager():
+    """One real Inductor compile (C++ kernels on CPU), on a 1-layer MoE model to keep compile time down."""
+    model = _model(num_hidden_layers=2, first_k_dense_replace=1)
+    step = _install(model, DecodeStep(model, compile=True))
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    ref = model.generate(prompts, 10, compile=False)
+    out = model.generate(prompts, 10, compile=True)
+    if not step.compiled:
+        pytest.skip("torch.compile is not available on this machine")
+    assert torch.equal(out, ref)
+    assert list(step.compile_seconds) == [(2, 64)]
+    # Logits of one step within fp32 tolerance of the uncompiled step.
+    cache = model.new_cache(2, 64)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2], [3, 4]]), cache=cache)
+        args = (cache.latent_NBSL, cache.key_valid_BS, torch.tensor([7, 8]), torch.tensor([2, 2]))
+        compiled_BV, compiled_NBL = step(*args)
+        eager_BV, eager_NBL = decode_forward(model, model._rope[0], *args)
+    torch.testing.assert_close(compiled_BV, eager_BV, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled_NBL, eager_NBL, atol=1e-5, rtol=1e-5)
