@@ -22,6 +22,7 @@ import inspect
 import json
 import operator
 import re
+import typing
 from collections.abc import Callable
 from datetime import date, datetime
 from typing import Any, TypeVar
@@ -133,8 +134,9 @@ def tool_schema(method: Callable[..., Any]) -> dict[str, Any]:
     """The OpenAI function schema of a bound tool method, from its signature and docstring."""
     description, arg_docs = parse_docstring(method.__doc__)
     fields: dict[str, Any] = {}
+    hints = typing.get_type_hints(method)  # resolves the string annotations of `from __future__ import annotations`
     for name, param in inspect.signature(method).parameters.items():
-        anno = Any if param.annotation is param.empty else param.annotation
+        anno = hints.get(name, Any)
         default = ... if param.default is param.empty else param.default
         fields[name] = (anno, Field(default, description=arg_docs.get(name)))
     params = create_model("parameters", **fields)

@@ -1,0 +1,85 @@
+"""The orchestrator end to end with an oracle agent and a scripted user, limits, stop signals and bad calls."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from openk2.eval.tau2 import load_tasks, make_env
+from openk2.eval.tau2.oracle import oracle_pair, scripted_user, tool_call
+from openk2.eval.tau2.orchestrator import run_episode
+from openk2.eval.tau2.scoring import score_episode
+
+
+def _judge_all_met():
+    async def judge(messages, tools):
+        return {"role": "assistant", "content": '{"results": [{"expectedOutcome": "x", "reasoning": "ok", '
+                                                '"metExpectation": true}]}'}
+    return judge
+
+
+@pytest.mark.parametrize("domain,indices", [("retail", [0, 5]), ("airline", [1, 3]), ("telecom", [0, 40, 90])])
+def test_oracle_episode_scores_one(domain, indices):
+    for i in indices:
+        task = load_tasks(domain)[i]
+        env = make_env(domain, task=task)
+        agent, user = oracle_pair(task)
+        ep = asyncio.run(run_episode(env, agent, user))
+        assert ep.termination == "user_stop", (task.id, ep.error)
+        result = asyncio.run(score_episode(env, ep.transcript, ep.termination, judge=_judge_all_met()))
+        assert result["reward"] == 1.0, (task.id, result)
+
+
+def test_bad_tool_calls_return_reference_errors_and_hit_error_limit():
+    env = make_env("retail", "0")
+    assert env.call("no_such_tool", {}) == "Error: Tool 'no_such_tool' not found."
+    assert env.call("get_user_details", {}) == \
+        "Error: RetailTools.get_user_details() missing 1 required positional argument: 'user_id'"
+    assert env.call("get_user_details", {"user_id": "x", "extra": 1}) == \
+        "Error: RetailTools.get_user_details() got an unexpected keyword argument 'extra'"
+    assert env.call("get_order_details", {"order_id": 5}) == "Error: Order not found"
+    assert env.call("calculate", {"expression": "2 +"}).startswith("Error: ")
+    assert env.call("calculate", {"expression": "1/0"}) == "Error: division by zero"
+    assert env.call("calculate", {"expression": "(2 + 3) * 4.5"}) == "22.5"
+
+    async def bad_agent(messages, tools):
+        return {"role": "assistant", "content": None,
+                "tool_calls": [tool_call("no_such_tool", {}, "x"),
+                               {"id": "y", "type": "function", "function": {"name": "calculate", "arguments": "{"}}]}
+
+    ep = asyncio.run(run_episode(make_env("retail", "0"), bad_agent, scripted_user(["hi"])))
+    assert ep.termination == "too_many_errors" and ep.errors == 10
+    assert asyncio.run(score_episode(make_env("retail", "0"), ep.transcript, ep.termination))["reward"] == 0.0
+
+
+def test_step_limit_and_stop_signals():
+    async def chatty_agent(messages, tools):
+        return {"role": "assistant", "content": "Could you tell me more?"}
+
+    ep = asyncio.run(run_episode(make_env("airline", "0"), chatty_agent, scripted_user(["more"] * 500),
+                                 max_steps=20))
+    assert ep.termination == "max_steps" and ep.steps == 20
+    ep = asyncio.run(run_episode(make_env("airline", "0"), chatty_agent, scripted_user(["###TRANSFER###"])))
+    assert ep.termination == "user_stop" and len(ep.transcript) == 2
+
+    async def empty(messages, tools):
+        return {"role": "assistant", "content": ""}
+
+    ep = asyncio.run(run_episode(make_env("airline", "0"), empty, scripted_user(["hello"])))
+    assert ep.termination == "agent_error"
+
+
+def test_user_tools_and_views():
+    task = load_tasks("telecom")[0]
+    env = make_env("telecom", task=task)
+    assert env.user_call("check_status_bar", {}).startswith("Status Bar: ")
+    assert make_env("retail", "0").user_call("check_status_bar", {}) == "Error: User tools not available"
+
+
+def test_task_schema_error_names_task_and_field():
+    from openk2.eval.task import BenchmarkDataError
+    from openk2.eval.tau2.tasks import parse_task
+
+    with pytest.raises(BenchmarkDataError, match=r"task 'bad'.*user_scenario"):
+        parse_task({"id": "bad"}, "tasks.json")
