@@ -139,9 +139,11 @@ async def nl_assertion_check(task: Task, transcript: list[Message], judge: ChatF
     return (1.0 if checks and all(c["met"] for c in checks) else 0.0), checks
 
 
-async def score_episode(env: Tau2Env, transcript: list[Message], termination: str | None = None,
-                        judge: ChatFn | None = None, data_dir: str | None = None) -> dict[str, Any]:
-    """The reward (0..1) of one finished episode and its per-component breakdown (JSON-ready)."""
+def score_components(env: Tau2Env, transcript: list[Message], termination: str | None = None,
+                     nl: tuple[float, list[dict[str, Any]]] | None = None, data_dir: str | None = None
+                     ) -> dict[str, Any]:
+    """The reward (0..1) of one finished episode and its per-component breakdown (JSON-ready); `nl` is the
+    NL-assertion result when the task's reward basis needs it (no v0.1.0 task's does)."""
     task = env.task
     if termination in PREMATURE:
         return {"reward": 0.0, "note": f"terminated prematurely: {termination}", "breakdown": {}}
@@ -161,11 +163,34 @@ async def score_episode(env: Tau2Env, transcript: list[Message], termination: st
     if "COMMUNICATE" in basis:
         breakdown["COMMUNICATE"], details["communicate"] = communicate_check(task, transcript)
     if "NL_ASSERTION" in basis:
-        breakdown["NL_ASSERTION"], details["nl_assertions"] = await nl_assertion_check(task, transcript, judge)
+        if nl is None:
+            raise ValueError(f"task {task.id} needs an NL-assertion judge (--judge-model)")
+        breakdown["NL_ASSERTION"], details["nl_assertions"] = nl
     reward = 1.0
     for value in breakdown.values():
         reward *= value
     return {"reward": reward, "breakdown": breakdown, "details": details, "termination": termination}
+
+
+async def score_episode(env: Tau2Env, transcript: list[Message], termination: str | None = None,
+                        judge: ChatFn | None = None, data_dir: str | None = None) -> dict[str, Any]:
+    """`score_components`, asking the judge first when the reward basis includes NL_ASSERTION."""
+    nl = None
+    criteria = env.task.evaluation_criteria
+    if criteria is not None and "NL_ASSERTION" in criteria.reward_basis and termination not in PREMATURE:
+        nl = await nl_assertion_check(env.task, transcript, judge)
+    return score_components(env, transcript, termination, nl, data_dir)
+
+
+def replay_transcript(env: Tau2Env, transcript: list[Message]) -> None:
+    """Re-run a saved transcript's tool calls (agent and user side, in order) on a fresh environment: how the
+    reference rebuilds an episode's end state for scoring."""
+    for message in transcript:
+        if message.get("role") not in ("assistant", "user"):
+            continue
+        fn = env.user_call if message["role"] == "user" else env.call
+        for name, args in tool_calls_of([message]):
+            fn(name, args)
 
 
 def pass_hat_k(successes: int, trials: int, k: int) -> float:
