@@ -74,3 +74,27 @@ def test_perturbed_telecom_refuel_fails_assertion():
     env = make_env("telecom", task=task)
     replay(env, actions)
     assert env_assertion_check(env)[0] == 0.0
+
+
+@pytest.mark.parametrize("domain", ["airline", "retail"])
+def test_shared_pristine_database_is_never_changed(domain):
+    """Environments share one pristine database copy-on-access: after every task's gold replay (the tests above
+    ran them in this process) it still equals the shipped file, and the incremental hash equals a full one."""
+    from openk2.eval.tau2.env import _db_text, _pristine
+    from openk2.eval.tau2.tasks import domain_dir
+    from openk2.eval.tau2.toolkit import model_hash
+
+    root = str(domain_dir(domain))
+    pristine = _pristine(domain, root)
+    for task in load_tasks(domain)[:5]:
+        replay(make_env(domain, task=task), task.evaluation_criteria.actions or [])
+    assert model_hash(pristine) == model_hash(type(pristine).model_validate_json(_db_text(root + "/db.json")))
+    # copy-on-access gives the same end state as a private full copy of the database
+    task = next(t for t in load_tasks(domain) if len(t.evaluation_criteria.actions or []) > 3)
+    shared = make_env(domain, task=task)
+    replay(shared, task.evaluation_criteria.actions)
+    private = make_env(domain, task=task)
+    private.tools.db = type(pristine).model_validate_json(_db_text(root + "/db.json"))
+    private.tools.pristine = None
+    replay(private, task.evaluation_criteria.actions)
+    assert shared.state() == private.state() != make_env(domain).state()

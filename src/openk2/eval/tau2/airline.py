@@ -192,22 +192,23 @@ class AirlineTools(ToolKit):
     """The airline agent's tools (class name as in the reference: it appears in TypeError texts)."""
 
     db: FlightDB
+    COW_FIELDS = ("flights", "users", "reservations")
 
     # -- lookups (raise the reference's texts) --
     def _get_user(self, user_id: str) -> User:
         if user_id not in self.db.users:
             raise ValueError(f"User {user_id} not found")
-        return self.db.users[user_id]
+        return self._own("users", user_id)
 
     def _get_reservation(self, reservation_id: str) -> Reservation:
         if reservation_id not in self.db.reservations:
             raise ValueError(f"Reservation {reservation_id} not found")
-        return self.db.reservations[reservation_id]
+        return self._own("reservations", reservation_id)
 
     def _get_flight(self, flight_number: str) -> Flight:
         if flight_number not in self.db.flights:
             raise ValueError(f"Flight {flight_number} not found")
-        return self.db.flights[flight_number]
+        return self._own("flights", flight_number)
 
     def _get_flight_instance(self, flight_number: str, date: str) -> FlightDateStatus:
         flight = self._get_flight(flight_number)
@@ -320,7 +321,7 @@ class AirlineTools(ToolKit):
         for instance in instances:
             instance.available_seats[cabin] -= len(passengers)
         self.db.reservations[reservation_id] = reservation
-        self.db.users[user_id].reservations.append(reservation_id)
+        user.reservations.append(reservation_id)
         return reservation
 
     @tool("generic")

@@ -24,7 +24,7 @@ except ImportError:  # Python 3.10
 
 from openk2.eval.tau2 import airline, retail, telecom, telecom_user
 from openk2.eval.tau2.tasks import EnvAssertion, EnvFunctionCall, Task, domain_dir, get_task
-from openk2.eval.tau2.toolkit import ToolKit, model_hash, to_text, update_model
+from openk2.eval.tau2.toolkit import ToolKit, to_text, update_model
 
 
 @cache
@@ -47,13 +47,23 @@ def _policy(domain: str, data_dir: Path | None) -> str:
             + "\n</tech_support_policy>")
 
 
+@cache
+def _pristine(domain: str, data_dir: str) -> Any:
+    """The validated shipped database, shared read-only by every environment of the process."""
+    root = Path(data_dir)
+    model = airline.FlightDB if domain == "airline" else retail.RetailDB
+    return model.model_validate_json(_db_text(str(root / "db.json")))
+
+
 def fresh_toolkits(domain: str, data_dir: Path | None = None) -> tuple[ToolKit, ToolKit | None]:
-    """New agent (and, for telecom, user) toolkits over fresh copies of the shipped databases."""
+    """New agent (and, for telecom, user) toolkits over fresh copies of the shipped databases (airline and
+    retail: copy-on-access views of one shared pristine database, see `ToolKit`)."""
     root = domain_dir(domain, data_dir)
-    if domain == "airline":
-        return airline.AirlineTools(airline.FlightDB.model_validate_json(_db_text(str(root / "db.json")))), None
-    if domain == "retail":
-        return retail.RetailTools(retail.RetailDB.model_validate_json(_db_text(str(root / "db.json")))), None
+    if domain in ("airline", "retail"):
+        pristine = _pristine(domain, str(root))
+        db = type(pristine).model_construct(**{f: dict(getattr(pristine, f)) for f in type(pristine).model_fields})
+        kit = airline.AirlineTools if domain == "airline" else retail.RetailTools
+        return kit(db, pristine), None
     db = telecom.TelecomDB.model_validate(_toml(str(root / "db.toml")))
     user_db = telecom_user.TelecomUserDB.model_validate(_toml(str(root / "user_db.toml")))
     return telecom.TelecomTools(db), telecom_user.TelecomUserTools(user_db)
@@ -73,6 +83,7 @@ class Tau2Env:
             if init.initialization_data is not None:
                 if init.initialization_data.agent_data:
                     self.tools.db = update_model(self.tools.db, init.initialization_data.agent_data)
+                    self.tools.pristine = None  # a rebuilt database shares nothing
                 if init.initialization_data.user_data:
                     self.user_tools.db = update_model(self.user_tools.db, init.initialization_data.user_data)
             for action in init.initialization_actions or []:
@@ -121,10 +132,10 @@ class Tau2Env:
         return out
 
     def db_hash(self) -> str | None:
-        return model_hash(self.tools.db)
+        return self.tools.db_hash()
 
     def user_db_hash(self) -> str | None:
-        return model_hash(self.user_tools.db) if self.user_tools is not None else None
+        return self.user_tools.db_hash() if self.user_tools is not None else None
 
     # -- environment functions (initialization actions, assertions) --
     def run_function(self, call: EnvFunctionCall) -> Any:

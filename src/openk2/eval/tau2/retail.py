@@ -123,16 +123,17 @@ class RetailTools(ToolKit):
     """The retail agent's tools (class name as in the reference: it appears in TypeError texts)."""
 
     db: RetailDB
+    COW_FIELDS = ("products", "users", "orders")  # products are never changed
 
     def _get_order(self, order_id: str) -> Order:
         if order_id not in self.db.orders:
             raise ValueError("Order not found")
-        return self.db.orders[order_id]
+        return self._own("orders", order_id)
 
     def _get_user(self, user_id: str) -> User:
         if user_id not in self.db.users:
             raise ValueError("User not found")
-        return self.db.users[user_id]
+        return self._own("users", user_id)
 
     def _get_product(self, product_id: str) -> Product:
         if product_id not in self.db.products:

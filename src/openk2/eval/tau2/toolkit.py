@@ -48,12 +48,27 @@ def tool(kind: str = "read") -> Callable[[Callable[..., Any]], Callable[..., Any
 
 
 class ToolKit:
-    """A set of tools over one pydantic database. Subclasses mark their tools with `@tool(...)`."""
+    """A set of tools over one pydantic database. Subclasses mark their tools with `@tool(...)`.
+
+    Copy-on-access: a toolkit may start from a *shared* pristine database whose dict-valued fields (`COW_FIELDS`)
+    are fresh dicts holding the pristine entries. `_own(field, key)` swaps an entry for a private deep copy
+    before the tools read it for a change, so building an environment costs no copy of the whole database and the
+    hash reuses the pristine entries' cached hashes (`db_hash`). Every path that changes an entry goes through
+    `_own` (the domain's `_get_*` lookups)."""
 
     db: Any
+    COW_FIELDS: tuple[str, ...] = ()
 
-    def __init__(self, db: Any) -> None:
+    def __init__(self, db: Any, pristine: Any = None) -> None:
         self.db = db
+        self.pristine = pristine
+
+    def _own(self, field: str, key: str) -> Any:
+        entries = getattr(self.db, field)
+        value = entries[key]
+        if self.pristine is not None and value is getattr(self.pristine, field).get(key):
+            value = entries[key] = value.model_copy(deep=True)
+        return value
 
     @classmethod
     def tool_names(cls) -> list[str]:
@@ -71,8 +86,41 @@ class ToolKit:
         """OpenAI-format tool schemas, in name order."""
         return [tool_schema(getattr(self, name)) for name in self.tool_names()]
 
-    def db_hash(self) -> str:
-        return model_hash(self.db)
+    def db_hash(self) -> str | None:
+        if self.pristine is None or not self.COW_FIELDS:
+            return model_hash(self.db)
+        digest = hashlib.sha256()
+        for name in type(self.db).model_fields:
+            value = getattr(self.db, name)
+            if name not in self.COW_FIELDS:
+                digest.update(f"{name}={model_hash_json(value)}\n".encode())
+                continue
+            cached = _entry_hashes(self.pristine, name)
+            base = getattr(self.pristine, name)
+            for key, entry in value.items():
+                h = cached[key] if entry is base.get(key) else _sha(entry.model_dump_json())
+                digest.update(f"{name}[{key}]={h}\n".encode())
+        return digest.hexdigest()
+
+
+_HASHES: dict[tuple[int, str], dict[str, str]] = {}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _entry_hashes(pristine: Any, name: str) -> dict[str, str]:
+    """Per-entry hashes of a pristine database's dict field, computed once (pristine objects never change)."""
+    cache_key = (id(pristine), name)
+    if cache_key not in _HASHES:
+        _HASHES[cache_key] = {k: _sha(v.model_dump_json()) for k, v in getattr(pristine, name).items()}
+    return _HASHES[cache_key]
+
+
+def model_hash_json(value: Any) -> str:
+    return _sha(json.dumps(value if not isinstance(value, BaseModel) else value.model_dump(mode="json"),
+                           sort_keys=True, default=str))
 
 
 # ---- tool results as text ---------------------------------------------------------------------------------------
