@@ -39,7 +39,9 @@ def test_bad_tool_calls_return_reference_errors_and_hit_error_limit():
     assert env.call("get_user_details", {"user_id": "x", "extra": 1}) == \
         "Error: RetailTools.get_user_details() got an unexpected keyword argument 'extra'"
     assert env.call("get_order_details", {"order_id": 5}) == "Error: Order not found"
-    assert env.call("calculate", {"expression": "2 +"}).startswith("Error: ")
+    assert env.call("calculate", {"expression": "2 +"}) == "Error: invalid syntax (<string>, line 1)"
+    assert env.call("calculate", {"expression": "2 ** 3 + 7 // 2 - -1"}) == "12.0"
+    assert env.call("calculate", {"expression": "2 * x"}) == "Error: Invalid characters in expression"
     assert env.call("calculate", {"expression": "1/0"}) == "Error: division by zero"
     assert env.call("calculate", {"expression": "(2 + 3) * 4.5"}) == "22.5"
 

@@ -222,7 +222,14 @@ def model_hash(model: BaseModel | None) -> str | None:
 
 # ---- calculate --------------------------------------------------------------------------------------------------
 
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+def _power(base: float, exponent: float) -> float:
+    if abs(exponent) > 1000 or abs(base) > 1e6 and abs(exponent) > 10:  # the reference's eval would hang here
+        raise ValueError("exponent too large")
+    return operator.pow(base, exponent)
+
+
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Pow: _power}
 _UNOPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 
 
@@ -240,9 +247,10 @@ def _eval_node(node: ast.AST) -> float:
 
 def calculate(expression: str) -> str:
     """The reference's `calculate` tool (digits, + - * /, parentheses, spaces; result rounded to 2 places),
-    evaluated over the syntax tree instead of `eval`. Errors keep Python's texts (`division by zero`,
-    `invalid syntax ...`)."""
+    evaluated over the syntax tree instead of `eval` (so `**` and `//`, which those characters allow, work as
+    there; only exponents that would make `eval` hang are refused). Errors keep Python's texts
+    (`division by zero`, `invalid syntax (<string>, line 1)`)."""
     if not all(char in "0123456789+-*/(). " for char in expression):
         raise ValueError("Invalid characters in expression")
-    tree = ast.parse(expression.strip() if expression.strip() else expression, mode="eval")
+    tree = ast.parse(expression, filename="<string>", mode="eval")
     return str(round(float(_eval_node(tree)), 2))
