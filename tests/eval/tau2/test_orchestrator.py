@@ -85,3 +85,33 @@ def test_task_schema_error_names_task_and_field():
 
     with pytest.raises(BenchmarkDataError, match=r"task 'bad'.*user_scenario"):
         parse_task({"id": "bad"}, "tasks.json")
+
+
+def test_oracle_through_llm_client_serve_format():
+    """The oracle agent answers through `openk2.llm` (ReplayBackend): the requests are plain OpenAI chat
+    payloads (system/user/assistant/tool roles, tool schemas, no private keys) and the episode scores 1."""
+    from openk2.eval.tau2.orchestrator import client_chat
+    from openk2.llm.client import LLMClient
+    from openk2.llm.replay import ReplayBackend, chat_response
+
+    task = load_tasks("telecom")[7]
+    agent, user = oracle_pair(task)
+
+    def responder(endpoint, payload):
+        coro = agent(payload["messages"], payload.get("tools"))
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            msg = done.value
+        return chat_response(msg.get("content"), msg.get("tool_calls"))
+
+    backend = ReplayBackend(responder=responder)
+    client = LLMClient(backend, model="oracle")
+    env = make_env("telecom", task=task)
+    ep = asyncio.run(run_episode(env, client_chat(client, temperature=0.0), user))
+    assert ep.termination == "user_stop"
+    assert asyncio.run(score_episode(env, ep.transcript, ep.termination))["reward"] == 1.0
+    for _, payload in backend.calls:
+        assert payload["tools"] and payload["temperature"] == 0.0
+        assert {m["role"] for m in payload["messages"]} <= {"system", "user", "assistant", "tool"}
+        assert not any({"requestor", "error"} & set(m) for m in payload["messages"])

@@ -66,6 +66,16 @@ def parse_arguments(raw: Any) -> tuple[dict[str, Any] | None, str | None]:
     return raw, None
 
 
+def client_chat(client: Any, **params: Any) -> ChatFn:
+    """A `ChatFn` over an `openk2.llm.LLMClient` (an `openk2 serve` endpoint, a local openk2 model, a replay),
+    with fixed sampling parameters (temperature, max_tokens, ...)."""
+
+    async def chat(messages: list[Message], tools: list[dict[str, Any]] | None) -> Message:
+        return (await client.chat(messages, tools=tools, **params)).message
+
+    return chat
+
+
 @dataclass
 class Episode:
     transcript: list[Message] = field(default_factory=list)
