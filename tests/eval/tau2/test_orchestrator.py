@@ -115,3 +115,22 @@ def test_oracle_through_llm_client_serve_format():
         assert payload["tools"] and payload["temperature"] == 0.0
         assert {m["role"] for m in payload["messages"]} <= {"system", "user", "assistant", "tool"}
         assert not any({"requestor", "error"} & set(m) for m in payload["messages"])
+
+
+def test_views_hide_the_other_sides_tool_traffic():
+    from openk2.eval.tau2.orchestrator import agent_view, user_view
+
+    transcript = [
+        {"role": "assistant", "content": "Hi"},
+        {"role": "user", "content": "help"},
+        {"role": "assistant", "content": "checking", "tool_calls": [tool_call("get_x", {}, "a1")]},
+        {"role": "tool", "tool_call_id": "a1", "name": "get_x", "content": "X"},
+        {"role": "user", "content": None, "tool_calls": [tool_call("check_status_bar", {}, "u1")]},
+        {"role": "tool", "tool_call_id": "u1", "name": "check_status_bar", "content": "bar", "requestor": "user"},
+        {"role": "user", "content": "bar says ok"},
+    ]
+    agent = agent_view(transcript)
+    assert [m["role"] for m in agent] == ["assistant", "user", "assistant", "tool", "user"]
+    user = user_view(transcript)
+    assert [m["role"] for m in user] == ["user", "assistant", "assistant", "tool", "assistant"]
+    assert user[2]["tool_calls"][0]["function"]["name"] == "check_status_bar"

@@ -105,7 +105,7 @@ def user_view(transcript: list[Message]) -> list[Message]:
     out: list[Message] = []
     for m in transcript:
         if m["role"] == "assistant":
-            if m.get("content"):
+            if m.get("content") and not m.get("tool_calls"):  # the agent's tool calls go to the environment
                 out.append({"role": "user", "content": m["content"]})
         elif m["role"] == "user":
             flipped: Message = {"role": "assistant", "content": m.get("content")}

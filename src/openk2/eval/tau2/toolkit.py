@@ -17,6 +17,7 @@ sierra-research/tau2-bench v0.1.0, our own code):
 from __future__ import annotations
 
 import ast
+import copy
 import hashlib
 import inspect
 import json
@@ -83,8 +84,11 @@ class ToolKit:
         return getattr(self, tool_name)(**kwargs)
 
     def schemas(self) -> list[dict[str, Any]]:
-        """OpenAI-format tool schemas, in name order."""
-        return [tool_schema(getattr(self, name)) for name in self.tool_names()]
+        """OpenAI-format tool schemas, in name order (built once per toolkit class; copies returned)."""
+        cls = type(self)
+        if cls not in _SCHEMAS:
+            _SCHEMAS[cls] = [tool_schema(getattr(self, name)) for name in self.tool_names()]
+        return copy.deepcopy(_SCHEMAS[cls])
 
     def db_hash(self) -> str | None:
         if self.pristine is None or not self.COW_FIELDS:
@@ -104,6 +108,7 @@ class ToolKit:
 
 
 _HASHES: dict[tuple[int, str], dict[str, str]] = {}
+_SCHEMAS: dict[type, list[dict[str, Any]]] = {}
 
 
 def _sha(text: str) -> str:
