@@ -22,7 +22,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from openk2.eval.tau2 import airline, retail, telecom, telecom_user
+from openk2.eval.tau2 import airline, retail, telecom, telecom_device, telecom_user
 from openk2.eval.tau2.tasks import EnvAssertion, EnvFunctionCall, Task, domain_dir, get_task
 from openk2.eval.tau2.toolkit import ToolKit, to_text, update_model
 
@@ -65,7 +65,7 @@ def fresh_toolkits(domain: str, data_dir: Path | None = None) -> tuple[ToolKit, 
         kit = airline.AirlineTools if domain == "airline" else retail.RetailTools
         return kit(db, pristine), None
     db = telecom.TelecomDB.model_validate(_toml(str(root / "db.toml")))
-    user_db = telecom_user.TelecomUserDB.model_validate(_toml(str(root / "user_db.toml")))
+    user_db = telecom_device.TelecomUserDB.model_validate(_toml(str(root / "user_db.toml")))
     return telecom.TelecomTools(db), telecom_user.TelecomUserTools(user_db)
 
 
@@ -173,7 +173,7 @@ class Tau2Env:
             customer = agent.get_customer_by_phone(surroundings.phone_number)
             bills = agent._get_bills_awaiting_payment(customer)
             if bills:
-                surroundings.payment_request = telecom_user.PaymentRequest(bill_id=bills[0].bill_id,
+                surroundings.payment_request = telecom_device.PaymentRequest(bill_id=bills[0].bill_id,
                                                                            amount_due=bills[0].total_due)
 
 

@@ -3,153 +3,29 @@ tools, and the environment functions that initialization actions and assertions 
 
 Same tool names, arguments, behaviour and texts as the reference (sierra-research/tau2-bench v0.1.0); our own
 code. The device state is synced with the network (line status, roaming, data usage, payment requests) by the
-environment after every tool call and initialization action (`env.TelecomEnv.sync`).
+environment after every tool call and initialization action (`env.Tau2Env.sync`). Data models:
+`telecom_device.py`; initialization functions and assertions: `telecom_setup.py`.
 """
 
 from __future__ import annotations
 
-from enum import Enum
-from typing import Literal
-
-from pydantic import Field
-
-from openk2.eval.tau2.toolkit import NoExtra, ToolKit, tool
-
-
-class SimStatus(str, Enum):
-    ACTIVE = "active"
-    MISSING = "missing"
-    LOCKED_PIN = "locked_pin"
-    LOCKED_PUK = "locked_puk"
-
-
-class NetworkTechnology(str, Enum):
-    NONE = "none"
-    TWO_G = "2G"
-    THREE_G = "3G"
-    FOUR_G = "4G"
-    FIVE_G = "5G"
-
-
-class NetworkModePreference(str, Enum):
-    FOUR_G_5G_PREFERRED = "4g_5g_preferred"
-    FOUR_G_ONLY = "4g_only"
-    THREE_G_ONLY = "3g_only"
-    TWO_G_ONLY = "2g_only"
-
-
-class SignalStrength(str, Enum):
-    NONE = "none"
-    POOR = "poor"
-    FAIR = "fair"
-    GOOD = "good"
-    EXCELLENT = "excellent"
-
-
-class PerformanceLevel(str, Enum):
-    UNKNOWN = "unknown"
-    POOR = "poor"
-    FAIR = "fair"
-    GOOD = "good"
-    EXCELLENT = "excellent"
-
-
-class NetworkStatus(str, Enum):
-    CONNECTED = "connected"
-    SEARCHING = "searching"
-    NO_SERVICE = "no_service"
-    EMERGENCY_ONLY = "emergency_only"
-
-
-class APNNames(str, Enum):
-    INTERNET = "internet"
-    BROKEN = "broken"
-
-
-class APNSettings(NoExtra):
-    apn_name: APNNames = APNNames.INTERNET
-    reset_at_reboot: bool = False
-    mms_apn: str | None = "mms"
-    mmsc_url: str | None = "http://mms.carrier.com/mms/wapenc"
-    mms_proxy: str | None = None
-    mms_port: int | None = None
-
-
-class VpnDetails(NoExtra):
-    server_address: str | None = None
-    protocol: str | None = None
-    server_performance: PerformanceLevel = PerformanceLevel.UNKNOWN
-
-
-class AppPermissions(NoExtra):
-    sms: bool = False
-    storage: bool = False
-    phone: bool = False
-    network: bool = False
-
-
-class AppStatus(NoExtra):
-    app_name: str
-    permissions: AppPermissions = Field(default_factory=AppPermissions)
-
-
-def _default_apps() -> dict[str, AppStatus]:
-    return {"messaging": AppStatus(app_name="messaging",
-                                   permissions=AppPermissions(sms=True, storage=True, phone=True)),
-            "browser": AppStatus(app_name="browser", permissions=AppPermissions(network=True, storage=True))}
-
-
-class MockPhoneAttributes(NoExtra):
-    sim_card_status: SimStatus = SimStatus.ACTIVE
-    sim_card_missing: bool = False
-    airplane_mode: bool = False
-    network_signal_strength: SignalStrength = SignalStrength.GOOD
-    network_technology_connected: NetworkTechnology = NetworkTechnology.FIVE_G
-    network_connection_status: NetworkStatus = NetworkStatus.CONNECTED
-    battery_level: int = 80
-    data_enabled: bool = True
-    roaming_enabled: bool = False
-    network_mode_preference: NetworkModePreference = NetworkModePreference.FOUR_G_5G_PREFERRED
-    active_apn_settings: APNSettings = Field(default_factory=APNSettings)
-    wifi_enabled: bool = False
-    wifi_connected: bool = False
-    wifi_ssid: str | None = None
-    wifi_signal_strength: SignalStrength = SignalStrength.NONE
-    wifi_calling_enabled: bool = False
-    wifi_calling_mms_over_wifi: bool = False
-    data_saver_mode: bool = False
-    vpn_enabled_setting: bool = False
-    vpn_connected: bool = False
-    vpn_details: VpnDetails | None = None
-    app_statuses: dict[str, AppStatus] = Field(default_factory=_default_apps)
-
-
-class PaymentRequest(NoExtra):
-    bill_id: str
-    amount_due: float
-    paid: bool = False
-
-
-def _default_signal() -> dict[NetworkTechnology, SignalStrength]:
-    return {NetworkTechnology.TWO_G: SignalStrength.POOR, NetworkTechnology.THREE_G: SignalStrength.FAIR,
-            NetworkTechnology.FOUR_G: SignalStrength.GOOD, NetworkTechnology.FIVE_G: SignalStrength.EXCELLENT}
-
-
-class UserSurroundings(NoExtra):
-    name: str | None = None
-    phone_number: str | None = None
-    is_abroad: bool = False
-    roaming_allowed: bool = False
-    signal_strength: dict[NetworkTechnology, SignalStrength] = Field(default_factory=_default_signal)
-    mobile_data_usage_exceeded: bool = False
-    line_active: bool = True
-    payment_request: PaymentRequest | None = None
-
-
-class TelecomUserDB(NoExtra):
-    device: MockPhoneAttributes = Field(default_factory=MockPhoneAttributes)
-    surroundings: UserSurroundings = Field(default_factory=UserSurroundings)
-
+from openk2.eval.tau2.telecom_device import (
+    APNNames,
+    APNSettings,
+    AppStatus,
+    MockPhoneAttributes,
+    NetworkModePreference,
+    NetworkStatus,
+    NetworkTechnology,
+    PerformanceLevel,
+    SignalStrength,
+    SimStatus,
+    TelecomUserDB,
+    UserSurroundings,
+    VpnDetails,
+)
+from openk2.eval.tau2.telecom_setup import PhoneSetup
+from openk2.eval.tau2.toolkit import ToolKit, tool
 
 SIGNAL_ICONS = {SignalStrength.NONE: "📵 No Signal", SignalStrength.POOR: "📶¹ Poor", SignalStrength.FAIR: "📶² Fair",
                 SignalStrength.GOOD: "📶³ Good", SignalStrength.EXCELLENT: "📶⁴ Excellent"}
@@ -172,7 +48,7 @@ def _on_off(flag: bool) -> str:
     return "ON" if flag else "OFF"
 
 
-class TelecomUserTools(ToolKit):
+class TelecomUserTools(PhoneSetup, ToolKit):
     """The simulated user's phone tools (class name as in the reference: it appears in TypeError texts)."""
 
     db: TelecomUserDB
@@ -187,14 +63,6 @@ class TelecomUserTools(ToolKit):
 
     def _with_bar(self, text: str) -> str:
         return f"{text}\nStatus Bar: {self._check_status_bar()}"
-
-    # -- environment functions (initialization) --
-    def set_user_info(self, name: str, phone_number: str) -> None:
-        self.surroundings.name = name
-        self.surroundings.phone_number = phone_number
-
-    def set_user_location(self, abroad: bool) -> None:
-        self.surroundings.is_abroad = abroad
 
     # -- status --
     @tool("read")
@@ -318,16 +186,6 @@ class TelecomUserTools(ToolKit):
         self.simulate_network_search()
         return d.airplane_mode
 
-    def turn_airplane_mode_on(self) -> str:
-        if not self._toggle_airplane_mode():
-            self._toggle_airplane_mode()
-        return "Airplane Mode is now ON."
-
-    def turn_airplane_mode_off(self) -> str:
-        if self._toggle_airplane_mode():
-            self._toggle_airplane_mode()
-        return "Airplane Mode is now OFF."
-
     # -- SIM --
     @tool("read")
     def check_sim_status(self) -> str:
@@ -347,19 +205,6 @@ class TelecomUserTools(ToolKit):
         self.simulate_network_search()
         return self._with_bar("SIM card re-seated successfully.")
 
-    def unseat_sim_card(self) -> str:
-        self.device.sim_card_missing = True
-        self.simulate_network_search()
-        return "SIM card un-seated successfully."
-
-    def lock_sim_card(self, mode: Literal["pin", "puk"]) -> str:
-        if mode == "pin":
-            self.device.sim_card_status = SimStatus.LOCKED_PIN
-        elif mode == "puk":
-            self.device.sim_card_status = SimStatus.LOCKED_PUK
-        self.simulate_network_search()
-        return f"SIM card locked successfully in {mode} mode."
-
     # -- mobile data and roaming --
     @tool("write")
     def toggle_data(self) -> str:
@@ -371,15 +216,6 @@ class TelecomUserTools(ToolKit):
         self.simulate_network_search()
         return self.device.data_enabled
 
-    def turn_data_on(self) -> str:
-        self.device.data_enabled = True
-        return "Data connection restored."
-
-    def turn_data_off(self) -> str:
-        if self._toggle_data():
-            self._toggle_data()
-        return "Data connection broken."
-
     @tool("write")
     def toggle_roaming(self) -> str:
         """Toggles Data Roaming ON or OFF. When ON, your phone can use data networks in areas outside your carrier's coverage."""
@@ -389,16 +225,6 @@ class TelecomUserTools(ToolKit):
         self.device.roaming_enabled = not self.device.roaming_enabled
         self.simulate_network_search()
         return self.device.roaming_enabled
-
-    def turn_roaming_on(self) -> str:
-        if not self._toggle_roaming():
-            self._toggle_roaming()
-        return "Data Roaming is now ON."
-
-    def turn_roaming_off(self) -> str:
-        if self._toggle_roaming():
-            self._toggle_roaming()
-        return "Data Roaming is now OFF."
 
     @tool("read")
     def check_data_restriction_status(self) -> str:
@@ -411,14 +237,6 @@ class TelecomUserTools(ToolKit):
         """Toggles Data Saver mode ON or OFF. When ON, it reduces data usage, which may affect data speed."""
         self.device.data_saver_mode = not self.device.data_saver_mode
         return self._with_bar(f"Data Saver Mode is now {_on_off(self.device.data_saver_mode)}.")
-
-    def turn_data_saver_mode_on(self) -> str:
-        self.device.data_saver_mode = True
-        return "Data Saver Mode is now ON."
-
-    def turn_data_saver_mode_off(self) -> str:
-        self.device.data_saver_mode = False
-        return "Data Saver Mode is now OFF."
 
     # -- APN --
     @tool("read")
@@ -448,15 +266,6 @@ class TelecomUserTools(ToolKit):
         self.device.active_apn_settings.reset_at_reboot = True
         self.simulate_network_search()
         return self._with_bar("APN settings will reset at reboot.")
-
-    def break_apn_settings(self) -> str:
-        self.device.active_apn_settings.apn_name = APNNames.BROKEN
-        self.simulate_network_search()
-        return "APN settings broken. Please call reset_apn_settings() to fix."
-
-    def break_apn_mms_setting(self) -> str:
-        self.device.active_apn_settings.mmsc_url = None
-        return "APN MMS setting broken. Please call reset_apn_settings() to fix."
 
     # -- Wi-Fi and Wi-Fi calling --
     @tool("read")
@@ -490,14 +299,6 @@ class TelecomUserTools(ToolKit):
         """Toggles Wi-Fi Calling ON or OFF. This feature allows you to make and receive calls over Wi-Fi instead of the cellular network, which can help in areas with weak cellular signal."""
         self.device.wifi_calling_enabled = not self.device.wifi_calling_enabled
         return self._with_bar(f"Wi-Fi Calling is now {_on_off(self.device.wifi_calling_enabled)}.")
-
-    def set_wifi_calling(self, enabled: bool, mms_over_wifi: bool | None = None) -> str:
-        self.device.wifi_calling_enabled = enabled
-        msg = f"Wi-Fi Calling is now {_on_off(enabled)}."
-        if mms_over_wifi is not None:
-            self.device.wifi_calling_mms_over_wifi = mms_over_wifi
-            msg += f"\nMMS over Wi-Fi is now {_on_off(mms_over_wifi)}."
-        return msg
 
     # -- VPN --
     @tool("read")
@@ -535,11 +336,6 @@ class TelecomUserTools(ToolKit):
         self.device.vpn_connected = False
         self.device.vpn_details = None
         return True
-
-    def break_vpn(self) -> str:
-        self.connect_vpn()
-        self.device.vpn_details.server_performance = PerformanceLevel.POOR
-        return "VPN connection broken."
 
     # -- apps --
     @tool("read")
@@ -605,16 +401,6 @@ class TelecomUserTools(ToolKit):
                 setattr(app.permissions, permission, True)
                 ok, msg = True, f"Permission '{permission}' granted to app '{app_name}'."
         return self._with_bar(("Success. " if ok else "Error. ") + msg)
-
-    def remove_app_permission(self, app_name: str, permission: str) -> tuple[bool, str]:
-        app = self.device.app_statuses.get(app_name)
-        permission = permission.lower()
-        if app is None:
-            return False, f"App '{app_name}' not found. Cannot remove permission."
-        if not hasattr(app.permissions, permission):
-            return False, f"Permission '{permission}' not tracked for app '{app_name}'."
-        setattr(app.permissions, permission, False)
-        return True, f"Permission '{permission}' removed from app '{app_name}'."
 
     # -- MMS --
     @tool("read")
@@ -691,35 +477,4 @@ class TelecomUserTools(ToolKit):
         request.paid = True
         return f"Payment of {request.amount_due} USD has been made for bill {request.bill_id}."
 
-    # -- assertions --
-    def assert_airplane_mode_status(self, expected_status: bool) -> bool:
-        return self.device.airplane_mode == expected_status
-
-    def assert_service_status(self, expected_status: str) -> bool:
-        return self.device.network_connection_status == NetworkStatus(expected_status)
-
-    def assert_mobile_data_status(self, expected_status: bool) -> bool:
-        return self._get_mobile_data_working() == expected_status
-
-    def assert_mobile_roaming_status(self, expected_status: bool) -> bool:
-        return self.device.roaming_enabled == expected_status
-
-    def assert_mobile_data_saver_mode_status(self, expected_status: bool) -> bool:
-        return self.device.data_saver_mode == expected_status
-
-    def assert_internet_speed(self, expected_speed: float, expected_desc: str | None = None) -> bool:
-        speed, desc = self._run_speed_test()
-        speed = speed or 0.0
-        if expected_desc is None:
-            return speed >= expected_speed
-        return speed >= expected_speed and desc.lower() == expected_desc.lower()
-
-    def assert_internet_not_excellent(self) -> bool:
-        return self._run_speed_test()[1].lower() != "excellent"
-
-    def assert_can_send_mms(self, expected_status: bool) -> bool:
-        return self._can_send_mms() == expected_status
-
-    def assert_mobile_data_usage_exceeded(self, expected_status: bool) -> bool:
-        return self.surroundings.mobile_data_usage_exceeded == expected_status
 
