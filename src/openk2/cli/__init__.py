@@ -1,6 +1,7 @@
 """The `openk2` command line. Each module below registers its commands on `app`."""
 
 from openk2.cli import (
+    eval,  # noqa: F401
     experiment,  # noqa: F401
     hf,  # noqa: F401
     model,  # noqa: F401  (registers commands)

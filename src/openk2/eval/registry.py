@@ -11,7 +11,12 @@ import importlib
 from openk2.eval.task import Benchmark
 
 BENCHMARK_MODULES: list[str] = [
-    # "openk2.eval.benchmarks.math", "openk2.eval.benchmarks.code", ... (added as each lands)
+    "openk2.eval.benchmarks.math",
+    "openk2.eval.benchmarks.code",
+    "openk2.eval.benchmarks.acebench",
+    "openk2.eval.benchmarks.gpqa",
+    "openk2.eval.benchmarks.swebench",
+    "openk2.eval.benchmarks.world",
 ]
 
 _registry: dict[str, Benchmark] | None = None

@@ -25,6 +25,15 @@ class BenchmarkDataError(ValueError):
     """A missing or malformed data file; the message names the file (and line)."""
 
 
+class BenchmarkUnavailable(BenchmarkDataError):
+    """The benchmark cannot run on this machine (e.g. no Docker); the message says what is missing."""
+
+
+class ScoringInfrastructureError(RuntimeError):
+    """The scorer's own machinery failed (e.g. the SWE-bench Docker harness), not the model: the harness records
+    the sample as an infrastructure error, excluded from the score and retried on resume."""
+
+
 @dataclass
 class Sample:
     """One benchmark item, ready to send to a chat model."""
@@ -35,6 +44,9 @@ class Sample:
     tools: list[dict[str, Any]] | None = None  # OpenAI-format tool schemas, if the item offers tools
     category: str | None = None  # for per-category breakdowns
     metadata: dict[str, Any] = field(default_factory=dict)  # JSON-ready extras saved with the sample
+    # A completion-style item (base models, the world probes): the harness sends this text to the completions
+    # endpoint instead of `messages` to the chat endpoint.
+    prompt: str | None = None
 
 
 @dataclass
@@ -46,6 +58,7 @@ class Completion:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None  # "length" marks a truncated answer
     transcript: list[Message] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # rollout results the scorer needs (e.g. an end state)
 
 
 @dataclass
@@ -72,12 +85,23 @@ class Benchmark:
     max_tokens: int = 8192
     k: int = 1  # samples per item
     categories: bool = False  # whether per-category breakdowns are meaningful
+    seeded: bool = False  # procedurally generated: `load(seed=...)` draws a fresh item set
+    # The harness scores in a worker thread, so slow scorers (sandboxes, Docker) do not stall requests in flight;
+    # scorers that need the main thread (math-verify's signal timeouts) set False and run in the event loop.
+    score_in_thread: bool = True
+    # Run context the harness hands over (`dataclasses.replace(bench, options=...)`), e.g. the run directory
+    # whose world the world benchmarks probe, or `--world`. Benchmarks read what they need and ignore the rest.
+    options: dict[str, Any] = field(default_factory=dict)
 
     def load(self, data_dir: Path, limit: int | None = None, seed: int = 0) -> list[Sample]:
         raise NotImplementedError
 
     def score(self, sample: Sample, completion: Completion) -> Score:
         raise NotImplementedError
+
+    def data_files(self, data_dir: Path) -> list[Path]:
+        """The files `load` reads (hashed into results.json); [] for generated benchmarks."""
+        return []
 
     async def rollout(self, sample: Sample, chat: ChatFn, user: ChatFn | None = None) -> Completion:
         """Multi-turn benchmarks override this; the default is one chat call."""

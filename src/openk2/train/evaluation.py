@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from openk2.data.tokenizer import Tokenizer
-from openk2.data.world import Probe, answer_matches
+from openk2.data.world import Probe
 from openk2.model import K2Model
 
 
@@ -31,11 +31,14 @@ def complete(
 
 
 def probe_report(model: K2Model, tokenizer: Tokenizer, probes: Sequence[Probe]) -> dict[str, float]:
-    """Accuracy per (split, kind), plus 'seen' overall: exact first-line answer matches under greedy decoding."""
-    completions = complete(model, tokenizer, [p.prompt for p in probes])
-    hits: dict[str, list[bool]] = {}
-    for p, c in zip(probes, completions, strict=True):
-        ok = answer_matches(c, p.answer)
-        for key in (f"{p.split}/{p.kind}", p.split, f"{p.split}/{p.attribute}"):
-            hits.setdefault(key, []).append(ok)
-    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    """Accuracy per (split, kind), plus 'seen' overall: exact first-line answer matches under greedy decoding.
+
+    The same samples, scorer and breakdown as the `world-*` benchmarks of `openk2 eval`
+    (`openk2.eval.benchmarks.world`); only the generation runs in process on the training model."""
+    from openk2.eval.benchmarks.world import probe_breakdown, probe_sample, score_probe
+    from openk2.eval.task import Completion
+
+    samples = [probe_sample(p) for p in probes]
+    completions = complete(model, tokenizer, [s.prompt or "" for s in samples])
+    values = [score_probe(s, Completion(text=c)).value for s, c in zip(samples, completions, strict=True)]
+    return probe_breakdown(samples, values)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from openk2.data.world import world_probes
+from openk2.eval.benchmarks.world import PROBE_PEOPLE, select_probes
 from openk2.model import K2Model, count_params
 from openk2.train.config import TrainConfig, load_config
 from openk2.train.data_setup import prepare_data
@@ -30,7 +30,6 @@ def _val_label(key: str) -> str:
     return VAL_LABELS.get(source, source)
 
 
-PROBE_PEOPLE = 60  # people per split probed at each validation (6 attributes x 2 phrasings each)
 PROBE_LABELS = {
     "seen/recall": "recall phrasing, people in the documents",
     "seen/qa": "Q/A phrasing, people in the documents whose questions were never trained on",
@@ -51,7 +50,8 @@ def speedrun(name: str = "nano", config: str | Path | None = None, overrides: li
     timings["data (world, tokenizer, shards)"] = time.perf_counter() - t0
 
     # Knowledge probes at every validation step, so the report can plot accuracy over training.
-    probe_set = world_probes(data.world, max_people=PROBE_PEOPLE, qa_fraction=cfg.data.world_qa_fraction) \
+    # The same probe set as `openk2 eval --bench world-recall,world-qa,world-unseen` on this run (seed 0).
+    probe_set = select_probes(data.world, max_people=PROBE_PEOPLE, qa_fraction=cfg.data.world_qa_fraction) \
         if data.world else []
     reports: dict[int, dict[str, float]] = {}
 
