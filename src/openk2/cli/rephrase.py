@@ -63,6 +63,7 @@ def rephrase_command(
     embedding_model: Path = typer.Option(None, "--embedding-model", help="Local sentence-embedding model dir "
                                                                         "(default: hashed char n-grams)."),
     embedding_threshold: float = typer.Option(0.5, "--embedding-threshold"),
+    max_tokens: int = typer.Option(None, "--max-tokens", help="Cap on each style's output tokens per chunk."),
     chunk_tokens: int = typer.Option(None, "--chunk-tokens", help="Input tokens per chunk (default: the style's)."),
     context_tokens: int = typer.Option(256, "--context-tokens", help="Rewritten-text tokens carried to the next "
                                                                      "chunk."),
@@ -143,7 +144,12 @@ def rephrase_command(
     embedder = TransformersEmbedder(str(embedding_model)) if embedding_model and "embedding" in check_list else None
     fidelity = FidelityConfig(checks=check_list, embedder=embedder, judge=judge,
                               embedding_threshold=embedding_threshold)
-    cfg = RephraseConfig(inputs=inputs, out=out, styles=[library[s] for s in names], n=n, seed=seed, kind=kind,
+    chosen = [library[s] for s in names]
+    if max_tokens:
+        import dataclasses
+
+        chosen = [dataclasses.replace(s, max_output_tokens=min(s.max_output_tokens, max_tokens)) for s in chosen]
+    cfg = RephraseConfig(inputs=inputs, out=out, styles=chosen, n=n, seed=seed, kind=kind,
                          text_field=text_field, chunk_tokens=chunk_tokens, context_tokens=context_tokens,
                          fidelity=fidelity, dedup_threshold=dedup, format_retries=format_retries,
                          concurrency=concurrency, shard=(i, num), limit=limit, progress=progress)
