@@ -217,3 +217,48 @@ def test_world_rephraser_is_faithful_and_diverse(tmp_path):
         person = rephraser.person_in(d)
         for t in by_source.get(f"{tmp_path / 'in.jsonl'}:{i + 1}", []):
             assert rephraser.stated(person, t) == rephraser.stated(person, d)  # every fact, no other
+
+
+def test_llm_judge_rejects_with_its_reasons(tmp_path):
+    def responder(ep, p):
+        content = p["messages"][-1]["content"]
+        if content.startswith("You check a rewrite"):
+            return '{"added": [], "dropped": ["the year"], "altered": []}' if "NOYEAR" in content else \
+                '{"added": [], "dropped": [], "altered": []}'
+        return "Rewritten: " + _echo_text(p).replace("1990", "NOYEAR" if "Ivo" in p["messages"][-1]["content"]
+                                                       else "1990")
+
+    client = LLMClient(ReplayBackend(responder=responder), model="m")
+    _, acc, rej = _pipeline(tmp_path, ["Ivo Dane was born in 1990.", "Ada Vell was born in 1990."], client,
+                            fidelity=FidelityConfig(checks=("judge",), judge=client))
+    assert len(acc) == 1 and acc[0]["fidelity"][0]["judge"]["ok"]
+    assert rej[0]["reasons"] == ["chunk 0: judge: dropped: the year"]
+
+
+def test_cli_world_path(tmp_path):
+    from typer.testing import CliRunner
+
+    from openk2.cli import app
+
+    inp = tmp_path / "bios.jsonl"
+    inp.write_text("".join(json.dumps({"text": t}) + "\n" for t in world_documents(WORLD, renderings_per_person=1,
+                                                                                   include_gazetteer=False)[:5]))
+    r = CliRunner().invoke(app, ["rephrase", str(inp), str(tmp_path / "out"), "--model", "world:seed=3,people=20",
+                                 "--styles", "k2-lecture,wrap-qa", "--n", "2", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["counts"]["tasks"] == 20 and run["counts"]["accepted"] >= 10 and run["model"] == "world-renderer"
+    r = CliRunner().invoke(app, ["rephrase", str(inp), str(tmp_path / "out"), "--model", "world", "--styles", "nope"])
+    assert r.exit_code == 2 and "unknown style" in r.output
+
+
+def test_table1_rows_have_equal_epochs_and_distinct_rephrasings():
+    from openk2.data.rephrase.experiment import row_documents
+
+    raw = ["r0", "r1"]
+    reph = [["a0", "a1", "a2"], ["b0", "b1", "b2"]]
+    qa = ["q"]
+    assert row_documents("raw", raw, reph, qa, 3) == [["r0", "r1", "q"]] * 3
+    assert row_documents("one_rephrasing", raw, reph, qa, 3) == [["a0", "b0", "q"]] * 3
+    assert row_documents("n_rephrasings", raw, reph, qa, 3) == [["a0", "b0", "q"], ["a1", "b1", "q"],
+                                                                ["a2", "b2", "q"]]
