@@ -54,3 +54,46 @@ def test_world_sources(tmp_path, world_file):
     assert resolve_world(None).origin == "default config"
     with pytest.raises(ValueError, match="no world here"):
         resolve_world(tmp_path / "nothing")
+
+
+def test_openk2_eval_and_the_speedrun_generate_the_same_probe_answers(tmp_path, world_file):
+    """The in-process engine (`openk2 eval --model DIR`) and the speedrun's `complete` give the same greedy
+    continuations, so the world benchmarks reproduce the speedrun's probe numbers."""
+    import asyncio
+
+    import torch
+
+    from openk2.eval.harness import EvalSettings, read_rows, run_eval
+    from openk2.eval.models import ModelHandle
+    from openk2.llm import LLMClient
+    from openk2.llm.local import LocalBackend
+    from openk2.model import build_model, get_preset
+    from openk2.serve.model_dir import load_model_dir
+    from openk2.serve.server import build_service
+    from openk2.serve.testing import make_model_dir, toy_tokenizer
+    from openk2.train.evaluation import complete
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tok = toy_tokenizer()
+        model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=512), seed=0)
+        bundle = load_model_dir(make_model_dir(tmp_path / "m", model, tok), device="cpu")
+        backend = LocalBackend(build_service(bundle, max_batch=8), owns_engine=True)
+        handle = ModelHandle(LLMClient(backend, model=backend.model_name), "local-test", "local", "m")
+        s = EvalSettings(benches=["world-recall", "world-qa"], data_dir=tmp_path, out_dir=tmp_path / "out", limit=8,
+                         progress=False, options={"world": str(world_file), "world_qa_fraction": 0.5})
+
+        async def go():
+            try:
+                return await run_eval(s, handle)
+            finally:
+                await handle.aclose()
+
+        asyncio.run(go())
+        rows = read_rows(tmp_path / "out" / "samples.jsonl")
+        ours = complete(bundle.model, bundle.tokenizer, [r["prompt"] for r in rows])
+    finally:
+        torch.set_num_threads(previous)
+    assert len(rows) == 16
+    assert [o.strip().split("\n", 1)[0] for o in ours] == [r["response"].strip().split("\n", 1)[0] for r in rows]

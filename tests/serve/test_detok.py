@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from openk2.serve.service import IncrementalDetokenizer, _Tracker
+from openk2.serve.detokenize import IncrementalDetokenizer, TextTracker
 from openk2.serve.testing import toy_tokenizer
 
 
@@ -33,7 +33,7 @@ def test_deltas_add_up_to_the_full_decode(tok):
 
 def test_tracker_stop_strings_and_holdback(tok):
     ids = tok.encode("It is sunny in Paris. The end")
-    tr = _Tracker(tok, ["Paris.", "zzz"])
+    tr = TextTracker(tok, ["Paris.", "zzz"])
     streamed = ""
     for t in ids:
         tr.push(t, None, False)
@@ -43,7 +43,7 @@ def test_tracker_stop_strings_and_holdback(tok):
     streamed += tr.take(final=True)[0]
     assert tr.stopped and tr.text == "It is sunny in " and streamed == "It is sunny in "
     # Held back while it might still become a stop string, released once it cannot.
-    tr = _Tracker(tok, ["sunny day"])
+    tr = TextTracker(tok, ["sunny day"])
     streamed, held = "", []
     for t in tok.encode("a sunny night"):
         tr.push(t, None, False)

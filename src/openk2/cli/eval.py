@@ -60,6 +60,8 @@ def eval_command(
     max_retries: int = typer.Option(3, "--max-retries", help="Retries per failed request (HTTP backends)."),
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds per HTTP request."),
     device: str = typer.Option("auto", help="Device for in-process models: auto, cpu or cuda."),
+    tool_call_parser: str = typer.Option(None, "--tool-call-parser", help="Tool-call format of an in-process "
+                                                                          "third-party checkpoint (as openk2 serve)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Evaluate a model on benchmarks; writes results.json, samples.jsonl and report.md."""
@@ -86,13 +88,14 @@ def eval_command(
                      model_name=model_name, api_key_env=api_key_env, user_model=user_model,
                      user_model_name=user_model_name, seed=seed, temperature=temperature, top_p=top_p,
                      max_tokens=max_tokens, world=world, swe_agent=swe_agent, acebench_repo=acebench_repo,
-                     price=price, max_retries=max_retries, timeout=timeout, device=device, progress=progress))
+                     price=price, max_retries=max_retries, timeout=timeout, device=device, progress=progress,
+                     tool_call_parser=tool_call_parser))
 
 
 async def _run(model: str, names: list[str], *, out: Path | None, model_name: str | None, api_key_env: str,
                user_model: str | None, user_model_name: str | None, world: Path | None, swe_agent: str | None,
                acebench_repo: Path | None, price: str | None, max_retries: int, timeout: float, device: str,
-               progress: bool, data_dir: Path, **settings: object) -> None:
+               progress: bool, data_dir: Path, tool_call_parser: str | None = None, **settings: object) -> None:
     from openk2.eval.harness import EvalSettings, run_eval
     from openk2.eval.models import ModelSpecError, open_model
     from openk2.eval.task import BenchmarkDataError
@@ -104,7 +107,7 @@ async def _run(model: str, names: list[str], *, out: Path | None, model_name: st
     try:
         handle = open_model(model, model_name=model_name, api_key_env=api_key_env,
                             concurrency=int(settings["concurrency"]), cache_dir=out / "llm_cache",
-                            max_retries=max_retries, timeout=timeout, device=device)
+                            max_retries=max_retries, timeout=timeout, device=device, tool_call_parser=tool_call_parser)
         user = None if user_model is None else open_model(
             user_model, model_name=user_model_name, api_key_env=api_key_env, cache_dir=out / "llm_cache",
             concurrency=int(settings["concurrency"]), max_retries=max_retries, timeout=timeout, device=device)

@@ -41,12 +41,15 @@ class ModelHandle:
         await self.client.aclose()
 
 
-def load_local_backend(path: Path, *, max_batch: int = 16, device: str = "auto", dtype: str = "auto") -> Backend:
-    """The one place that turns a model directory into an in-process backend (the serving stack's loader today;
-    the generic HF checkpoint loader slots in here)."""
+def load_local_backend(path: Path, *, max_batch: int = 16, device: str = "auto", dtype: str = "auto",
+                       tool_call_parser: str | None = None) -> Backend:
+    """The one place that turns a model directory into an in-process backend: the serving stack's loader
+    (`openk2.model_dir.load_model_dir`: openk2 runs, export-hf output, third-party DeepseekV3-family checkpoints
+    with their own tokenizer, chat template and tool-call parser) behind the server's engine."""
     from openk2.llm.local import LocalBackend
 
-    return LocalBackend.from_model_dir(path, device=device, dtype=dtype, max_batch=max_batch)
+    return LocalBackend.from_model_dir(path, device=device, dtype=dtype, max_batch=max_batch,
+                                       tool_call_parser=tool_call_parser)
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -55,7 +58,8 @@ def _is_run_dir(path: Path) -> bool:
 
 def open_model(spec: str, *, model_name: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                concurrency: int = 8, cache_dir: Path | None = None, usage: UsageTracker | None = None,
-               max_retries: int = 3, timeout: float = 600.0, device: str = "auto") -> ModelHandle:
+               max_retries: int = 3, timeout: float = 600.0, device: str = "auto",
+               tool_call_parser: str | None = None) -> ModelHandle:
     """Resolve a model spec into a client (see the module docstring for the forms)."""
     usage = usage if usage is not None else UsageTracker()
     cache = ResponseCache(cache_dir) if cache_dir is not None else None
@@ -85,7 +89,8 @@ def open_model(spec: str, *, model_name: str | None = None, api_key_env: str = "
         from openk2.serve.model_dir import ModelSourceError
 
         try:
-            backend = load_local_backend(path, max_batch=max(1, concurrency), device=device)
+            backend = load_local_backend(path, max_batch=max(1, concurrency), device=device,
+                                         tool_call_parser=tool_call_parser)
         except (ModelSourceError, OSError) as e:
             raise ModelSpecError(f"{spec!r}: {e}") from None
         name = getattr(backend, "model_name", path.resolve().name)
