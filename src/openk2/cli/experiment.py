@@ -107,3 +107,37 @@ def muon_vs_adamw(
     console.print(f"target val loss {s['target_val_loss']:.4f}; best runs {s['best_run']}; "
                   f"tokens {s['best_tokens']}; AdamW/Muon tokens = {s['adamw_over_muon_tokens']}")
     console.print(f"wrote {out / 'muon_vs_adamw.json'} and {out / 'muon_vs_adamw.png'} ({result['seconds']:.0f}s)")
+
+
+@experiment_app.command("rephrasing")
+def rephrasing(
+    out: Path = typer.Option(Path("runs/experiments/rephrasing"), help="Output directory (JSON + PNG)."),
+    model: str = typer.Option("world", "--model", help="Rephraser: world (programmatic renderer, CPU) or any "
+                                                       "`openk2 rephrase` model spec (run dir, HF dir, openai:URL)."),
+    model_name: str = typer.Option(None, "--model-name", help="Model id for an openai: endpoint."),
+    style: str = typer.Option("wrap-medium", help="Rephrasing style (openk2 rephrase --list-styles)."),
+    n: int = typer.Option(10, help="Epochs of the repeated rows = rephrasings of the last row."),
+    people: int = typer.Option(24, help="People in the world (10% held out)."),
+    seeds: str = typer.Option("0,1", help="Comma-separated training seeds (init and data order)."),
+    batch: int = typer.Option(8),
+    seq: int = typer.Option(128),
+    lr: float = typer.Option(2e-2),
+    vocab: int = typer.Option(700, help="BPE vocabulary trained on all rows' documents."),
+    threads: int = typer.Option(1, help="torch intra-op threads."),
+    set_: list[str] = typer.Option(None, "--set", help="Model-config override key=value (repeatable)."),
+) -> None:
+    """K2 Table 1 in miniature: raw x N epochs vs 1 rephrasing x N vs N rephrasings x 1, equal tokens."""
+    from openk2.cli.rephrase import open_rephraser
+    from openk2.data.rephrase.experiment import ROW_LABELS, ROWS, run_rephrasing_experiment
+
+    _threads(threads)
+    rephraser = open_rephraser(model, model_name=model_name, api_key_env="OPENAI_API_KEY", concurrency=8,
+                               cache_dir=out / "cache", max_retries=3, timeout=600.0, device="auto")
+    rec = run_rephrasing_experiment(out, rephraser, n=n, people=people, seeds=tuple(int(s) for s in seeds.split(",")),
+                                    batch=batch, seq=seq, lr=lr, vocab=vocab, style=style,
+                                    model_overrides=_overrides(set_), log=_log)
+    for row in ROWS:
+        cells = ", ".join(f"{k} {100 * sum(v) / len(v):.1f}% ({'/'.join(f'{100 * x:.0f}' for x in v)})"
+                          for k, v in rec["summary"][row].items())
+        console.print(f"{ROW_LABELS[row].format(n=n)}: {cells}")
+    console.print(f"wrote {out / 'rephrasing.json'} and {out / 'rephrasing.png'} ({rec['seconds']:.0f}s)")
