@@ -17,6 +17,7 @@ BENCHMARK_MODULES: list[str] = [
     "openk2.eval.benchmarks.gpqa",
     "openk2.eval.benchmarks.swebench",
     "openk2.eval.benchmarks.tau2",
+    "openk2.eval.benchmarks.world_agent",
     "openk2.eval.benchmarks.world",
 ]
 

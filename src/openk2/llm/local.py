@@ -27,14 +27,14 @@ class LocalBackend(Backend):
     @classmethod
     def from_model_dir(cls, path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto",
                        name: str | None = None, max_batch: int = 16, max_len: int | None = None,
-                       tool_call_parser: str | None = None) -> LocalBackend:
+                       tool_call_parser: str | None = None, compile: bool | str = "auto") -> LocalBackend:
         """Load a model directory (`openk2.model_dir.load_model_dir`: weights, tokenizer, chat format) and start
-        its engine; `aclose()` stops it."""
+        its engine; `aclose()` stops it. `compile` is the decode step's switch (`openk2.model.decode`)."""
         from openk2.model_dir import load_model_dir
         from openk2.serve.server import build_service
 
         bundle = load_model_dir(path, device=device, dtype=dtype, name=name, tool_call_parser=tool_call_parser)
-        return cls(build_service(bundle, max_batch=max_batch, max_len=max_len), owns_engine=True)
+        return cls(build_service(bundle, max_batch=max_batch, max_len=max_len, compile=compile), owns_engine=True)
 
     @property
     def model_name(self) -> str:

@@ -106,9 +106,10 @@ async def evaluate_chat(bench: WorldAgent, samples: list[Sample], chat: ChatFn, 
 
 def evaluate_model(model_dir: str | os.PathLike, *, n: int = 40, seed: int = 0, world_seed: int = 0,
                    world_people: int = 100, device: str = "auto", max_tokens: int = 96,
-                   concurrency: int = 16) -> dict[str, Any]:
+                   concurrency: int = 16, compile: bool | str = False) -> dict[str, Any]:
     """`world-agent` success of the model in `model_dir` (a run directory or HF checkpoint), in this process
-    through the serving engine (`openk2.llm.LocalBackend`), greedy."""
+    through the serving engine (`openk2.llm.LocalBackend`), greedy. The decode step is not compiled by default:
+    a few hundred short episodes on a nano model finish before the compiled step's graphs would have paid off."""
     from openk2.llm import LLMClient, LLMError
     from openk2.llm.local import LocalBackend
 
@@ -116,7 +117,7 @@ def evaluate_model(model_dir: str | os.PathLike, *, n: int = 40, seed: int = 0, 
     samples = bench.load(Path("."), limit=n, seed=seed)
 
     async def main() -> dict[str, Any]:
-        backend = LocalBackend.from_model_dir(model_dir, device=device, max_batch=concurrency)
+        backend = LocalBackend.from_model_dir(model_dir, device=device, max_batch=concurrency, compile=compile)
         client = LLMClient(backend, model=backend.model_name)
 
         async def chat(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> dict[str, Any]:
