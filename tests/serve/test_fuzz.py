@@ -58,8 +58,7 @@ def test_schemathesis_finds_nothing(model_dir, tmp_path):
              "--workers", "1", "--request-timeout", "90", "-H", f"Authorization: Bearer {KEY}",
              "--report", "junit", "--report-dir", str(tmp_path / "report")],
             capture_output=True, text=True, timeout=240, cwd=tmp_path)
-        assert fuzz.returncode == 0, fuzz.stdout[-6000:] + fuzz.stderr[-2000:]
-        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["status"] == "ok"
+        healthy = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["status"] == "ok"
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -68,4 +67,7 @@ def test_schemathesis_finds_nothing(model_dir, tmp_path):
             server.kill()
             server.wait(10)
     log = server.stdout.read()
+    # The server's log tail shows which request was in flight when something went wrong.
+    assert fuzz.returncode == 0, fuzz.stdout[-6000:] + fuzz.stderr[-2000:] + "\nserver log:\n" + log[-3000:]
+    assert healthy
     assert "unhandled error" not in log and "Traceback" not in log, log[-4000:]
