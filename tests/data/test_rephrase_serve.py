@@ -3,23 +3,13 @@ tiny model: output quality is irrelevant), resume through the response cache, pr
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 
 from openk2.model import build_model, get_preset
-from openk2.serve.testing import make_model_dir, toy_tokenizer
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from openk2.serve.testing import make_model_dir, serve_subprocess, toy_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -28,29 +18,9 @@ def served(tmp_path_factory):
     tok = toy_tokenizer()
     model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=1024), seed=0)
     model_dir = make_model_dir(root / "tiny", model, tok)
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "openk2", "serve", str(model_dir), "--port", str(port),
-                             "--api-key", "k", "--threads", "1", "--max-batch", "4", "--device", "cpu",
-                             "--model-name", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    with serve_subprocess(model_dir, "--api-key", "k", "--threads", "1", "--max-batch", "4", "--device", "cpu",
+                          "--model-name", "tiny", log_path=root / "server.log") as (url, _):
+        yield url
 
 
 def _rephrase(args):

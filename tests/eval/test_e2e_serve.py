@@ -2,24 +2,14 @@
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 
 from openk2.data.world import World
 from openk2.model import build_model, get_preset
-from openk2.serve.testing import make_model_dir, toy_tokenizer
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from openk2.serve.testing import free_port, make_model_dir, serve_subprocess, toy_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -29,29 +19,9 @@ def served(tmp_path_factory):
     tok = toy_tokenizer()
     model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=512), seed=0)
     model_dir = make_model_dir(root / "tiny", model, tok)
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "openk2", "serve", str(model_dir), "--port", str(port),
-                             "--api-key", "k", "--threads", "1", "--max-batch", "8", "--device", "cpu",
-                             "--model-name", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}/v1", root
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    with serve_subprocess(model_dir, "--api-key", "k", "--threads", "1", "--max-batch", "8", "--device", "cpu",
+                          "--model-name", "tiny", log_path=root / "server.log") as (url, _):
+        yield (url, root)
 
 
 def _eval(args, env_extra=None):
@@ -99,7 +69,7 @@ def test_an_unreachable_endpoint_is_recorded_as_infrastructure_errors(tmp_path):
     (data / "gsm8k").mkdir(parents=True)
     (data / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
     out = tmp_path / "out"
-    r = _eval(["--model", f"openai:http://127.0.0.1:{_free_port()}/v1", "--model-name", "x", "--bench", "gsm8k",
+    r = _eval(["--model", f"openai:http://127.0.0.1:{free_port()}/v1", "--model-name", "x", "--bench", "gsm8k",
                "--data-dir", str(data), "--out", str(out), "--max-retries", "1", "--no-progress"])
     assert r.returncode == 0, r.stdout + r.stderr
     b = json.loads((out / "results.json").read_text())["benchmarks"]["gsm8k"]

@@ -3,14 +3,13 @@ check, a fixed seed and a bounded time. No 5xx, every response conforms to the p
 
 from __future__ import annotations
 
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
+
+from openk2.serve.testing import serve_subprocess
 
 pytest.importorskip("schemathesis")
 
@@ -25,50 +24,21 @@ expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_schemathesis_finds_nothing(model_dir, tmp_path):
-    port = _free_port()
-    # The log goes to a file, not a pipe: a thousand access-log lines fill a pipe nobody reads during the run,
-    # and the server would block on its next write.
     log_path = tmp_path / "server.log"
-    log_file = open(log_path, "w")  # noqa: SIM115 (closed below, after the server exits)
-    server = subprocess.Popen([sys.executable, "-m", "openk2", "serve", str(model_dir), "--port", str(port),
-                               "--api-key", KEY, "--threads", "1", "--max-batch", "4", "--max-len", "128",
-                               "--device", "cpu"], stdout=log_file, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+    with serve_subprocess(model_dir, "--api-key", KEY, "--threads", "1", "--max-batch", "4", "--max-len", "128",
+                          "--device", "cpu", log_path=log_path) as (url, _):
+        base = url.removesuffix("/v1")
         config = tmp_path / "schemathesis.toml"
         config.write_text(CONFIG)
         fuzz = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "--no-color", "run",
-             f"http://127.0.0.1:{port}/openapi.json", "--seed", "42", "--max-examples", "15", "--max-time", "45",
+             f"{base}/openapi.json", "--seed", "42", "--max-examples", "15", "--max-time", "45",
              "--workers", "1", "--request-timeout", "30", "-H", f"Authorization: Bearer {KEY}",
              "--report", "junit", "--report-dir", str(tmp_path / "report")],
             capture_output=True, text=True, timeout=240, cwd=tmp_path)
-        healthy = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["status"] == "ok"
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
-        log_file.close()
+        healthy = httpx.get(f"{base}/health", timeout=5).json()["status"] == "ok"
     log = log_path.read_text()
     # The server's log tail shows which request was in flight when something went wrong.
     assert fuzz.returncode == 0, fuzz.stdout[-6000:] + fuzz.stderr[-2000:] + "\nserver log:\n" + log[-3000:]

@@ -9,10 +9,12 @@ loads: `save_hf` weights plus the tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
-from collections.abc import Sequence
+import subprocess
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +73,49 @@ def make_model_dir(path: str | os.PathLike, model: K2Model, tokenizer: Tokenizer
     save_hf(model, path)
     tokenizer.save(path)
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_subprocess(model_dir: str | os.PathLike, *args: str, log_path: str | os.PathLike,
+                     startup_s: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m openk2 serve model_dir --port P *args` as a subprocess; yields (`http://127.0.0.1:P/v1`, process)
+    once `/health` answers, and stops it with SIGINT (then SIGKILL) on exit. The server logs to `log_path`, not a
+    pipe: a pipe nobody reads fills after ~1000 access-log lines and then blocks the server."""
+    import signal
+    import sys
+    import time
+
+    import httpx
+
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "openk2", "serve", str(model_dir), "--port", str(port), *args],
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + startup_s
+            while True:
+                assert proc.poll() is None, Path(log_path).read_text()
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.2)
+            yield f"http://127.0.0.1:{port}/v1", proc
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
