@@ -7,6 +7,7 @@ from openk2.cli import (
     model,  # noqa: F401  (registers commands)
     plan,  # noqa: F401
     rephrase,  # noqa: F401
+    rl,  # noqa: F401
     serve,  # noqa: F401
     sft,  # noqa: F401
     synth,  # noqa: F401

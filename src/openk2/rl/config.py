@@ -1,0 +1,234 @@
+"""The RL run's typed configuration (`openk2 rl --config recipes/rl-nano.toml --set train.lr=3e-4`).
+
+Every key is a dataclass field; an unknown key, a wrong type or a bad value is a `RLConfigError` that lists the
+valid keys or says what is allowed. Values marked "openk2 choice" are not given by K1.5/K2 (rl-design §9).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from openk2.train.config import parse_override, tomllib
+
+
+class RLConfigError(ValueError):
+    """An invalid RL configuration or override; the message says which key and what is allowed."""
+
+
+@dataclass
+class RunSection:
+    dir: str = "runs/nano/rl"
+    init: str = "runs/nano/sft"      # the starting model: a run directory (SFT) or a HF checkpoint
+    seed: int = 0
+    tensorboard: bool = True
+    progress: bool = True
+    checkpoint_every: int = 10       # RL steps between checkpoints (and always at the last step)
+    keep_last: int = 2
+    force: bool = False              # resume even if the stored config differs
+    threads: int = 0                 # torch threads; 0 = torch's default
+
+
+@dataclass
+class TasksSection:
+    # Task families and their sampling weights: digits (procedural), world (multi-turn tools),
+    # bench:<name> (an eval-harness benchmark as single-turn tasks), tau2:<domain> (train split, needs a user LLM).
+    mix: dict[str, float] = field(default_factory=lambda: {"digits": 1.0})
+    train_pool: int = 2000           # tasks per family in the sampler's pool
+    digits_kinds: list[str] = field(default_factory=lambda: ["reverse", "sort", "add"])
+    digits_levels: list[int] = field(default_factory=lambda: [1, 2])
+    world_seed: int = 0
+    world_people: int = 100
+    world_max_turns: int = 4         # model turns per world episode
+    bench_data_dir: str = "../shared/data"
+    tau2_user_model: str = ""        # "URL#model" of an OpenAI-compatible endpoint: τ²'s user simulator
+
+
+@dataclass
+class RolloutSection:
+    group_size: int = 8              # K samples per prompt
+    prompts_per_step: int = 16
+    temperature: float = 1.0         # T0 (exploration) ...
+    temperature_min: float = 1.0     # ... decayed linearly to T_min over temperature_decay_steps (openk2 choice)
+    temperature_decay_steps: int = 0
+    top_p: float = 1.0
+    # Budget control (K2): max new tokens per task type (family name or family/kind); truncation is penalised.
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"digits": 12, "world": 48, "bench": 256,
+                                                                     "tau2": 128})
+    default_max_new_tokens: int = 64
+    truncation_penalty: float = 0.5  # subtracted from a truncated response's reward (openk2 choice)
+    # Partial rollouts (K1.5 §2.6.2): at most this many policy tokens per trajectory per iteration; longer ones are
+    # kept as "aborted" and resumed next iteration. 0 = no per-iteration cap.
+    segment_tokens: int = 0
+    max_context: int = 1024          # prompt + response tokens; an episode that outgrows it ends truncated
+    reward_timeout_s: float = 30.0   # a reward/env step slower than this fails the sample (the run continues)
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    loss: str = "kimi_k15"
+    advantage: str = "mean"
+    tau: float = 0.05
+    length_normalize: bool = False
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    old_logprobs: str = "recompute"  # π_old for the loss: "recompute" (trainer, T=1, before the update) or "behaviour"
+    mask_old_segments: bool = False  # partial rollouts: no loss on segments sampled by an older policy
+    optimizer: str = "adamw"         # adamw | muonclip
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch: int = 64            # sequences per forward/backward (gradient accumulation)
+    minibatches: int = 1             # optimizer steps per rollout batch (K1.5: off-policy within an iteration)
+    ptx_coef: float = 0.0            # λ_ptx: weight of the LM loss on held-out SFT data (openk2 choice)
+    ptx_files: list[str] = field(default_factory=list)  # chat JSONL (assistant tokens are the targets)
+    ptx_batch: int = 8
+
+
+@dataclass
+class EvalSection:
+    every: int = 20                  # RL steps between held-out evaluations (also at step 0 and the end); 0 = ends
+    n_heldout: int = 200             # held-out tasks per family (greedy pass@1)
+    seed: int = 0
+    families: list[str] = field(default_factory=lambda: ["digits"])
+
+
+@dataclass
+class SamplerSection:
+    curriculum: bool = True          # admit harder levels once the easier ones pass often enough
+    curriculum_threshold: float = 0.5
+    start_level: int = 1
+    prioritized: bool = True         # p ∝ (1 − success) + floor (K1.5 §2.3.4)
+    priority_floor: float = 0.05
+    success_ema: float = 0.5         # weight of the newest group's pass rate in a task's success estimate
+
+
+@dataclass
+class RLConfig:
+    run: RunSection = field(default_factory=RunSection)
+    tasks: TasksSection = field(default_factory=TasksSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    sampler: SamplerSection = field(default_factory=SamplerSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RLConfig:
+        cfg = cls()
+        for section, values in d.items():
+            if not isinstance(values, dict):
+                raise RLConfigError(f"[{section}] must be a table; valid keys: {', '.join(valid_keys())}")
+            for key, value in values.items():
+                _assign(cfg, f"{section}.{key}", value)
+        return cfg
+
+    def max_new_tokens_for(self, task_type: str) -> int:
+        """The budget of a task type "family/kind": the most specific entry of rollout.max_new_tokens."""
+        budgets = self.rollout.max_new_tokens
+        family = task_type.split("/", 1)[0].split(":", 1)[0]
+        return budgets.get(task_type, budgets.get(family, self.rollout.default_max_new_tokens))
+
+    def temperature_at(self, step: int) -> float:
+        r = self.rollout
+        if r.temperature_decay_steps <= 0:
+            return r.temperature
+        frac = min(step / r.temperature_decay_steps, 1.0)
+        return r.temperature + frac * (r.temperature_min - r.temperature)
+
+    def validate(self) -> None:
+        from openk2.rl.advantages import ADVANTAGE_ESTIMATORS
+        from openk2.rl.losses import POLICY_LOSSES
+
+        r, t = self.rollout, self.train
+        checks = [
+            (r.group_size >= 2,
+             f"rollout.group_size must be >= 2 (a group baseline needs 2 samples), got {r.group_size}"),
+            (r.prompts_per_step >= 1, f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}"),
+            (r.temperature > 0 and r.temperature_min > 0, "rollout.temperature and temperature_min must be > 0"),
+            (0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}"),
+            (t.steps >= 0, f"train.steps must be >= 0, got {t.steps}"),
+            (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+            (t.tau > 0, f"train.tau must be > 0, got {t.tau}"),
+            (t.micro_batch >= 1 and t.minibatches >= 1, "train.micro_batch and train.minibatches must be >= 1"),
+            (t.optimizer in ("adamw", "muonclip"), f"train.optimizer must be adamw or muonclip, got {t.optimizer!r}"),
+            (t.old_logprobs in ("recompute", "behaviour"),
+             f"train.old_logprobs must be recompute or behaviour, got {t.old_logprobs!r}"),
+            (t.loss in POLICY_LOSSES,
+             f"train.loss {t.loss!r} is not registered; losses: {', '.join(sorted(POLICY_LOSSES))}"),
+            (t.advantage in ADVANTAGE_ESTIMATORS, f"train.advantage {t.advantage!r} is not registered; estimators: "
+                                                  f"{', '.join(sorted(ADVANTAGE_ESTIMATORS))}"),
+            (t.ptx_coef == 0 or bool(t.ptx_files), "train.ptx_coef > 0 needs train.ptx_files (chat JSONL)"),
+            (bool(self.tasks.mix) and all(w >= 0 for w in self.tasks.mix.values()) and sum(self.tasks.mix.values()) > 0,
+             f"tasks.mix needs at least one family with a positive weight, got {self.tasks.mix}"),
+            (self.run.checkpoint_every >= 1 and self.run.keep_last >= 1, "run.checkpoint_every and keep_last >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise RLConfigError(msg)
+        from openk2.rl.envs import check_family
+
+        for family in [*self.tasks.mix, *self.eval.families]:
+            try:
+                check_family(family)
+            except ValueError as e:
+                raise RLConfigError(str(e)) from None
+
+
+_SECTIONS = {f.name for f in dataclasses.fields(RLConfig)}
+
+
+def valid_keys() -> list[str]:
+    cfg = RLConfig()
+    return [f"{s}.{f.name}" for s in _SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
+
+
+def _assign(cfg: RLConfig, dotted: str, value: Any) -> None:
+    section, _, key = dotted.partition(".")
+    target = getattr(cfg, section) if section in _SECTIONS else None
+    fields = {f.name for f in dataclasses.fields(target)} if target is not None else set()
+    if key not in fields:
+        raise RLConfigError(f"unknown key {dotted!r}; valid keys: {', '.join(sorted(valid_keys()))}")
+    default = getattr(type(target)(), key)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise RLConfigError(f"{dotted} must be true or false, got {value!r}")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(default) in (int, float, str, list, dict) and not isinstance(value, type(default)):
+        raise RLConfigError(f"{dotted} must be {type(default).__name__}, got {value!r}")
+    setattr(target, key, value)
+
+
+def load_rl_config(path: str | Path | None, overrides: list[str] = ()) -> RLConfig:
+    """The config of a TOML file (or the defaults) with dotted `key=value` overrides; validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RLConfigError(f"config file {p} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise RLConfigError(f"{p}: invalid TOML: {e}") from e
+    cfg = RLConfig.from_dict(data)
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ValueError as e:
+            raise RLConfigError(str(e)) from None
+        _assign(cfg, key, value)
+    cfg.validate()
+    return cfg
+
+
+def config_json(cfg: RLConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+__all__ = ["RLConfig", "RLConfigError", "config_json", "load_rl_config", "valid_keys"]

@@ -1,0 +1,181 @@
+"""The trainer side of an RL step: per-token log-probs of sampled responses, the policy loss from the registry,
+an optional PTX loss, and one (or `minibatches`) optimizer step(s), colocated with the rollout engine.
+
+    updater = PolicyUpdater(model, cfg.train, ptx=PTXData.from_files(files, fmt, ...))
+    metrics = updater.update(trajectories, advantages_B, temperature=0.9)
+
+π_old (rl-design §6.3): `old_logprobs = "recompute"` scores the batch with the trainer before the first update
+(at T = 1, the policy itself; with one optimizer step per batch that equals the detached current log-probs, so
+no extra forward runs), `"behaviour"` uses the engine's per-token behaviour log-probs (anchor_to_behaviour).
+Samples whose advantage is zero carry no gradient at θ = θ_old and are left out of the forward passes when that
+is exact (recompute, one minibatch); the loss is rescaled so the step equals the full batch's.
+A non-finite loss or gradient skips the optimizer step (counted in `skipped_updates`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from openk2.rl.losses import LossConfig, get_policy_loss
+from openk2.rl.types import Trajectory
+
+IGNORE_INDEX = -100
+
+
+def pad_batch(trajs: list[Trajectory], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded tensors of a batch: ids [B, T] (prompt + response), and per response position r the index of
+    the logit that predicts it, its mask, behaviour log-prob and version, all [B, R]."""
+    B = len(trajs)
+    T = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
+    R = max(max(len(t.response_ids) for t in trajs), 1)
+    ids_BT = torch.full((B, T), pad_id, dtype=torch.long)
+    pos_BR = torch.zeros((B, R), dtype=torch.long)
+    tok_BR = torch.zeros((B, R), dtype=torch.long)
+    mask_BR = torch.zeros((B, R), dtype=torch.float32)
+    behav_BR = torch.zeros((B, R), dtype=torch.float32)
+    version_BR = torch.full((B, R), -1, dtype=torch.long)
+    for b, t in enumerate(trajs):
+        seq = t.prompt_ids + t.response_ids
+        ids_BT[b, :len(seq)] = torch.tensor(seq)
+        n, p = len(t.response_ids), len(t.prompt_ids)
+        if n:
+            pos_BR[b, :n] = torch.arange(p - 1, p - 1 + n)
+            tok_BR[b, :n] = torch.tensor(t.response_ids)
+            mask_BR[b, :n] = torch.tensor(t.loss_mask, dtype=torch.float32)
+            behav_BR[b, :n] = torch.tensor(t.behav_logprobs, dtype=torch.float32)
+            version_BR[b, :n] = torch.tensor(t.versions)
+    return {"ids_BT": ids_BT, "pos_BR": pos_BR, "tok_BR": tok_BR, "mask_BR": mask_BR, "behav_BR": behav_BR,
+            "version_BR": version_BR}
+
+
+def response_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π(token) at T = 1, log π_T(token) at `temperature`), both [B, R] fp32, for every response position."""
+    device = next(model.parameters()).device
+    logits_BTV = model(batch["ids_BT"].to(device)).logits
+    pos_BR = batch["pos_BR"].to(device)
+    logits_BRV = logits_BTV.gather(1, pos_BR[..., None].expand(-1, -1, logits_BTV.shape[-1])).float()
+    tok_BR1 = batch["tok_BR"].to(device)[..., None]
+    logp_BR = logits_BRV.log_softmax(-1).gather(-1, tok_BR1).squeeze(-1)
+    if temperature == 1.0:
+        return logp_BR, logp_BR.detach()
+    logp_t_BR = (logits_BRV.detach() / temperature).log_softmax(-1).gather(-1, tok_BR1).squeeze(-1)
+    return logp_BR, logp_t_BR
+
+
+@dataclass
+class PTXData:
+    """The PTX loss's data (InstructGPT's ptx, K2 §3.2.3): packed chat rows, loss on assistant tokens."""
+
+    loader: Any  # openk2.train.sft_data.SFTLoader
+
+    @classmethod
+    def from_files(cls, files: list[str], chat_format: Any, batch_size: int, seq_len: int = 256,
+                   seed: int = 0) -> PTXData:
+        from openk2.train.sft_data import SFTLoader, read_chat_jsonl, tokenize_conversations
+
+        convs, _ = read_chat_jsonl(files, on_error="skip")
+        rows = tokenize_conversations(convs, chat_format, max_len=seq_len + 1, on_error="skip")
+        pad = chat_format.tokenizer.pad_id if hasattr(chat_format.tokenizer, "pad_id") else 0
+        return cls(SFTLoader(rows, batch_size, seq_len, pad or 0, seed))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loader.next_batch()
+
+
+class PolicyUpdater:
+    def __init__(self, model: torch.nn.Module, cfg: Any, ptx: PTXData | None = None) -> None:
+        """`cfg`: the RL config's TrainSection."""
+        self.model, self.cfg, self.ptx = model, cfg, ptx
+        self.loss_fn = get_policy_loss(cfg.loss)
+        self.loss_cfg = LossConfig(tau=cfg.tau, length_normalize=cfg.length_normalize, clip_low=cfg.clip_low,
+                                   clip_high=cfg.clip_high)
+        self.optimizer = self._build_optimizer()
+        self.skipped_updates = 0
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        c = self.cfg
+        if c.optimizer == "adamw":
+            return torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.95))
+        from openk2.optim import MuonClip
+
+        return MuonClip(self.model, lr=c.lr, weight_decay=c.weight_decay)
+
+    def update(self, trajs: list[Trajectory], advantages_B: torch.Tensor, temperature: float = 1.0,
+               current_version: int = 0) -> dict[str, Any]:
+        c = self.cfg
+        B = len(trajs)
+        keep = list(range(B))
+        exact_skip = c.old_logprobs == "recompute" and c.minibatches == 1
+        if exact_skip:
+            keep = [i for i in range(B) if abs(float(advantages_B[i])) > 1e-8]
+        metrics: dict[str, Any] = {"update/samples": B, "update/samples_with_gradient": len(keep)}
+        if not keep and not (self.ptx and c.ptx_coef > 0):
+            metrics["update/skipped_no_signal"] = 1
+            return metrics
+        self.model.train()
+        minibatches = [keep[i::c.minibatches] for i in range(c.minibatches)] if keep else [[]]
+        sums: dict[str, float] = {"loss": 0.0, "kl_sampler": 0.0, "kl_sampler_k3": 0.0, "tokens": 0.0,
+                                  "delta_abs": 0.0, "ptx_loss": 0.0}
+        for mb in minibatches:
+            self.optimizer.zero_grad(set_to_none=True)
+            scale_total = len(mb) / (B if exact_skip else max(len(keep), 1))
+            finite = True
+            for start in range(0, len(mb), c.micro_batch):
+                idx = mb[start:start + c.micro_batch]
+                batch = pad_batch([trajs[i] for i in idx])
+                logp_BR, logp_t_BR = response_logprobs(self.model, batch, temperature)
+                mask_BR = batch["mask_BR"].to(logp_BR.device)
+                if c.mask_old_segments:
+                    mask_BR = mask_BR * (batch["version_BR"].to(logp_BR.device) >= current_version).float()
+                old_BR = batch["behav_BR"].to(logp_BR.device) if c.old_logprobs == "behaviour" else logp_BR.detach()
+                adv_B = advantages_B[idx].to(logp_BR.device)
+                loss, m = self.loss_fn(logp_BR, old_BR, adv_B, mask_BR, self.loss_cfg)
+                loss = loss * (len(idx) / max(len(mb), 1)) * scale_total
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+                sums["loss"] += float(loss)
+                sums["delta_abs"] += m.get("delta_abs_mean", 0.0) * len(idx)
+                # KL(π_sample ‖ π_trainer at the sampling temperature), per policy token: k1 and k3 estimators
+                pol = batch["mask_BR"].to(logp_BR.device)
+                diff = (batch["behav_BR"].to(logp_BR.device) - logp_t_BR) * pol
+                sums["kl_sampler"] += float(diff.sum())
+                sums["kl_sampler_k3"] += float(((torch.exp(-diff) - 1 + diff) * pol).sum())
+                sums["tokens"] += float(pol.sum())
+            if finite and self.ptx is not None and c.ptx_coef > 0:
+                inputs, targets = self.ptx.next_batch()
+                device = next(self.model.parameters()).device
+                ptx_loss = self.model(inputs.to(device), labels=targets.to(device)).loss
+                if torch.isfinite(ptx_loss):
+                    (c.ptx_coef * ptx_loss / len(minibatches)).backward()
+                    sums["ptx_loss"] += float(ptx_loss) / len(minibatches)
+                else:
+                    finite = False
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)) if finite \
+                else float("nan")
+            if not finite or not math.isfinite(grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_updates += 1
+                metrics["update/nan_skipped"] = metrics.get("update/nan_skipped", 0) + 1
+                continue
+            self.optimizer.step()
+            metrics["update/grad_norm"] = grad_norm
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.eval()
+        n_tok = max(sums["tokens"], 1.0)
+        metrics.update({"update/loss": sums["loss"], "kl_to_sampler": sums["kl_sampler"] / n_tok,
+                        "kl_to_sampler_k3": sums["kl_sampler_k3"] / n_tok,
+                        "update/delta_abs_mean": sums["delta_abs"] / max(len(keep), 1),
+                        "skipped_updates": self.skipped_updates})
+        if self.ptx is not None and c.ptx_coef > 0:
+            metrics["ptx_loss"] = sums["ptx_loss"]
+        return metrics
+
+
+__all__ = ["PTXData", "PolicyUpdater", "pad_batch", "response_logprobs"]

@@ -1,0 +1,251 @@
+"""RL environments: deterministic under seeds, disjoint held-out splits, rewards from the real checkers, and the
+episode driver's token bookkeeping (policy tokens verbatim, environment tokens loss-masked)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from openk2.agentic.world_tasks import ExpertAgent, make_tasks
+from openk2.data.chat_format import ChatFormat
+from openk2.data.toolcall import format_tool_call_id, render_tool_calls
+from openk2.data.world import World
+from openk2.eval.task import Benchmark, Completion, Sample, Score
+from openk2.rl.envs import BenchFamily, check_family, make_family
+from openk2.rl.envs.bench import BenchmarkEnv
+from openk2.rl.envs.procedural import DigitsEnv, digit_tasks, digits_reward, sft_records
+from openk2.rl.envs.world import WorldToolEnv
+from openk2.rl.rollout import EpisodeBudget, run_episode
+from openk2.rl.types import GenOut, SamplingParams
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def as_text(message: dict, first_index: int = 0) -> str:
+    """An assistant message as the K2 text a model would write (calls renamed to K2's functions.NAME:IDX)."""
+    calls = [{**c, "id": format_tool_call_id(c["function"]["name"], first_index + i)}
+             for i, c in enumerate(message.get("tool_calls") or [])]
+    return (message.get("content") or "") + (render_tool_calls(calls) if calls else "")
+
+
+def test_digit_tasks_are_deterministic_and_splits_disjoint():
+    a, b = digit_tasks("train", 300, seed=3), digit_tasks("train", 300, seed=3)
+    assert [t.to_dict() for t in a] == [t.to_dict() for t in b]
+    assert [t.question for t in digit_tasks("train", 300, seed=4)] != [t.question for t in a]
+    held = digit_tasks("heldout", 300, seed=0)
+    assert not {t.question for t in held} & {t.question for t in digit_tasks("train", 3000, seed=0)}
+    sft = {r["messages"][1]["content"] for r in sft_records(500, seed=0)}
+    assert not sft & {t.question for t in held}
+    t = next(t for t in a if t.kind == "sort")
+    assert t.answer.split() == sorted(t.question.split(":")[1].split())
+    assert digits_reward(t, t.answer) == 1.0 and digits_reward(t, t.answer.replace(" ", "")) == 1.0
+    assert digits_reward(t, "") == 0.0 and digits_reward(t, t.answer + " 1") == 0.0
+
+
+def test_digit_tasks_bad_input():
+    with pytest.raises(ValueError, match="split must be"):
+        digit_tasks("test", 3)
+    with pytest.raises(ValueError, match="kinds"):
+        digit_tasks("train", 3, kinds=("multiply",))
+    with pytest.raises(ValueError, match="distinct"):
+        digit_tasks("train", 500, kinds=("add",), levels=(1,))  # only 100 one-digit sums exist
+    with pytest.raises(ValueError, match="unknown task family"):
+        check_family("chess")
+
+
+def test_digits_env_single_turn():
+    task = digit_tasks("heldout", 1, seed=0)[0]
+    env = DigitsEnv()
+    obs = run(env.reset(task))
+    assert obs.messages[-1]["content"] == task.question and env.task_type == task.task_type
+    right = run(env.step(task.answer))
+    assert right.terminated and right.reward == 1.0
+    run(env.reset(task))
+    assert run(env.step("nope")).reward == 0.0
+
+
+def _world():
+    return World.generate(seed=0, n_people=100)
+
+
+def test_world_env_with_expert_text_is_scored_by_the_checker():
+    world = _world()
+    from openk2.data.tool_parsers import get_tool_parser
+
+    for task in make_tasks(world, "train", 6, seed=1):
+        env = WorldToolEnv(world, get_tool_parser("kimi_k2"), max_turns=4)
+        obs = run(env.reset(task))
+        expert = ExpertAgent(task)
+        messages = list(obs.messages)
+        n_calls = 0
+        for _ in range(4):
+            reply = expert.act(messages)
+            result = run(env.step(as_text(reply, n_calls)))
+            n_calls += len(reply.get("tool_calls") or [])
+            messages.append(reply)
+            if result.terminated or result.truncated:
+                break
+            messages += result.observation.messages
+        assert result.terminated and result.reward == 1.0, (task.kind, result.info)
+    env = WorldToolEnv(world, get_tool_parser("kimi_k2"))
+    run(env.reset(make_tasks(world, "heldout", 1, seed=0)[0]))
+    assert run(env.step("I guess Paris.")).reward == 0.0
+
+
+def test_tau2_adapter_runs_a_train_task_with_the_oracle():
+    from openk2.data.tool_parsers import get_tool_parser
+    from openk2.eval.tau2 import load_tasks
+    from openk2.eval.tau2.oracle import oracle_pair
+    from openk2.rl.envs.tau2 import Tau2ToolEnv
+
+    task = load_tasks("telecom", split="train")[0]
+    agent, user = oracle_pair(task)
+    env = Tau2ToolEnv("telecom", user=user, tool_parser=get_tool_parser("kimi_k2"))
+    obs = run(env.reset(task.id))
+    messages = list(obs.messages)
+    n_calls = 0
+    for _ in range(60):
+        action = run(agent(messages, obs.tools))
+        result = run(env.step(as_text(action, n_calls)))
+        n_calls += len(action.get("tool_calls") or [])
+        if result.terminated or result.truncated:
+            break
+        messages = [*messages, action, *result.observation.messages]
+    assert result.terminated and result.reward == 1.0, result.info
+
+
+@dataclass
+class _Echo(Benchmark):
+    """A generated benchmark for the adapter: answer with the sample's id."""
+
+    name: str = "echo"
+    seeded: bool = True
+
+    def load(self, data_dir: Path, limit: int | None = None, seed: int = 0) -> list[Sample]:
+        return [Sample(id=f"{seed}-{i}", messages=[{"role": "user", "content": f"say {seed}-{i}"}],
+                       reference=f"{seed}-{i}") for i in range(limit or 3)]
+
+    def score(self, sample: Sample, completion: Completion) -> Score:
+        return Score(float(completion.text.strip() == sample.reference), extracted=completion.text)
+
+
+def test_benchmark_env_scores_with_the_benchmark_and_refuses_eval_sets():
+    bench = _Echo()
+    sample = bench.load(Path("."), 1, seed=5)[0]
+    env = BenchmarkEnv(bench)
+    run(env.reset(sample))
+    assert run(env.step("5-0")).reward == 1.0
+    run(env.reset(sample))
+    assert run(env.step("6-0")).reward == 0.0
+    gsm8k = BenchFamily("gsm8k", "../shared/data")
+    with pytest.raises(ValueError, match="must not train"):
+        gsm8k.train_tasks(4, seed=0)
+
+
+class _ScriptedEngine:
+    """Returns fixed token lists in turn (a test double of the engine around the episode driver)."""
+
+    def __init__(self, outputs: list[list[int]], stop: int) -> None:
+        self.outputs, self.stop, self.version, self.prompts = list(outputs), stop, 7, []
+
+    async def generate(self, prompt_ids, params: SamplingParams, request_id: str) -> GenOut:
+        self.prompts.append(list(prompt_ids))
+        ids = self.outputs.pop(0)[: params.max_new_tokens]
+        return GenOut(ids, [-0.5] * len(ids), "stop" if ids and ids[-1] == self.stop else "length", self.version)
+
+
+def test_episode_driver_masks_env_tokens_and_keeps_policy_tokens_verbatim():
+    from openk2.data.tokenizer import IM_END
+    from openk2.data.tool_parsers import get_tool_parser
+    from openk2.serve.testing import toy_tokenizer
+
+    tok = toy_tokenizer()
+    fmt = ChatFormat.k2(tok)
+    world = _world()
+    task = next(t for t in make_tasks(world, "train", 20, seed=0) if t.kind == "lookup")
+    expert = ExpertAgent(task)
+    env = WorldToolEnv(world, get_tool_parser("kimi_k2"))
+    obs = run(env.reset(task))
+    call = expert.act(obs.messages)
+    end = tok.token_id(IM_END)
+    turn1 = tok.encode(render_tool_calls(call["tool_calls"])) + [end]
+    turn2 = tok.encode(f"The answer is {task.answer}.") + [end]
+    engine = _ScriptedEngine([turn1, turn2], end)
+    traj = run(run_episode(env, task, engine, fmt, SamplingParams(), budget=EpisodeBudget(max_new_tokens=400),
+                           group_id="g", request_id="g/0", task_type="world/lookup"))
+    assert traj.status == "completed" and traj.reward == 1.0, traj.reward_info
+    n1 = len(turn1)
+    assert traj.response_ids[:n1] == turn1 and traj.loss_mask[:n1] == [1] * n1
+    env_part = traj.loss_mask[n1:len(traj.response_ids) - len(turn2)]
+    assert env_part and set(env_part) == {0}
+    assert traj.response_ids[-len(turn2):] == turn2 and traj.loss_mask[-len(turn2):] == [1] * len(turn2)
+    assert traj.versions[:n1] == [7] * n1 and set(traj.versions[n1:-len(turn2)]) == {-1}
+    # the second request saw exactly prompt + first turn + the env's tokens (token-in/token-out)
+    assert engine.prompts[1] == traj.prompt_ids + traj.response_ids[:-len(turn2)]
+
+
+def test_episode_budget_truncates_and_segments_pause_then_resume():
+    from openk2.data.tokenizer import IM_END
+    from openk2.serve.testing import toy_tokenizer
+
+    tok = toy_tokenizer()
+    fmt = ChatFormat.k2(tok)
+    task = digit_tasks("train", 1, seed=0, kinds=("reverse",), levels=(2,))[0]
+    end = tok.token_id(IM_END)
+    answer = tok.encode(task.answer) + [end]
+    # budget 3 < the answer: truncated
+    traj = run(run_episode(DigitsEnv(), task, _ScriptedEngine([answer], end), fmt, SamplingParams(),
+                           budget=EpisodeBudget(max_new_tokens=3), group_id="g", request_id="r", task_type="d"))
+    assert traj.status == "truncated" and traj.reward is None and traj.n_policy_tokens == 3
+    # segments of 3 tokens: paused ("aborted"), then resumed until the answer is complete
+    engine = _ScriptedEngine([answer[i:i + 3] for i in range(0, len(answer), 3)], end)
+    budget = EpisodeBudget(max_new_tokens=40, segment_tokens=3)
+    traj = run(run_episode(DigitsEnv(), task, engine, fmt, SamplingParams(), budget=budget, group_id="g",
+                           request_id="r", task_type="d"))
+    n_pauses = 0
+    while traj.status == "aborted":
+        n_pauses += 1
+        traj = run(run_episode(DigitsEnv(), task, engine, fmt, SamplingParams(), budget=budget, group_id="g",
+                               request_id="r", task_type="d", resume=traj))
+    assert n_pauses >= 1 and traj.status == "completed" and traj.reward == 1.0
+    assert traj.response_ids == answer and traj.n_segments == len(engine.prompts)
+
+
+def test_failing_and_hanging_rewards_fail_the_sample_not_the_run():
+    from openk2.data.tokenizer import IM_END
+    from openk2.serve.testing import toy_tokenizer
+
+    tok = toy_tokenizer()
+    fmt = ChatFormat.k2(tok)
+    end = tok.token_id(IM_END)
+    task = digit_tasks("train", 1, seed=0)[0]
+
+    class Raising(DigitsEnv):
+        async def step(self, action_text):
+            raise RuntimeError("scorer crashed")
+
+    class Hanging(DigitsEnv):
+        async def step(self, action_text):
+            await asyncio.sleep(60)
+
+    for env, reason in ((Raising(), "raised RuntimeError: scorer crashed"), (Hanging(), "timed out")):
+        traj = run(run_episode(env, task, _ScriptedEngine([[5, end]], end), fmt, SamplingParams(),
+                               budget=EpisodeBudget(max_new_tokens=8, step_timeout_s=0.2), group_id="g",
+                               request_id="r", task_type="d"))
+        assert traj.status == "failed" and traj.reward == 0.0 and reason in traj.reward_info["error"]
+
+
+def test_families_from_config():
+    from openk2.rl.config import TasksSection
+
+    fam = make_family("digits", TasksSection(digits_kinds=["sort"], digits_levels=[2]), None)
+    tasks = fam.train_tasks(10, seed=0)
+    assert {fam.task_type(t) for t in tasks} == {"digits/sort"} and {fam.level(t) for t in tasks} == {2}
+    world = make_family("world", TasksSection(), None)
+    held = world.heldout_tasks(5, seed=0)
+    assert all(t.split == "heldout" for t in held) and world.task_type(held[0]).startswith("world/")
