@@ -61,7 +61,7 @@ def reference_engine(model: torch.nn.Module, tokenizer: object) -> ReferenceEngi
     return ReferenceEngine(model)
 
 
-def tiny_digits_model_dir(path: Path, sft_steps: int = 30, n_records: int = 64, seed: int = 0) -> Path:
+def tiny_digits_model_dir(path: Path, sft_steps: int = 10, n_records: int = 64, seed: int = 0) -> Path:
     """A tiny K2 model briefly trained on digits SFT records (a weak warm start), saved as a model directory."""
     from openk2.data.chat_format import ChatFormat
     from openk2.rl.envs.procedural import sft_records

@@ -19,6 +19,7 @@ BENCHMARK_MODULES: list[str] = [
     "openk2.eval.benchmarks.tau2",
     "openk2.eval.benchmarks.world_agent",
     "openk2.eval.benchmarks.world",
+    "openk2.eval.benchmarks.digits",
 ]
 
 _registry: dict[str, Benchmark] | None = None

@@ -67,11 +67,11 @@ class Group:
                    [Trajectory.from_dict(t) if t is not None else None for t in d["trajs"]])
 
 
-def default_engine(model: torch.nn.Module, tokenizer: Any) -> RolloutEngine:
+def default_engine(model: torch.nn.Module, tokenizer: Any, max_batch: int = 128) -> RolloutEngine:
     """The in-process batched, KV-cached engine (`openk2.rl.engine.TorchEngine`) on a copy of the policy."""
     from openk2.rl.engine import TorchEngine
 
-    return TorchEngine(model)
+    return TorchEngine(model, max_batch=max_batch)
 
 
 class RLController:
@@ -109,7 +109,12 @@ class RLController:
         self.counters: Counter[str] = Counter()
         self._prepare_run_dir()
         self._resume()
-        self.engine = (engine_factory or default_engine)(copy.deepcopy(self.model).eval(), self.tokenizer)
+        engine_model = copy.deepcopy(self.model).eval()
+        if engine_factory is None:
+            self.engine = default_engine(engine_model, self.tokenizer,
+                                         max_batch=cfg.rollout.group_size * cfg.rollout.prompts_per_step)
+        else:
+            self.engine = engine_factory(engine_model, self.tokenizer)
         self._sync(self.version)
 
     # ---------------------------------------------------------------------------------------------- run dir
@@ -151,6 +156,11 @@ class RLController:
         restore_rng(state)
         self.log(f"rl: resumed {self.run_dir} at step {self.step} (policy version {self.version}, "
                  f"{len(self.buffer)} groups in the partial-rollout buffer)")
+
+    def close(self) -> None:
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
     def save(self) -> Path:
         return save_rl_checkpoint(self.run_dir, RLState(
@@ -348,6 +358,7 @@ class RLController:
         finally:
             bar.close()
             metrics.close()
+            self.close()
         summary = {"steps": self.step, "version": self.version, "wall_s_this_process": time.perf_counter() - t_start,
                    "before": evals[0] if evals else {}, "after": evals[-1] if evals else {},
                    "skipped_updates": self.updater.skipped_updates, "config": cfg.to_dict()}

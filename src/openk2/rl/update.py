@@ -23,48 +23,30 @@ import torch
 from openk2.rl.losses import LossConfig, get_policy_loss
 from openk2.rl.types import Trajectory
 
-IGNORE_INDEX = -100
 
-
-def pad_batch(trajs: list[Trajectory], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded tensors of a batch: ids [B, T] (prompt + response), and per response position r the index of
-    the logit that predicts it, its mask, behaviour log-prob and version, all [B, R]."""
+def pad_batch(trajs: list[Trajectory]) -> dict[str, torch.Tensor]:
+    """Per response position r of each trajectory (right-padded to the longest response, [B, R]): its loss mask,
+    behaviour log-prob and policy version."""
     B = len(trajs)
-    T = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
     R = max(max(len(t.response_ids) for t in trajs), 1)
-    ids_BT = torch.full((B, T), pad_id, dtype=torch.long)
-    pos_BR = torch.zeros((B, R), dtype=torch.long)
-    tok_BR = torch.zeros((B, R), dtype=torch.long)
     mask_BR = torch.zeros((B, R), dtype=torch.float32)
     behav_BR = torch.zeros((B, R), dtype=torch.float32)
     version_BR = torch.full((B, R), -1, dtype=torch.long)
     for b, t in enumerate(trajs):
-        seq = t.prompt_ids + t.response_ids
-        ids_BT[b, :len(seq)] = torch.tensor(seq)
-        n, p = len(t.response_ids), len(t.prompt_ids)
+        n = len(t.response_ids)
         if n:
-            pos_BR[b, :n] = torch.arange(p - 1, p - 1 + n)
-            tok_BR[b, :n] = torch.tensor(t.response_ids)
             mask_BR[b, :n] = torch.tensor(t.loss_mask, dtype=torch.float32)
             behav_BR[b, :n] = torch.tensor(t.behav_logprobs, dtype=torch.float32)
             version_BR[b, :n] = torch.tensor(t.versions)
-    return {"ids_BT": ids_BT, "pos_BR": pos_BR, "tok_BR": tok_BR, "mask_BR": mask_BR, "behav_BR": behav_BR,
-            "version_BR": version_BR}
+    return {"mask_BR": mask_BR, "behav_BR": behav_BR, "version_BR": version_BR}
 
 
-def response_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log π(token) at T = 1, log π_T(token) at `temperature`), both [B, R] fp32, for every response position."""
-    device = next(model.parameters()).device
-    logits_BTV = model(batch["ids_BT"].to(device)).logits
-    pos_BR = batch["pos_BR"].to(device)
-    logits_BRV = logits_BTV.gather(1, pos_BR[..., None].expand(-1, -1, logits_BTV.shape[-1])).float()
-    tok_BR1 = batch["tok_BR"].to(device)[..., None]
-    logp_BR = logits_BRV.log_softmax(-1).gather(-1, tok_BR1).squeeze(-1)
-    if temperature == 1.0:
-        return logp_BR, logp_BR.detach()
-    logp_t_BR = (logits_BRV.detach() / temperature).log_softmax(-1).gather(-1, tok_BR1).squeeze(-1)
-    return logp_BR, logp_t_BR
+def response_logprobs(model: torch.nn.Module, trajs: list[Trajectory], temperature: float = 1.0) -> torch.Tensor:
+    """log π(response token | prefix) [B, R] at `temperature` (`openk2.rl.logprobs.token_logprobs`)."""
+    from openk2.rl.logprobs import token_logprobs
+
+    return token_logprobs(model, [t.prompt_ids + t.response_ids for t in trajs], [len(t.prompt_ids) for t in trajs],
+                          temperature=temperature)
 
 
 @dataclass
@@ -127,8 +109,9 @@ class PolicyUpdater:
             finite = True
             for start in range(0, len(mb), c.micro_batch):
                 idx = mb[start:start + c.micro_batch]
-                batch = pad_batch([trajs[i] for i in idx])
-                logp_BR, logp_t_BR = response_logprobs(self.model, batch, temperature)
+                mb_trajs = [trajs[i] for i in idx]
+                batch = pad_batch(mb_trajs)
+                logp_BR = response_logprobs(self.model, mb_trajs)
                 mask_BR = batch["mask_BR"].to(logp_BR.device)
                 if c.mask_old_segments:
                     mask_BR = mask_BR * (batch["version_BR"].to(logp_BR.device) >= current_version).float()
@@ -140,14 +123,19 @@ class PolicyUpdater:
                     finite = False
                     break
                 loss.backward()
-                sums["loss"] += float(loss)
+                sums["loss"] += float(loss.detach())
                 sums["delta_abs"] += m.get("delta_abs_mean", 0.0) * len(idx)
-                # KL(π_sample ‖ π_trainer at the sampling temperature), per policy token: k1 and k3 estimators
-                pol = batch["mask_BR"].to(logp_BR.device)
-                diff = (batch["behav_BR"].to(logp_BR.device) - logp_t_BR) * pol
-                sums["kl_sampler"] += float(diff.sum())
-                sums["kl_sampler_k3"] += float(((torch.exp(-diff) - 1 + diff) * pol).sum())
-                sums["tokens"] += float(pol.sum())
+                if start == 0:  # KL(π_sample ‖ π_trainer at the sampling T) per policy token (k1, k3), on a slice
+                    pol = batch["mask_BR"].to(logp_BR.device)
+                    if temperature == 1.0:
+                        logp_t_BR = logp_BR.detach()
+                    else:
+                        with torch.no_grad():
+                            logp_t_BR = response_logprobs(self.model, mb_trajs, temperature)
+                    diff = (batch["behav_BR"].to(logp_BR.device) - logp_t_BR) * pol
+                    sums["kl_sampler"] += float(diff.sum())
+                    sums["kl_sampler_k3"] += float(((torch.exp(-diff) - 1 + diff) * pol).sum())
+                    sums["tokens"] += float(pol.sum())
             if finite and self.ptx is not None and c.ptx_coef > 0:
                 inputs, targets = self.ptx.next_batch()
                 device = next(self.model.parameters()).device

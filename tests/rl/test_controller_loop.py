@@ -1,0 +1,109 @@
+"""The RL controller on a tiny digits model with the real in-process engine (TorchEngine): a whole step, metrics,
+checkpoints and resume, partial rollouts across iterations, NaN losses skipped, failing rewards, bad config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from openk2.rl.config import RLConfigError, load_rl_config, valid_keys
+from openk2.rl.controller import RLController
+
+from .loop_helpers import tiny_digits_model_dir
+
+BASE = ["tasks.digits_kinds=['reverse']", "tasks.digits_levels=[1]", "tasks.train_pool=40",
+        "rollout.group_size=4", "rollout.prompts_per_step=4", "rollout.max_new_tokens={digits = 8}",
+        "eval.n_heldout=8", "eval.every=0", "run.tensorboard=false", "run.progress=false", "train.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    return tiny_digits_model_dir(tmp_path_factory.mktemp("rl") / "tiny")
+
+
+def config(tiny_dir, run_dir, *extra):
+    return load_rl_config(None, [f"run.init='{tiny_dir}'", f"run.dir='{run_dir}'", *BASE, *extra])
+
+
+def test_bad_config_keys_and_values():
+    with pytest.raises(RLConfigError, match="unknown key 'train.lrr'; valid keys: .*train.lr"):
+        load_rl_config(None, ["train.lrr=1"])
+    with pytest.raises(RLConfigError, match="must be int"):
+        load_rl_config(None, ["rollout.group_size='8'"])
+    with pytest.raises(RLConfigError, match="policy loss|not registered"):
+        load_rl_config(None, ["train.loss='nope'"])
+    with pytest.raises(RLConfigError, match="group_size must be >= 2"):
+        load_rl_config(None, ["rollout.group_size=1"])
+    with pytest.raises(RLConfigError, match="unknown task family"):
+        load_rl_config(None, ["tasks.mix={chess = 1.0}"])
+    assert "train.ptx_coef" in valid_keys() and "rollout.segment_tokens" in valid_keys()
+
+
+def test_controller_steps_checkpoint_and_resume(tiny_dir, tmp_path):
+    run_dir = tmp_path / "rl"
+    # partial rollouts: 4 tokens per iteration within a budget of 8, so every sample spans two iterations
+    cfg = config(tiny_dir, run_dir, "train.steps=3", "run.checkpoint_every=1", "rollout.segment_tokens=4")
+    c = RLController(cfg)
+    first = c.rl_step()
+    assert first["paused_samples"] > 0 and first["partial_groups"] > 0
+    paused = {g.group_id for g in c.buffer}
+    second = c.rl_step()
+    # every group paused in step 1 finished in step 2 (4 + 4 tokens reach the budget) and was trained on
+    assert not paused & {g.group_id for g in c.buffer} and second["groups_trained"] >= len(paused)
+    for key in ("reward/mean", "reward/digits/reverse", "response_len", "truncation_rate", "zero_adv_groups",
+                "time/rollout", "time/update", "time/sync", "temperature"):
+        assert key in second, key
+    c.save()
+    buffered = [g.to_dict() for g in c.buffer]
+    weights = {k: v.clone() for k, v in c.model.state_dict().items()}
+    c.close()
+    again = RLController(cfg)
+    assert again.step == 2 and again.version == 2 and [g.to_dict() for g in again.buffer] == buffered
+    assert all(torch.equal(v, again.model.state_dict()[k]) for k, v in weights.items())
+    summary = again.run()
+    assert summary["steps"] == 3
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3]  # steps 1-2 ran outside run(); resume logs from the checkpoint on
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert "eval/digits/pass@1" in evals[0]
+    from openk2.model_dir import load_model_dir
+
+    loaded = load_model_dir(run_dir)  # the run directory is a model directory
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in again.model.state_dict().items())
+
+
+def test_nan_loss_skips_the_update(tiny_dir, tmp_path, monkeypatch):
+    cfg = config(tiny_dir, tmp_path / "rl", "train.steps=1", "rollout.temperature=1.5")
+    c = RLController(cfg)
+    before = {k: v.clone() for k, v in c.model.state_dict().items()}
+
+    def nan_loss(logp, old, adv, mask, lcfg):
+        return (logp * float("nan")).sum(), {}
+
+    c.updater.loss_fn = nan_loss
+    c.updater.cfg.old_logprobs = "behaviour"  # every sample has a gradient, so the loss is computed
+    record = c.rl_step()
+    c.close()
+    assert record.get("update/nan_skipped") == 1 and record["skipped_updates"] == 1
+    assert all(torch.equal(v, c.model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_raising_reward_fails_samples_and_the_run_goes_on(tiny_dir, tmp_path, monkeypatch):
+    from openk2.rl.envs.procedural import DigitsEnv
+
+    real_step = DigitsEnv.step
+
+    async def flaky(self, action_text):
+        if self.task.id.endswith(("1", "3", "5", "7", "9")):
+            raise ValueError("checker crashed")
+        return await real_step(self, action_text)
+
+    monkeypatch.setattr(DigitsEnv, "step", flaky)
+    cfg = config(tiny_dir, tmp_path / "rl", "train.steps=1")
+    c = RLController(cfg)
+    record = c.rl_step()
+    c.close()
+    assert record["failed_samples"] > 0 and record["step"] == 1
