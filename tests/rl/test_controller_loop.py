@@ -15,7 +15,7 @@ from .loop_helpers import tiny_digits_model_dir
 
 BASE = ["tasks.digits_kinds=['reverse']", "tasks.digits_levels=[1]", "tasks.train_pool=40",
         "rollout.group_size=4", "rollout.prompts_per_step=4", "rollout.max_new_tokens={digits = 8}",
-        "eval.n_heldout=8", "eval.every=0", "run.tensorboard=false", "run.progress=false", "train.lr=1e-3"]
+        "eval.n_heldout={default = 8}", "eval.every=0", "run.tensorboard=false", "run.progress=false", "train.lr=1e-3"]
 
 
 @pytest.fixture(scope="module")

@@ -51,12 +51,14 @@ def speedrun(
     config: Path = typer.Option(None, "--config", "-c", help="A TOML recipe (default: the nano settings)."),
     overrides: list[str] = typer.Option([], "--set", help="Dotted override (repeatable)."),
     sft: bool = typer.Option(True, "--sft/--no-sft", help="Run the SFT stage (world tool use) after pretraining."),
+    rl: bool = typer.Option(True, "--rl/--no-rl", help="Run the RL stage (verifiable rewards) after the SFT stage."),
 ) -> None:
-    """The main job: world corpus -> tokenizer -> pretraining with MuonClip -> evaluation -> SFT stage -> report."""
+    """The main job: world corpus -> tokenizer -> pretraining with MuonClip -> evaluation -> SFT stage -> RL stage
+    -> report."""
     from openk2.train.config import TrainConfigError
     from openk2.train.speedrun import speedrun as run
 
     try:
-        run(name, config, overrides, sft=sft)
+        run(name, config, overrides, sft=sft, rl=rl and sft)
     except (TrainConfigError, ValueError, FileNotFoundError) as e:
         fail(str(e))

@@ -30,6 +30,7 @@ class RunSection:
     keep_last: int = 2
     force: bool = False              # resume even if the stored config differs
     threads: int = 0                 # torch threads; 0 = torch's default
+    time_limit_min: float = 0.0      # stop (final evaluation and checkpoint) after this many minutes; 0 = none
 
 
 @dataclass
@@ -40,6 +41,7 @@ class TasksSection:
     train_pool: int = 2000           # tasks per family in the sampler's pool
     digits_kinds: list[str] = field(default_factory=lambda: ["reverse", "sort", "add"])
     digits_levels: list[int] = field(default_factory=lambda: [1, 2])
+    digits_partial_credit: bool = False   # wrong answers earn 0.5 x the fraction of right digit positions (training)
     world_seed: int = 0
     world_people: int = 100
     world_max_turns: int = 4         # model turns per world episode
@@ -65,6 +67,9 @@ class RolloutSection:
     segment_tokens: int = 0
     max_context: int = 1024          # prompt + response tokens; an episode that outgrows it ends truncated
     reward_timeout_s: float = 30.0   # a reward/env step slower than this fails the sample (the run continues)
+    # Compile the engine's decode step: pays off for long decodes on GPU; on CPU with short answers the compile
+    # time (minutes) exceeds the whole run's decoding.
+    compile: bool = False
 
 
 @dataclass
@@ -92,7 +97,8 @@ class TrainSection:
 @dataclass
 class EvalSection:
     every: int = 20                  # RL steps between held-out evaluations (also at step 0 and the end); 0 = ends
-    n_heldout: int = 200             # held-out tasks per family (greedy pass@1)
+    # held-out tasks per family (greedy pass@1); families not listed get `default`
+    n_heldout: dict[str, int] = field(default_factory=lambda: {"default": 200, "world": 40})
     seed: int = 0
     families: list[str] = field(default_factory=lambda: ["digits"])
 

@@ -67,11 +67,12 @@ class Group:
                    [Trajectory.from_dict(t) if t is not None else None for t in d["trajs"]])
 
 
-def default_engine(model: torch.nn.Module, tokenizer: Any, max_batch: int = 128) -> RolloutEngine:
+def default_engine(model: torch.nn.Module, tokenizer: Any, max_batch: int = 128, compile: bool = False
+                   ) -> RolloutEngine:
     """The in-process batched, KV-cached engine (`openk2.rl.engine.TorchEngine`) on a copy of the policy."""
     from openk2.rl.engine import TorchEngine
 
-    return TorchEngine(model, max_batch=max_batch)
+    return TorchEngine(model, max_batch=max_batch, compile=compile)
 
 
 class RLController:
@@ -112,7 +113,8 @@ class RLController:
         engine_model = copy.deepcopy(self.model).eval()
         if engine_factory is None:
             self.engine = default_engine(engine_model, self.tokenizer,
-                                         max_batch=cfg.rollout.group_size * cfg.rollout.prompts_per_step)
+                                         max_batch=cfg.rollout.group_size * cfg.rollout.prompts_per_step,
+                                         compile=cfg.rollout.compile)
         else:
             self.engine = engine_factory(engine_model, self.tokenizer)
         self._sync(self.version)
@@ -124,7 +126,7 @@ class RLController:
         current = config_json(self.cfg)
         if stored.is_file() and not self.cfg.run.force:
             old, new = json.loads(stored.read_text()), json.loads(current)
-            free = {"steps", "progress", "force", "threads", "tensorboard", "every"}
+            free = {"steps", "progress", "force", "threads", "tensorboard", "every", "time_limit_min"}
             diff = [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {v!r}" for s, sec in new.items() for k, v in sec.items()
                     if old.get(s, {}).get(k) != v and k not in free]
             if diff:
@@ -297,7 +299,9 @@ class RLController:
         out: dict[str, Any] = {}
         for name in self.cfg.eval.families:
             if name not in self.heldout:
-                self.heldout[name] = self.families[name].heldout_tasks(self.cfg.eval.n_heldout, self.cfg.eval.seed)
+                sizes = self.cfg.eval.n_heldout
+                self.heldout[name] = self.families[name].heldout_tasks(sizes.get(name, sizes.get("default", 200)),
+                                                                       self.cfg.eval.seed)
             out.update(asyncio.run(self._eval_family(name, self.heldout[name])))
         return out
 
@@ -340,25 +344,33 @@ class RLController:
             self.log(f"rl: step 0 held-out greedy pass@1: {_fmt_eval(evals[-1])}")
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="rl", unit="step",
                    disable=not cfg.run.progress, dynamic_ncols=True)
+        deadline = t_start + 60 * cfg.run.time_limit_min if cfg.run.time_limit_min > 0 else float("inf")
         try:
             while self.step < cfg.train.steps:
                 record = self.rl_step()
-                if cfg.eval.every and self.step % cfg.eval.every == 0 or self.step == cfg.train.steps:
+                last = self.step == cfg.train.steps or time.perf_counter() >= deadline
+                if (cfg.eval.every and self.step % cfg.eval.every == 0) or last:
                     evals.append({"step": self.step, **self.evaluate()})
                     _write_jsonl(evals_path, evals)
                     record.update({k: v for k, v in evals[-1].items() if k != "step"})
+                record["time/wall_this_process"] = time.perf_counter() - t_start
                 metrics.log(record)
-                if self.step % cfg.run.checkpoint_every == 0 or self.step == cfg.train.steps:
+                if self.step % cfg.run.checkpoint_every == 0 or last:
                     self.save()
                 if os.environ.get("OPENK2_FAULT_KILL_AT_STEP") == str(self.step):  # crash-resume tests
                     os.kill(os.getpid(), signal.SIGKILL)
                 bar.update(1)
                 bar.set_postfix(reward=f"{record['reward/mean']:.2f}", pass_rate=f"{record['pass_rate']:.2f}",
                                 T=f"{record['temperature']:.2f}")
+                if last and self.step < cfg.train.steps:
+                    self.log(f"rl: time limit of {cfg.run.time_limit_min:g} min reached at step {self.step}")
+                    break
         finally:
             bar.close()
             metrics.close()
             self.close()
+        if evals:
+            self.log(f"rl: step {evals[-1]['step']} held-out greedy pass@1: {_fmt_eval(evals[-1])}")
         summary = {"steps": self.step, "version": self.version, "wall_s_this_process": time.perf_counter() - t_start,
                    "before": evals[0] if evals else {}, "after": evals[-1] if evals else {},
                    "skipped_updates": self.updater.skipped_updates, "config": cfg.to_dict()}

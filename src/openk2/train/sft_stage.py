@@ -36,7 +36,8 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 def sft_stage(run_dir: str | Path, *, world_seed: int = 0, world_people: int = 100, n_train: int = 480,
               n_eval: int = 40, eval_seed: int = 0, overrides: list[str] = (), progress: bool = True,
-              log: Any = print) -> dict[str, Any]:
+              log: Any = print, extra_records: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """`extra_records`: more chat records mixed into the SFT data (the RL stage's warm-start examples)."""
     from openk2.agentic.world_tasks import synthesize
     from openk2.data.world import World
     from openk2.eval.benchmarks.world_agent import evaluate_model
@@ -50,7 +51,7 @@ def sft_stage(run_dir: str | Path, *, world_seed: int = 0, world_people: int = 1
     t0 = time.perf_counter()
     data_dir = sft_dir / "data"
     records = synthesize(world, "train", n_train, seed=0)
-    write_jsonl(data_dir / "train.jsonl", records)
+    write_jsonl(data_dir / "train.jsonl", [*records, *extra_records])
     timings["synthesis"] = time.perf_counter() - t0
     log(f"sft stage: {len(records)} expert trajectories -> {data_dir / 'train.jsonl'}")
 

@@ -2,8 +2,9 @@
 
 Stages today: world corpus -> tokenizer -> shards -> pretraining with MuonClip -> evaluation (validation loss
 and bits per byte, knowledge probes, samples) -> report with plots -> SFT stage (world-domain tool-use
-trajectories -> `openk2 sft` into runs/<name>/sft -> `world-agent` success before and after, `sft_stage.py`).
-Later stages (RL, benchmarks) append to the same run directory and report.
+trajectories -> `openk2 sft` into runs/<name>/sft -> `world-agent` success before and after, `sft_stage.py`)
+-> RL stage (`openk2 rl` from the SFT model into runs/<name>/rl -> held-out greedy pass@1 before and after, the
+reward curve, `rl_stage.py`). Later stages (benchmarks) append to the same run directory and report.
 """
 
 from __future__ import annotations
@@ -42,9 +43,11 @@ PROBE_SHORT_LABELS = {"seen/recall": "recall, seen people", "seen/qa": "Q/A, unt
 
 
 def speedrun(name: str = "nano", config: str | Path | None = None, overrides: list[str] = (),
-             sft: bool = True, sft_options: dict[str, Any] | None = None) -> Path:
+             sft: bool = True, sft_options: dict[str, Any] | None = None, rl: bool = True,
+             rl_options: dict[str, Any] | None = None) -> Path:
     """Run (or resume) every stage into runs/<name>; `sft=False` skips the SFT stage, `sft_options` are keyword
-    arguments of `openk2.train.sft_stage.sft_stage` (n_train, n_eval, eval_seed, overrides of the SFT config)."""
+    arguments of `openk2.train.sft_stage.sft_stage` (n_train, n_eval, eval_seed, overrides of the SFT config);
+    `rl=False` skips the RL stage (which needs the SFT stage), `rl_options` go to `openk2.train.rl_stage.rl_stage`."""
     cfg = load_config(config, [f"run.dir='runs/{name}'", *overrides])
     run_dir = Path(cfg.run.dir)
     timings: dict[str, float] = {}
@@ -90,16 +93,29 @@ def speedrun(name: str = "nano", config: str | Path | None = None, overrides: li
     plots = write_plots(run_dir, cfg.train.qk_clip_tau if cfg.train.optimizer == "muonclip" else None)
     write_report(run_dir, cfg, summary, plots)
     if sft and data.world is not None:  # world-domain tool use: synthesis -> SFT -> world-agent before/after
+        from openk2.train.rl_stage import warm_start_records
         from openk2.train.sft_stage import report_lines, sft_stage
 
         del trainer, model
         t0 = time.perf_counter()
         stage = sft_stage(run_dir, world_seed=cfg.data.world_seed, world_people=cfg.data.world_people,
-                          progress=cfg.run.progress, **(sft_options or {}))
+                          progress=cfg.run.progress, extra_records=warm_start_records() if rl else [],
+                          **(sft_options or {}))
         timings["sft stage (synthesis, SFT, world-agent before/after)"] = time.perf_counter() - t0
         summary["sft_stage"] = {k: v for k, v in stage.items() if k != "examples_after"}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        write_report(run_dir, cfg, summary, plots, extra=report_lines(stage))
+        extra = report_lines(stage)
+        write_report(run_dir, cfg, summary, plots, extra=extra)
+        if rl:  # RL on verifiable tasks from the SFT model: held-out pass@1 before/after, reward curve
+            from openk2.train.rl_stage import report_lines as rl_report_lines
+            from openk2.train.rl_stage import rl_stage
+
+            t0 = time.perf_counter()
+            rl_result = rl_stage(run_dir, progress=cfg.run.progress, **(rl_options or {}))
+            timings["rl stage (rollouts, updates, held-out evaluations)"] = time.perf_counter() - t0
+            summary["rl_stage"] = {k: v for k, v in rl_result.items() if k not in ("evals", "reward_curve")}
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            write_report(run_dir, cfg, summary, plots, extra=[*extra, *rl_report_lines(rl_result)])
     print(f"report: {run_dir / 'report.md'}")
     return run_dir / "report.md"
 

@@ -53,6 +53,7 @@ def check_family(name: str) -> None:
 class DigitsFamily:
     kinds: tuple[str, ...]
     levels: tuple[int, ...]
+    partial_credit: bool = False
     name: str = "digits"
 
     def train_tasks(self, n: int, seed: int) -> list[Any]:
@@ -68,7 +69,7 @@ class DigitsFamily:
     def make_env(self) -> Env:
         from openk2.rl.envs.procedural import DigitsEnv
 
-        return DigitsEnv()
+        return DigitsEnv(partial=self.partial_credit)
 
     def task_id(self, task: Any) -> str:
         return task.id
@@ -212,7 +213,8 @@ def make_family(name: str, tasks_cfg: Any, chat_format: ChatFormat | None) -> Ta
     check_family(name)
     kind, _, arg = name.partition(":")
     if name == "digits":
-        return DigitsFamily(tuple(tasks_cfg.digits_kinds), tuple(tasks_cfg.digits_levels))
+        return DigitsFamily(tuple(tasks_cfg.digits_kinds), tuple(tasks_cfg.digits_levels),
+                            tasks_cfg.digits_partial_credit)
     if name == "world":
         return WorldFamily(tasks_cfg.world_seed, tasks_cfg.world_people, tasks_cfg.world_max_turns, chat_format)
     if kind == "bench":

@@ -109,9 +109,16 @@ def digit_tasks(split: str, n: int, seed: int = 0, kinds: tuple[str, ...] | list
 _NON_DIGIT = re.compile(r"[^0-9]")
 
 
-def digits_reward(task: DigitTask, text: str) -> float:
-    """1.0 iff the answer's digits (everything else ignored) equal the expected ones, else 0.0."""
-    return float(_NON_DIGIT.sub("", text) == _NON_DIGIT.sub("", task.answer) and bool(text.strip()))
+def digits_reward(task: DigitTask, text: str, partial: bool = False) -> float:
+    """1.0 iff the answer's digits (everything else ignored) equal the expected ones, else 0.0; with `partial`,
+    a wrong answer earns the fraction of positions it got right, over the longer of the two digit strings,
+    times 0.5 (a dense reward for small models, as digit-level rewards in small arithmetic RL demos)."""
+    got, want = _NON_DIGIT.sub("", text), _NON_DIGIT.sub("", task.answer)
+    if got == want and text.strip():
+        return 1.0
+    if not partial or not got:
+        return 0.0
+    return 0.5 * sum(a == b for a, b in zip(got, want, strict=False)) / max(len(got), len(want))
 
 
 def sft_records(n: int, seed: int = 0, kinds: tuple[str, ...] | list[str] = DIGIT_KINDS,
@@ -130,11 +137,13 @@ def sft_records(n: int, seed: int = 0, kinds: tuple[str, ...] | list[str] = DIGI
 
 
 class DigitsEnv:
-    """Single-turn: `reset` shows the question, the first `step` is the answer and ends the episode."""
+    """Single-turn: `reset` shows the question, the first `step` is the answer and ends the episode. `partial`:
+    partial credit for wrong answers (`digits_reward`); `info["correct"]` is exact match either way."""
 
-    def __init__(self) -> None:
+    def __init__(self, partial: bool = False) -> None:
         self.task: DigitTask | None = None
         self.task_type = "digits"
+        self.partial = partial
 
     async def reset(self, task: DigitTask, seed: int | None = None) -> Observation:
         self.task = task
@@ -144,7 +153,7 @@ class DigitsEnv:
     async def step(self, action_text: str) -> StepResult:
         if self.task is None:
             raise RuntimeError("call reset(task) before step()")
-        reward = digits_reward(self.task, action_text)
+        reward = digits_reward(self.task, action_text, self.partial)
         return StepResult(None, reward, terminated=True, truncated=False,
                           info={"correct": reward == 1.0, "expected": self.task.answer})
 
