@@ -87,23 +87,37 @@ def aggregate(loss_BT: torch.Tensor, mask_BT: torch.Tensor, mode: str, max_len: 
     raise ValueError(f"unknown agg_mode {mode!r}; valid: {', '.join(AGG_MODES)}")
 
 
-@register_policy_loss("kimi_k15")
-def kimi_k15(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, advantages_B: torch.Tensor, mask_BT: torch.Tensor,
-             cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+def kimi_k15_terms(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, advantages_B: torch.Tensor,
+                   mask_BT: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sequence (A − τΔ)²/(2τ) (÷|y| when length-normalised), Δ, and A − τΔ: what `kimi_k15` averages (and
+    what the verl plugin hands to verl's global-batch aggregation)."""
     mask_BT = mask_BT.float()
-    n_tokens_B = mask_BT.sum(-1).clamp(min=1)
     delta_B = ((logp_BT.float() - old_logp_BT.float()) * mask_BT).sum(-1)
     residual_B = advantages_B.float() - cfg.tau * delta_B
     sq_B = residual_B.pow(2) / (2 * cfg.tau)
     if cfg.length_normalize:
-        sq_B = sq_B / n_tokens_B
+        sq_B = sq_B / mask_BT.sum(-1).clamp(min=1)
+    return sq_B, delta_B, residual_B
+
+
+@register_policy_loss("kimi_k15")
+def kimi_k15(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, advantages_B: torch.Tensor, mask_BT: torch.Tensor,
+             cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    sq_B, delta_B, residual_B = kimi_k15_terms(logp_BT, old_logp_BT, advantages_B, mask_BT, cfg)
     loss = sq_B.mean()
+    return loss, kimi_k15_metrics(logp_BT, old_logp_BT, advantages_B, mask_BT, delta_B, residual_B)
+
+
+def kimi_k15_metrics(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, advantages_B: torch.Tensor,
+                     mask_BT: torch.Tensor, delta_B: torch.Tensor, residual_B: torch.Tensor) -> dict[str, float]:
+    mask_BT = mask_BT.float()
+    n_tokens_B = mask_BT.sum(-1).clamp(min=1)
     with torch.no_grad():
-        return loss, {"delta_abs_mean": delta_B.abs().mean().item(),
-                      "kl_proxy": (-delta_B / n_tokens_B).mean().item(),
-                      "ppo_kl": masked_mean(old_logp_BT.float() - logp_BT.float(), mask_BT).item(),
-                      "residual_abs_mean": residual_B.abs().mean().item(),  # |A − τΔ|: 0 at the minimiser
-                      "adv_abs_mean": advantages_B.float().abs().mean().item()}
+        return {"delta_abs_mean": delta_B.abs().mean().item(),
+                "kl_proxy": (-delta_B / n_tokens_B).mean().item(),
+                "ppo_kl": masked_mean(old_logp_BT.float() - logp_BT.float(), mask_BT).item(),
+                "residual_abs_mean": residual_B.abs().mean().item(),  # |A − τΔ|: 0 at the minimiser
+                "adv_abs_mean": advantages_B.float().abs().mean().item()}
 
 
 def _ppo_clip(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, advantages_B: torch.Tensor, mask_BT: torch.Tensor,
@@ -228,5 +242,5 @@ def partial_rollout_mask(mask_BT: torch.Tensor, versions_BT: torch.Tensor, mode:
 
 
 __all__ = ["AGG_MODES", "LossConfig", "PARTIAL_ROLLOUT_MODES", "POLICY_LOSSES", "aggregate", "cispo", "dapo",
-           "dr_grpo", "get_policy_loss", "grpo", "gspo", "kimi_k15", "masked_mean", "partial_rollout_mask",
-           "register_policy_loss"]
+           "dr_grpo", "get_policy_loss", "grpo", "gspo", "kimi_k15", "kimi_k15_metrics", "kimi_k15_terms",
+           "masked_mean", "partial_rollout_mask", "register_policy_loss"]
