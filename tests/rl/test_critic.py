@@ -103,7 +103,6 @@ def test_scores_are_deterministic_under_fixed_seeds():
 
 @pytest.mark.slow
 def test_critic_through_a_real_openk2_serve_subprocess(tmp_path):
-    from openk2.llm import LLMClient, OpenAIHTTPBackend
     from openk2.model import build_model, get_preset
     from openk2.serve.testing import make_model_dir, serve_subprocess, toy_tokenizer
 
@@ -114,12 +113,14 @@ def test_critic_through_a_real_openk2_serve_subprocess(tmp_path):
                           log_path=tmp_path / "serve.log") as (url, _):
 
         async def go():
-            async with LLMClient(OpenAIHTTPBackend(url), model="critic") as client:
-                critic = RubricCritic(client, core_rubrics=["Be correct."], prescriptive_rubrics=["No praise."],
-                                      max_tokens=4)
+            critic = RubricCritic.from_spec(f"openai:{url}", model_name="critic", core_rubrics=["Be correct."],
+                                            prescriptive_rubrics=["No praise."], max_tokens=4)
+            try:
                 group = [traj("Paris"), traj("Lyon"), traj("Paris!")]
                 await score_group(group, {"prompt": "Capital of France?"}, None, [(critic, 1.0)])
-                return group, client.usage
+                return group, critic.client.usage
+            finally:
+                await critic.aclose()
 
         group, usage = asyncio.run(go())
     infos = [t.reward_info["RubricCritic"] for t in group]

@@ -48,6 +48,22 @@ def _worker(rank: int, port: int, out_path: str) -> None:
                 else:
                     received[(double_buffer, version)] = list(sync.receive())
                     assert sync.version == version
+        # A sender that fails mid-sync: both sides raise, nobody hangs, and the group stays usable.
+        sync = BucketedSync(bucket_bytes=BUCKET)
+
+        def failing():
+            yield from sample_tensors()[:3]
+            raise ValueError("trainer lost a shard")
+
+        with pytest.raises((ValueError, RuntimeError), match="trainer lost a shard"):
+            if rank == 0:
+                sync.send(failing(), version=3)
+            else:
+                list(sync.receive())
+        if rank == 0:
+            sync.send(iter(sample_tensors()[:2]), version=4)
+        else:
+            received["after_error"] = list(sync.receive())
         if rank == 1:
             torch.save(received, out_path)
     finally:
@@ -58,6 +74,7 @@ def test_bucketed_sync_round_trip_over_gloo_is_bit_exact(tmp_path):
     out_path = str(tmp_path / "received.pt")
     mp.start_processes(_worker, args=(_free_port(), out_path), nprocs=2, start_method="spawn", join=True)
     runs = torch.load(out_path)
+    assert [name for name, _ in runs.pop("after_error")] == ["embed.weight", "big.weight"]
     assert len(runs) == 4
     for received in runs.values():
         check_bit_exact(received)

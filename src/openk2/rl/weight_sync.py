@@ -11,7 +11,9 @@ bucket; a tensor bigger than a bucket is split into pieces (`tensor_offset` is t
 bytes) and yielded once its last piece has arrived. With `double_buffer` the sender packs bucket k+1 while bucket
 k is still in flight (async broadcast), so packing overlaps the transfer; memory stays at two buckets whatever
 the model size. Receivers call `receive()` (a generator) while the sender calls `send()`; both must be in the
-same process group, as with any collective. gloo on CPU (tested), NCCL with `device="cuda"` on a cluster.
+same process group, as with any collective. If the sender fails mid-sync (a bad tensor, an exception in the
+iterator it was given), it sends an error header so the receivers raise too instead of waiting forever.
+gloo on CPU (tested), NCCL with `device="cuda"` on a cluster.
 """
 
 from __future__ import annotations
@@ -114,23 +116,33 @@ class BucketedSync:
                 pending[which] = None
             used, entries = 0, []
 
-        for name, tensor in named_tensors:
-            data = _as_bytes(tensor.to(self.device))
-            total, done = data.numel(), 0
-            n_bytes += total
-            while True:
-                room = self.bucket_bytes - used
-                if room <= 0:
-                    flush(last=False)
-                    continue
-                piece = min(room, total - done)
-                buffers[which][used:used + piece].copy_(data[done:done + piece])
-                entries.append({"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype),
-                                "offset": used, "nbytes": piece, "tensor_offset": done, "tensor_nbytes": total})
-                used += -(-piece // ALIGN) * ALIGN
-                done += piece
-                if done >= total:
-                    break
+        try:
+            for name, tensor in named_tensors:
+                data = _as_bytes(tensor.to(self.device))
+                total, done = data.numel(), 0
+                n_bytes += total
+                while True:
+                    room = self.bucket_bytes - used
+                    if room <= 0:
+                        flush(last=False)
+                        continue
+                    piece = min(room, total - done)
+                    buffers[which][used:used + piece].copy_(data[done:done + piece])
+                    entries.append({"name": name, "shape": list(tensor.shape), "dtype": str(tensor.dtype),
+                                    "offset": used, "nbytes": piece, "tensor_offset": done, "tensor_nbytes": total})
+                    used += -(-piece // ALIGN) * ALIGN
+                    done += piece
+                    if done >= total:
+                        break
+        except Exception as exc:
+            # Tell the receivers, or they would wait for the next bucket forever.
+            for work in pending:
+                if work is not None:
+                    work.wait()
+            header = [{"version": version, "entries": [], "used": 0, "last": True,
+                       "error": f"{type(exc).__name__}: {exc}"}]
+            dist.broadcast_object_list(header, src=self.src, group=self.group)
+            raise
         flush(last=True)
         for work in pending:
             if work is not None:
@@ -154,6 +166,8 @@ class BucketedSync:
             header: list[Any] = [None]
             dist.broadcast_object_list(header, src=self.src, group=self.group)
             meta = header[0]
+            if meta.get("error"):
+                raise RuntimeError(f"weight sync {meta['version']} failed on the sender: {meta['error']}")
             view = bucket[:max(meta["used"], 1)]
             dist.broadcast(view, src=self.src, group=self.group)
             for entry in meta["entries"]:

@@ -127,6 +127,19 @@ class RubricCritic:
         if self.score not in SCORE_MODES:
             raise ValueError(f"unknown critic score mode {self.score!r}; valid: {', '.join(SCORE_MODES)}")
 
+    @classmethod
+    def from_spec(cls, spec: str, model_name: str | None = None, **kwargs: Any) -> RubricCritic:
+        """A critic behind any model spec `openk2 eval --model` accepts (`openai:URL` with `model_name`, a run or
+        HF directory served in process, `replay:...`); close it with `aclose()`."""
+        from openk2.eval.models import open_model
+
+        handle = open_model(spec, model_name=model_name)
+        return cls(handle.client, **kwargs)
+
+    async def aclose(self) -> None:
+        if hasattr(self.client, "aclose"):
+            await self.client.aclose()
+
     # --- one comparison ---------------------------------------------------------------------------------------
 
     def messages(self, prompt: str, a: str, b: str, task_rubrics: Sequence[str] = ()) -> list[dict[str, str]]:
