@@ -1,27 +1,17 @@
 """Weight sync: in-process copy into a module/engine, and the bucketed torch.distributed broadcast over gloo
 (two real processes; bit-exact tensors of mixed dtypes, one larger than a bucket)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from openk2.rl.weight_sync import BucketedSync, InProcessSync, load_named_tensors
 
-BUCKET = 4096
-
-
-def sample_tensors() -> list[tuple[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(7)
-    return [
-        ("embed.weight", torch.randn(40, 16, generator=gen)),                       # 2560 B
-        ("big.weight", torch.randn(3000, generator=gen).to(torch.bfloat16)),        # 6000 B > one bucket
-        ("layer.0.scale", torch.randn(33, generator=gen).to(torch.float16)),        # odd byte count
-        ("steps", torch.tensor(12345678901, dtype=torch.int64)),                    # 0-dim
-        ("mask", torch.rand(17, generator=gen) > 0.5),                               # bool
-        ("empty", torch.empty(0, 4)),
-        ("nan_and_inf", torch.tensor([float("nan"), float("inf"), -0.0, 1e-45])),   # bit patterns, not values
-        ("double", torch.randn(5, 3, generator=gen, dtype=torch.float64).t()),      # non-contiguous
-    ]
+WORKER = Path(__file__).with_name("weight_sync_worker.py")
 
 
 def _free_port() -> int:
@@ -32,56 +22,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out_path: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        received = {}
-        # Both buffering modes, two syncs each through one object (buffers and state are reusable).
-        for double_buffer in (True, False):
-            sync = BucketedSync(bucket_bytes=BUCKET, double_buffer=double_buffer)
-            for version in (1, 2):
-                if rank == 0:
-                    sync.send(iter(sample_tensors()), version=version)
-                    assert sync.stats["buckets"] >= 3
-                else:
-                    received[(double_buffer, version)] = list(sync.receive())
-                    assert sync.version == version
-        # A sender that fails mid-sync: both sides raise, nobody hangs, and the group stays usable.
-        sync = BucketedSync(bucket_bytes=BUCKET)
-
-        def failing():
-            yield from sample_tensors()[:3]
-            raise ValueError("trainer lost a shard")
-
-        with pytest.raises((ValueError, RuntimeError), match="trainer lost a shard"):
-            if rank == 0:
-                sync.send(failing(), version=3)
-            else:
-                list(sync.receive())
-        if rank == 0:
-            sync.send(iter(sample_tensors()[:2]), version=4)
-        else:
-            received["after_error"] = list(sync.receive())
-        if rank == 1:
-            torch.save(received, out_path)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_bucketed_sync_round_trip_over_gloo_is_bit_exact(tmp_path):
-    out_path = str(tmp_path / "received.pt")
-    mp.start_processes(_worker, args=(_free_port(), out_path), nprocs=2, start_method="spawn", join=True)
-    runs = torch.load(out_path)
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, str(WORKER), str(rank), str(port), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        for proc in ranks:
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, out[-3000:]
+    finally:
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    sent = torch.load(tmp_path / "sent.pt")
+    runs = torch.load(tmp_path / "received.pt")
     assert [name for name, _ in runs.pop("after_error")] == ["embed.weight", "big.weight"]
     assert len(runs) == 4
     for received in runs.values():
-        check_bit_exact(received)
+        check_bit_exact(received, sent)
 
 
-def check_bit_exact(received):
-    sent = sample_tensors()
+def check_bit_exact(received, sent):
     assert [name for name, _ in received] == [name for name, _ in sent]
     for (name, got), (_, want) in zip(received, sent, strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape, name
