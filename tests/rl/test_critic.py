@@ -124,7 +124,7 @@ def test_critic_through_a_real_openk2_serve_subprocess(tmp_path):
 
         group, usage = asyncio.run(go())
     infos = [t.reward_info["RubricCritic"] for t in group]
-    assert all("reward_failed" not in t.reward_info for t in group), group[0].reward_info
+    assert all("group_reward_error" not in t.reward_info for t in group), group[0].reward_info
     assert all(0.0 <= t.reward <= 1.0 for t in group) and sum(t.reward for t in group) == pytest.approx(1.5)
     assert all(i["comparisons"] == 2 for i in infos)
     counters = usage.model("critic")

@@ -44,23 +44,25 @@ def test_a_reward_that_raises_hangs_or_returns_nan_scores_failed_with_the_reason
 
     t = traj("x")
     got = run(SafeReward(raises, failure_score=-1.0)(t, {}))
-    assert got["score"] == -1.0 and "RuntimeError: verifier crashed" in got["reward_failed"]
+    assert got["score"] == -1.0 and "RuntimeError: verifier crashed" in got["error"]
     t0 = time.monotonic()
     got = run(SafeReward(hangs, timeout_s=0.2, name="judge")(t, {}))
-    assert got == {"score": 0.0, "reward_failed": "judge: timed out after 0.2 s"}
-    assert run(SafeReward(blocks, timeout_s=0.2)(t, {}))["reward_failed"].endswith("timed out after 0.2 s")
+    assert got == {"score": 0.0, "error": "judge: timed out after 0.2 s"}
+    assert run(SafeReward(blocks, timeout_s=0.2)(t, {}))["error"].endswith("timed out after 0.2 s")
     assert time.monotonic() - t0 < 3
-    assert "non-finite" in run(SafeReward(lambda t, task: float("nan"))(t, {}))["reward_failed"]
-    assert "expected a number" in run(SafeReward(lambda t, task: "1")(t, {}))["reward_failed"]
-    assert "without 'score'" in run(SafeReward(lambda t, task: {"ok": 1})(t, {}))["reward_failed"]
+    assert "non-finite" in run(SafeReward(lambda t, task: float("nan"))(t, {}))["error"]
+    assert "expected a number" in run(SafeReward(lambda t, task: "1")(t, {}))["error"]
+    assert "without 'score'" in run(SafeReward(lambda t, task: {"ok": 1})(t, {}))["error"]
 
 
 def test_math_reward_uses_the_harness_scorer():
     reward = MathReward()
     assert run(reward(traj("so the answer is \\boxed{\\frac{1}{2}}"), {"answer": "0.5"}))["score"] == 1.0
     assert run(reward(traj("\\boxed{3}"), {"answer": "4"}))["score"] == 0.0
+    # Off the main thread check_answer verifies in a child process (not the string shortcut: 1/2 vs 0.5).
+    assert run(MathReward(in_thread=True)(traj("\\boxed{\\frac{1}{2}}"), {"answer": "0.5"}))["score"] == 1.0
     failed = run(SafeReward(reward)(traj("\\boxed{3}"), {"question": "?"}))
-    assert failed["score"] == 0.0 and "no 'answer' field (keys: question)" in failed["reward_failed"]
+    assert failed["score"] == 0.0 and "no 'answer' field (keys: question)" in failed["error"]
     with pytest.raises(ValueError, match="give the reward a tokenizer"):
         run(reward(Trajectory(group_id="g", prompt_ids=[1], response_ids=[5]), {"answer": "1"}))
 
@@ -106,9 +108,9 @@ def test_tool_use_reward_via_the_environment_and_routing_by_task_type():
     assert run(reward(ok, {"goal_db": {"order": "cancelled"}})) == {"score": 1.0, "db_checked": True}
     assert run(reward(traj("", task_type="env", env_reward=0.25), {})) == 0.25
     failed = run(SafeReward(reward)(traj("", task_type="env"), {}))
-    assert "did not record the environment's reward" in failed["reward_failed"]
+    assert "did not record the environment's reward" in failed["error"]
     unknown = run(SafeReward(reward)(traj("", task_type="poetry"), {}))
-    assert "no verifier for task type 'poetry'; configured: env, math, tool" in unknown["reward_failed"]
+    assert "no verifier for task type 'poetry'; configured: env, math, tool" in unknown["error"]
 
 
 def test_budget_penalty_and_composition():
@@ -153,6 +155,9 @@ def test_score_group_isolates_failures_and_is_deterministic():
         return [(t.reward, t.reward_info) for t in group]
 
     first = scored()
+    group = [traj("\\boxed{1}"), traj("\\boxed{2}")]
+    run(score_group(group, {}, MathReward(), mark_failed=True))  # no "answer": every sample's reward fails
+    assert [t.status for t in group] == ["failed", "failed"] and "no 'answer' field" in group[0].reward_info["error"]
     assert [r for r, _ in first] == pytest.approx([0.0, 0.0, 1.0 + 0.1 * (0.5 - 2 / 3), -0.05])
-    assert all(info["reward_failed"] == "BrokenGroupReward: ValueError: critic endpoint down" for _, info in first)
+    assert all(info["group_reward_error"] == "BrokenGroupReward: ValueError: critic endpoint down" for _, info in first)
     assert scored() == first

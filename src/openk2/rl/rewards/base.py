@@ -3,7 +3,7 @@
 A reward is any `async (trajectory, task) -> float | {"score": float, **info}` (`openk2.rl.types.Reward`);
 plain functions are accepted too. `SafeReward` is the robustness wrapper the RL loop scores through: a reward
 that raises, hangs past `timeout_s` or returns a non-finite score gives `failure_score` for that sample with the
-reason in `reward_info`, and the run continues. `GroupReward`s (the rubric critic, K1.5's length penalty) need
+reason in `reward_info["error"]`, and the run continues. `GroupReward`s (the rubric critic, K1.5's length penalty) need
 the K responses of one prompt together; `score_group` runs both kinds over a group.
 """
 
@@ -70,8 +70,9 @@ async def call_reward(fn: Any, *args: Any) -> Any:
 @dataclass
 class SafeReward:
     """Failure isolation around any reward: exceptions, timeouts and bad return values score `failure_score`
-    with `{"reward_failed": reason}` in the info. A sync reward that hangs keeps its worker thread until it
-    returns (Python cannot kill a thread); the sample is scored at the timeout regardless."""
+    with `{"error": reason}` in the info (the key the episode driver uses for failed env steps). A sync reward
+    that hangs keeps its worker thread until it returns (Python cannot kill a thread); the sample is scored at
+    the timeout regardless."""
 
     reward: RewardFn
     timeout_s: float = 60.0
@@ -84,9 +85,9 @@ class SafeReward:
             result = await asyncio.wait_for(call_reward(self.reward, trajectory, task), self.timeout_s)
             score, info = as_score(result)
         except TimeoutError:
-            return {"score": self.failure_score, "reward_failed": f"{label}: timed out after {self.timeout_s:g} s"}
+            return {"score": self.failure_score, "error": f"{label}: timed out after {self.timeout_s:g} s"}
         except Exception as exc:  # noqa: BLE001 (any failure of user reward code is that sample's failure)
-            return {"score": self.failure_score, "reward_failed": f"{label}: {type(exc).__name__}: {exc}"}
+            return {"score": self.failure_score, "error": f"{label}: {type(exc).__name__}: {exc}"}
         return {"score": score, **info}
 
 
@@ -118,9 +119,11 @@ class CompositeReward:
 
 async def score_group(trajectories: Sequence[Trajectory], task: Any, reward: RewardFn | None = None,
                       group_rewards: Sequence[tuple[GroupReward, float]] = (), timeout_s: float = 60.0,
-                      failure_score: float = 0.0) -> None:
+                      failure_score: float = 0.0, mark_failed: bool = False) -> None:
     """Score one prompt's trajectories in place: `reward` per sample (isolated), then each group reward's scores
-    added with its weight. A failing group reward adds nothing and records why in every sample's info."""
+    added with its weight. A sample whose reward failed keeps `failure_score` and `reward_info["error"]`; with
+    `mark_failed` its status also becomes "failed" (the controller then leaves it out of its group). A failing
+    group reward adds nothing and records why in every sample's `reward_info["group_reward_error"]`."""
     if reward is not None:
         safe = reward if isinstance(reward, (SafeReward, CompositeReward)) else SafeReward(reward, timeout_s,
                                                                                          failure_score)
@@ -130,6 +133,8 @@ async def score_group(trajectories: Sequence[Trajectory], task: Any, reward: Rew
     for trajectory, result in zip(trajectories, results, strict=True):
         trajectory.reward = result["score"]
         trajectory.reward_info.update({k: v for k, v in result.items() if k != "score"})
+        if mark_failed and "error" in result:
+            trajectory.status = "failed"
     for group_reward, weight in group_rewards:
         label = type(group_reward).__name__
         try:
@@ -140,7 +145,7 @@ async def score_group(trajectories: Sequence[Trajectory], task: Any, reward: Rew
         except Exception as exc:  # noqa: BLE001
             reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
             for trajectory in trajectories:
-                trajectory.reward_info.setdefault("reward_failed", f"{label}: {reason}")
+                trajectory.reward_info.setdefault("group_reward_error", f"{label}: {reason}")
             continue
         for trajectory, (score, info) in zip(trajectories, parsed, strict=True):
             trajectory.reward = (trajectory.reward or 0.0) + weight * score

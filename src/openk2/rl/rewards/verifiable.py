@@ -35,17 +35,25 @@ def _field(task: Any, key: str) -> Any:
 @dataclass
 class MathReward:
     """1.0 when the response's final answer (last \\boxed{}, else the last expression) equals `task[answer_key]`
-    under math-verify, else 0.0 (`openk2.eval.benchmarks.math.check_answer`, the harness's scorer)."""
+    under math-verify, else 0.0 (`openk2.eval.benchmarks.math.check_answer`, the harness's scorer).
+
+    By default the check runs on the event loop's thread (bounded by math-verify's signal timeouts, which need the
+    main thread; a check blocks the loop for up to a few seconds). `in_thread=True` runs it in a worker thread,
+    where `check_answer` switches to a child process with a wall-clock limit: slower per call, never blocks."""
 
     tokenizer: Any = None
     answer_key: str = "answer"
+    in_thread: bool = False
 
     async def __call__(self, trajectory: Trajectory, task: Any) -> dict[str, Any]:
         from openk2.eval.benchmarks.math import check_answer
 
         gold = str(_field(task, self.answer_key))
         text = response_text(trajectory, self.tokenizer)
-        correct, extracted = check_answer(gold, text)  # bounded by math-verify's own timeouts
+        if self.in_thread:
+            correct, extracted = await asyncio.to_thread(check_answer, gold, text)
+        else:
+            correct, extracted = check_answer(gold, text)
         return {"score": float(correct), "correct": correct, "extracted": extracted}
 
 
