@@ -13,7 +13,7 @@ k is still in flight (async broadcast), so packing overlaps the transfer; memory
 the model size. Receivers call `receive()` (a generator) while the sender calls `send()`; both must be in the
 same process group, as with any collective. If the sender fails mid-sync (a bad tensor, an exception in the
 iterator it was given), it sends an error header so the receivers raise too instead of waiting forever.
-gloo on CPU (tested), NCCL with `device="cuda"` on a cluster.
+gloo on CPU (tested); NCCL with `device="cuda"` on a cluster (untested: no GPU here).
 """
 
 from __future__ import annotations
