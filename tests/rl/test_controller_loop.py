@@ -107,3 +107,20 @@ def test_a_raising_reward_fails_samples_and_the_run_goes_on(tiny_dir, tmp_path, 
     record = c.rl_step()
     c.close()
     assert record["failed_samples"] > 0 and record["step"] == 1
+
+
+def test_speedrun_rl_stage_writes_results_plot_and_report(tiny_dir, tmp_path):
+    import shutil
+
+    from openk2.train.rl_stage import report_lines, rl_stage, warm_start_records
+
+    shutil.copytree(tiny_dir, tmp_path / "sft")
+    result = rl_stage(tmp_path, progress=False, log=lambda *_: None,
+                      overrides=[*BASE, "train.steps=2", "eval.families=['digits']", "eval.every=0"])
+    assert result["steps"] == 2 and "eval/digits/pass@1" in result["before"] | result["after"]
+    assert (tmp_path / "rl_stage.json").is_file() and (tmp_path / "rl_stage.png").is_file()
+    assert (tmp_path / "rl" / "checkpoints").is_dir()
+    lines = "\n".join(report_lines(result))
+    assert "## RL stage" in lines and "| digits |" in lines
+    records = warm_start_records(5)
+    assert len(records) == 5 and records[0]["messages"][-1]["role"] == "assistant"

@@ -41,6 +41,7 @@ from openk2.rl.rollout import EpisodeBudget, run_episode
 from openk2.rl.sampler import TaskSampler
 from openk2.rl.types import RolloutEngine, SamplingParams, Trajectory
 from openk2.rl.update import PolicyUpdater, PTXData
+from openk2.rl.weight_sync import InProcessSync
 
 FINISHED = ("completed", "truncated", "failed")
 
@@ -117,6 +118,7 @@ class RLController:
                                          compile=cfg.rollout.compile)
         else:
             self.engine = engine_factory(engine_model, self.tokenizer)
+        self.weight_sync = InProcessSync(self.engine)
         self._sync(self.version)
 
     # ---------------------------------------------------------------------------------------------- run dir
@@ -174,7 +176,7 @@ class RLController:
     def _sync(self, version: int) -> float:
         """In-process weight sync: the trainer's tensors into the engine's copy (rl-design §6.2 WeightSync)."""
         t0 = time.perf_counter()
-        self.engine.update_weights(((k, v.detach()) for k, v in self.model.state_dict().items()), version)
+        self.weight_sync.send(self.model.state_dict().items(), version)
         return time.perf_counter() - t0
 
     # ---------------------------------------------------------------------------------------------- rollouts
