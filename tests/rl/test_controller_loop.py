@@ -124,3 +124,21 @@ def test_speedrun_rl_stage_writes_results_plot_and_report(tiny_dir, tmp_path):
     assert "## RL stage" in lines and "| digits |" in lines
     records = warm_start_records(5)
     assert len(records) == 5 and records[0]["messages"][-1]["role"] == "assistant"
+
+
+def test_minibatches_anchor_later_steps_to_the_pre_update_policy(tiny_dir):
+    """K1.5 is off-policy within an iteration: with 2 optimizer steps per batch, the second minibatch's Δ is
+    measured against π_old recomputed before the first step (nonzero), not against the moved policy."""
+    from openk2.model_dir import load_model_dir
+    from openk2.rl.config import TrainSection
+    from openk2.rl.types import Trajectory
+    from openk2.rl.update import PolicyUpdater
+
+    model = load_model_dir(tiny_dir).model
+    trajs = [Trajectory(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4 + i, 5], loss_mask=[1, 1],
+                        behav_logprobs=[-1.0, -1.0], versions=[0, 0]) for i in range(4)]
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    one = PolicyUpdater(model, TrainSection(lr=1e-2, minibatches=1)).update(trajs, adv)
+    assert one["update/delta_abs_mean"] == 0.0
+    two = PolicyUpdater(model, TrainSection(lr=1e-2, minibatches=2)).update(trajs, adv)
+    assert two["update/delta_abs_mean"] > 0.0

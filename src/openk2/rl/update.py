@@ -101,6 +101,14 @@ class PolicyUpdater:
             return metrics
         self.model.train()
         minibatches = [keep[i::c.minibatches] for i in range(c.minibatches)] if keep else [[]]
+        # π_old recomputed before the first optimizer step; with one step it equals the live log-probs (detached)
+        old_recomputed: dict[int, torch.Tensor] = {}
+        if c.old_logprobs == "recompute" and c.minibatches > 1 and keep:
+            with torch.no_grad():
+                for start in range(0, len(keep), c.micro_batch):
+                    idx = keep[start:start + c.micro_batch]
+                    lp = response_logprobs(self.model, [trajs[i] for i in idx])
+                    old_recomputed.update({i: lp[j] for j, i in enumerate(idx)})
         sums: dict[str, float] = {"loss": 0.0, "kl_sampler": 0.0, "kl_sampler_k3": 0.0, "tokens": 0.0,
                                   "delta_abs": 0.0, "ptx_loss": 0.0}
         for mb in minibatches:
@@ -115,7 +123,15 @@ class PolicyUpdater:
                 mask_BR = batch["mask_BR"].to(logp_BR.device)
                 if c.mask_old_segments:
                     mask_BR = mask_BR * (batch["version_BR"].to(logp_BR.device) >= current_version).float()
-                old_BR = batch["behav_BR"].to(logp_BR.device) if c.old_logprobs == "behaviour" else logp_BR.detach()
+                if c.old_logprobs == "behaviour":
+                    old_BR = batch["behav_BR"].to(logp_BR.device)
+                elif old_recomputed:
+                    old_BR = torch.zeros_like(logp_BR)
+                    for j, i in enumerate(idx):
+                        n = min(old_recomputed[i].shape[0], old_BR.shape[1])
+                        old_BR[j, :n] = old_recomputed[i][:n]
+                else:
+                    old_BR = logp_BR.detach()
                 adv_B = advantages_B[idx].to(logp_BR.device)
                 loss, m = self.loss_fn(logp_BR, old_BR, adv_B, mask_BR, self.loss_cfg)
                 loss = loss * (len(idx) / max(len(mb), 1)) * scale_total
