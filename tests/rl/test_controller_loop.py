@@ -142,3 +142,18 @@ def test_minibatches_anchor_later_steps_to_the_pre_update_policy(tiny_dir):
     assert one["update/delta_abs_mean"] == 0.0
     two = PolicyUpdater(model, TrainSection(lr=1e-2, minibatches=2)).update(trajs, adv)
     assert two["update/delta_abs_mean"] > 0.0
+
+
+def test_ptx_loss_joins_the_update(tiny_dir, tmp_path):
+    from openk2.rl.envs.procedural import sft_records
+    from openk2.train.sft_stage import write_jsonl
+
+    write_jsonl(tmp_path / "ptx.jsonl", sft_records(16, seed=1, kinds=("reverse",), levels=(1,)))
+    cfg = config(tiny_dir, tmp_path / "rl", "train.steps=1", "train.ptx_coef=0.5",
+                 f"train.ptx_files=['{tmp_path / 'ptx.jsonl'}']", "train.ptx_batch=2")
+    c = RLController(cfg)
+    record = c.rl_step()
+    c.close()
+    assert record["ptx_loss"] > 0
+    with pytest.raises(RLConfigError, match="ptx_files"):
+        config(tiny_dir, tmp_path / "rl2", "train.ptx_coef=0.5")

@@ -61,9 +61,9 @@ class PTXData:
         from openk2.train.sft_data import SFTLoader, read_chat_jsonl, tokenize_conversations
 
         convs, _ = read_chat_jsonl(files, on_error="skip")
-        rows = tokenize_conversations(convs, chat_format, max_len=seq_len + 1, on_error="skip")
-        pad = chat_format.tokenizer.pad_id if hasattr(chat_format.tokenizer, "pad_id") else 0
-        return cls(SFTLoader(rows, batch_size, seq_len, pad or 0, seed))
+        rows, _ = tokenize_conversations(convs, chat_format, max_len=seq_len + 1, on_error="skip")
+        pad = getattr(chat_format.tokenizer, "pad_id", None) or 0
+        return cls(SFTLoader(rows, batch_size, seq_len, pad, seed))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loader.next_batch()
@@ -158,7 +158,7 @@ class PolicyUpdater:
                 ptx_loss = self.model(inputs.to(device), labels=targets.to(device)).loss
                 if torch.isfinite(ptx_loss):
                     (c.ptx_coef * ptx_loss / len(minibatches)).backward()
-                    sums["ptx_loss"] += float(ptx_loss) / len(minibatches)
+                    sums["ptx_loss"] += float(ptx_loss.detach()) / len(minibatches)
                 else:
                     finite = False
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)) if finite \
