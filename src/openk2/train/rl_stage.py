@@ -17,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 #: The stage's settings on top of openk2.rl.config's defaults (recipes/rl-nano.toml documents each knob).
-#: 12 steps keep the stage near its ~3-minute budget on an idle 2-core machine (~7 s per step plus the two
-#: evaluations); docs/experiments.md ("RL on the nano model") has what longer runs did.
+#: recipes/rl-nano.toml's settings, but 12 steps instead of 50, to keep the stage near its ~3-minute budget on an
+#: idle 2-core machine (~7.6 s per step plus two evaluations): too few for a gain (docs/experiments.md, "RL on the
+#: nano model": +17.5 points needed ~50 steps).
 RL_OVERRIDES = [
     "train.steps=12", "rollout.group_size=8", "rollout.prompts_per_step=16", "rollout.temperature=1.0",
-    "rollout.temperature_min=0.7", "rollout.temperature_decay_steps=12", "train.lr=3e-5", "train.optimizer='adamw'",
+    "rollout.temperature_min=0.7", "rollout.temperature_decay_steps=40", "train.lr=5e-5", "train.optimizer='adamw'",
     "train.loss='kimi_k15'", "train.tau=0.05", "eval.every=0", "eval.n_heldout={default = 200, world = 20}",
     "eval.families=['digits', 'world']", "run.checkpoint_every=6", "run.threads=1", "run.tensorboard=false",
-    "sampler.curriculum=false", "tasks.digits_partial_credit=true",
+    "sampler.curriculum=false", "tasks.digits_partial_credit=true", "tasks.digits_kinds=['reverse', 'sort']",
+    "train.minibatches=4",
 ]
 #: Digits SFT examples the SFT stage mixes in, so RL starts from a policy that sometimes succeeds (rl-design §7).
 N_WARM_START = 3000
