@@ -109,7 +109,8 @@ def report_lines(result: dict[str, Any]) -> list[str]:
              f"{result['steps']} RL steps of `{result['loss']}` (K = {result['group_size']} samples for each of "
              f"{result['prompts_per_step']} prompts per step) on the procedural digits tasks, from the SFT model; "
              "greedy pass@1 on held-out tasks (`openk2 eval --model <run>/rl --bench digits` scores the same way on "
-             "all three digits kinds, add included).", "", "| held-out tasks | after SFT | after RL |", "|---|---:|---:|"]
+             "all three digits kinds, add included).", "",
+             "| held-out tasks | after SFT | after RL |", "|---|---:|---:|"]
     for k in sorted(b, key=lambda k: (k.split("/")[1], k.count("/"), k)):  # each family's total, then its kinds
         lines.append(f"| {k.removeprefix('eval/').removesuffix('/pass@1')} | {b[k]:.1%} | {a.get(k, 0):.1%} |")
     lines += ["", f"![rl stage]({result.get('plot', 'rl_stage.png')})", "", "| step | seconds |", "|---|---:|"]
