@@ -35,5 +35,5 @@ def test_stage_settings_match_the_recipe():
     from openk2.train.sft_stage import SFT_OVERRIDES
 
     recipe, built_in = load_config("recipes/sft-nano.toml"), load_config(None, SFT_OVERRIDES)
-    for section in ("data", "train", "sft", "run"):
+    for section in ("data", "train", "sft", "init", "run"):
         assert asdict(getattr(recipe, section)) == asdict(getattr(built_in, section)), section
