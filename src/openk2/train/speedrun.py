@@ -44,7 +44,8 @@ PROBE_SHORT_LABELS = {"seen/recall": "recall, seen people", "seen/qa": "Q/A, unt
 def speedrun(name: str = "nano", config: str | Path | None = None, overrides: list[str] = (),
              sft: bool = True, sft_options: dict[str, Any] | None = None) -> Path:
     """Run (or resume) every stage into runs/<name>; `sft=False` skips the SFT stage, `sft_options` are keyword
-    arguments of `openk2.train.sft_stage.sft_stage` (n_train, n_eval, eval_seed, overrides of the SFT config)."""
+    arguments of `openk2.train.sft_stage.sft_stage` (n_train requests, registry_worlds, tasks_per_dialog, n_eval,
+    eval_seed, overrides of the SFT config)."""
     cfg = load_config(config, [f"run.dir='runs/{name}'", *overrides])
     run_dir = Path(cfg.run.dir)
     timings: dict[str, float] = {}
