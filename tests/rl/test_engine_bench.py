@@ -1,0 +1,27 @@
+"""`bench/rl.py --metrics`: the RL step split of a run's metrics.jsonl, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_step_split_of_a_metrics_file(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "time/rollout": 3.0, "time/reward": 1.0, "time/update": 4.0, "time/sync": 2.0},
+            {"step": 2, "eval/pass": 0.5},
+            {"step": 3, "time/rollout": 5.0, "time/reward": 1.0, "time/update": 4.0, "time/sync": 0.0}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "rl.py"), "--metrics", str(metrics)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "| rollout | 4.000 | 40% |" in out.stdout
+    assert "| sync | 1.000 | 10% |" in out.stdout
+    missing = subprocess.run([sys.executable, str(ROOT / "bench" / "rl.py"), "--metrics", str(tmp_path / "no")],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 2 and "openk2 rl" in missing.stderr
