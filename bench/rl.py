@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from openk2.model import build_model
-from openk2.model.decode import compile_enabled
+from openk2.model.decode import compile_enabled, window_size
 from openk2.model.generate import generate
 from openk2.model.transformer import K2Model
 from openk2.rl.engine import TorchEngine
@@ -78,7 +78,9 @@ def generate_rollout(model: K2Model, prompts: list[list[int]], new_tokens: int, 
 
 def bench_rollout(model: K2Model, batches: list[int], compiles: list[bool], prompt_len: int, new_tokens: int,
                   rounds: int) -> dict[str, Any]:
-    max_len = prompt_len + new_tokens
+    # A power of two: the engine's key windows (64, 128, ...) are then the ones `generate` uses, so the two share
+    # compiled graphs instead of overrunning the decode step's graph budget.
+    max_len = window_size(prompt_len + new_tokens)
     engines = {c: TorchEngine(model, max_batch=max(batches), max_len=max_len, compile=c) for c in compiles}
     prompts = {b: prompts_for(b, prompt_len, model.config.vocab_size) for b in batches}
     runs: dict[tuple[str, bool, int], Any] = {}
