@@ -32,29 +32,25 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from openk2.model import build_model
-from openk2.model.decode import compile_enabled, window_size
-from openk2.model.generate import generate
-from openk2.model.transformer import K2Model
-from openk2.rl.engine import TorchEngine
-from openk2.rl.types import SamplingParams
-
-sys.path.insert(0, str(Path(__file__).parent))
-from common import bench_config, machine_info  # noqa: E402
+# torch and openk2 are imported where the rollout needs them: `--metrics` alone starts in a fraction of a second.
+if TYPE_CHECKING:
+    from openk2.model.transformer import K2Model
+    from openk2.rl.engine import TorchEngine
 
 
 # ------------------------------------------------------------------------------------------- rollout
 def prompts_for(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, prompt_len), generator=g).tolist()
 
 
 def engine_rollout(engine: TorchEngine, prompts: list[list[int]], new_tokens: int) -> tuple[int, float]:
     """(generated tokens, seconds) of one batched rollout through the engine."""
+    from openk2.rl.types import SamplingParams
 
     async def go():
         return await asyncio.gather(*(
@@ -69,6 +65,10 @@ def engine_rollout(engine: TorchEngine, prompts: list[list[int]], new_tokens: in
 
 def generate_rollout(model: K2Model, prompts: list[list[int]], new_tokens: int, compile: bool
                      ) -> tuple[int, float]:
+    import torch
+
+    from openk2.model.generate import generate
+
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     out = generate(model, prompts, new_tokens, temperature=1.0, generator=g, compile=compile)
@@ -78,6 +78,9 @@ def generate_rollout(model: K2Model, prompts: list[list[int]], new_tokens: int, 
 
 def bench_rollout(model: K2Model, batches: list[int], compiles: list[bool], prompt_len: int, new_tokens: int,
                   rounds: int) -> dict[str, Any]:
+    from openk2.model.decode import window_size
+    from openk2.rl.engine import TorchEngine
+
     # A power of two: the engine's key windows (64, 128, ...) are then the ones `generate` uses, so the two share
     # compiled graphs instead of overrunning the decode step's graph budget.
     max_len = window_size(prompt_len + new_tokens)
@@ -170,6 +173,14 @@ def main() -> None:
             ap.error(f"{args.metrics} has no time/<phase> entries")
         print(split_table(split))
         return
+    import torch
+
+    from openk2.model import build_model
+    from openk2.model.decode import compile_enabled
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import bench_config, machine_info
+
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,6 +25,10 @@ def test_step_split_of_a_metrics_file(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "| rollout | 4.000 | 40% |" in out.stdout
     assert "| sync | 1.000 | 10% |" in out.stdout
-    missing = subprocess.run([sys.executable, str(ROOT / "bench" / "rl.py"), "--metrics", str(tmp_path / "no")],
-                             capture_output=True, text=True, env=env, timeout=120)
-    assert missing.returncode == 2 and "openk2 rl" in missing.stderr
+
+
+def test_step_split_names_a_missing_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench/rl.py", "--metrics", str(tmp_path / "none.jsonl")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "bench" / "rl.py"), run_name="__main__")
+    assert exit_info.value.code == 2 and "openk2 rl" in capsys.readouterr().err
