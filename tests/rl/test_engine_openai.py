@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 import torch
 
@@ -111,6 +112,8 @@ def test_abort_returns_the_partial_response_and_pause_holds_new_requests(served)
             await engine.aclose()
 
     part, held_out, rest = asyncio.run(go())
+    health = httpx.get(served[0].removesuffix("/v1") + "/health", timeout=10).json()
+    assert health["active"] == 0 and health["cancelled"] >= 1  # the server dropped the aborted request
     assert part.finish_reason == "abort" and 3 <= len(part.token_ids) < MAX_LEN - 4
     assert held_out.finish_reason == "abort" and held_out.token_ids == []
     full = model.generate(torch.tensor([prompt]), len(part.token_ids) + 8, temperature=0.0)[0, len(prompt):].tolist()
@@ -134,8 +137,6 @@ def test_a_prompt_beyond_the_servers_context_is_refused_and_update_weights_expla
 def test_completions_return_token_ids_streamed_and_not(served):
     """The server side: vLLM's return_token_ids / return_tokens_as_token_ids / stop_token_ids on /v1/completions."""
     import json
-
-    import httpx
 
     url, model, name = served
     prompt = _prompts(model, [5], seed=3)[0]
