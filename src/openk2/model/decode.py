@@ -181,7 +181,10 @@ class DecodeStep:
     failed, or the graph budget spent); callers then run `K2Model.forward` with their cache.
 
     `compile_seconds` holds the wall time of each graph's first call (trace + compile, or a cache load),
-    keyed by (batch, window); `eager_fallbacks` counts steps sent to the reference path.
+    keyed by (batch, window); `eager_fallbacks` counts steps sent to the reference path. The graph budget
+    counts what Dynamo compiles: one graph per (batch, window, cache strides), since callers whose caches are
+    laid out differently (`generate`'s own cache, a serving engine's slot cache sliced to the live rows) get
+    separate graphs for the same (batch, window).
     """
 
     def __init__(
@@ -195,6 +198,7 @@ class DecodeStep:
             _reserve_graphs(max_graphs)
         self.backend = backend
         self.compile_seconds: dict[tuple[int, int], float] = {}
+        self._graphs: set[tuple[int, int, tuple[int, ...]]] = set()
         self.eager_fallbacks = 0
         self._fn: Callable | None = None
         self._warned_budget = False
@@ -223,8 +227,9 @@ class DecodeStep:
             self.eager_fallbacks += 1
             return None
         key = (latent_NBSL.shape[1], latent_NBSL.shape[2])
-        new_graph = key not in self.compile_seconds
-        if new_graph and len(self.compile_seconds) >= self.max_graphs:
+        graph = (*key, latent_NBSL.stride())
+        new_graph = graph not in self._graphs
+        if new_graph and len(self._graphs) >= self.max_graphs:
             if not self._warned_budget:
                 self._warned_budget = True
                 warnings.warn(f"decode step: {self.max_graphs} graphs compiled already; shape (batch, window) "
@@ -250,7 +255,8 @@ class DecodeStep:
             self.eager_fallbacks += 1
             return None
         if new_graph:
-            self.compile_seconds[key] = time.perf_counter() - t0
+            self._graphs.add(graph)
+            self.compile_seconds[key] = self.compile_seconds.get(key, 0.0) + time.perf_counter() - t0
             log.info("decode step compiled for (batch, window) %s in %.1f s", key, self.compile_seconds[key])
         if latent_NBSL.device.type == "cuda":
             # CUDA-graph outputs are overwritten by the next replay: the caller may keep the logits.
