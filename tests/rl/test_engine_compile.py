@@ -25,8 +25,8 @@ def _clean_compile_state():
     decode_module.reset_compile_failure()
 
 
-def test_engine_and_generate_graphs_count_against_the_budget(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # as tight as the step's budget
+@torch._dynamo.config.patch(recompile_limit=2)  # as tight as the step's budget
+def test_engine_and_generate_graphs_count_against_the_budget():
     model = build_model(get_preset("tiny", vocab_size=256), seed=0).eval()
     step = DecodeStep(model, compile=True, max_graphs=2, backend="eager")
     model.__dict__.setdefault("_decode_steps", {})[True] = step
@@ -52,3 +52,23 @@ def test_engine_and_generate_graphs_count_against_the_budget(monkeypatch):
     assert any("2 graphs compiled already" in m for m in messages)
     assert step.compiled and len(step._graphs) == 2 and step.eager_fallbacks > 0
     assert set(step.compile_seconds) == {(1, 64)}  # one (batch, window), two cache layouts
+
+
+def test_dynamos_recompile_limit_keeps_that_shape_eager_not_the_process():
+    model = build_model(get_preset("tiny", vocab_size=256), seed=0).eval()
+    cfg = model.config
+    step = DecodeStep(model, compile=True, max_graphs=4, backend="eager")
+    latent = torch.zeros(cfg.num_hidden_layers, 3, 64, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    valid_BS = torch.zeros(1, 64, dtype=torch.bool)
+    valid_BS[0, :3] = True
+    args = (valid_BS, torch.tensor([5]), torch.tensor([3]))
+    torch._dynamo.reset()
+    with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=1):
+        first = step(latent[:, :1].contiguous(), *args)
+        assert first is not None
+        # same (batch, window), other strides: a second Dynamo graph, which the limit of 1 refuses
+        with pytest.warns(RuntimeWarning, match="recompile limit was reached"):
+            assert step(latent[:, 1:2], *args) is None
+        assert step(latent[:, 1:2], *args) is None  # remembered: no second attempt
+        assert step.compiled and step.eager_fallbacks == 2
+        torch.testing.assert_close(step(latent[:, :1].contiguous(), *args)[0], first[0])

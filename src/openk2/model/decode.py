@@ -182,9 +182,10 @@ class DecodeStep:
 
     `compile_seconds` holds the wall time of each graph's first call (trace + compile, or a cache load),
     keyed by (batch, window); `eager_fallbacks` counts steps sent to the reference path. The graph budget
-    counts what Dynamo compiles: one graph per (batch, window, cache strides), since callers whose caches are
-    laid out differently (`generate`'s own cache, a serving engine's slot cache sliced to the live rows) get
-    separate graphs for the same (batch, window).
+    counts what Dynamo compiles: one graph per (batch, window, cache strides, inference tensor or not), since
+    callers whose caches differ in layout or kind (`generate`'s cache, made in inference mode; a serving
+    engine's slot cache, made outside it and sliced to the live rows) get separate graphs for the same
+    (batch, window).
     """
 
     def __init__(
@@ -198,7 +199,8 @@ class DecodeStep:
             _reserve_graphs(max_graphs)
         self.backend = backend
         self.compile_seconds: dict[tuple[int, int], float] = {}
-        self._graphs: set[tuple[int, int, tuple[int, ...]]] = set()
+        self._graphs: set[tuple[int, int, tuple[int, ...], bool]] = set()
+        self._eager_graphs: set[tuple[int, int, tuple[int, ...], bool]] = set()  # Dynamo refused these
         self.eager_fallbacks = 0
         self._fn: Callable | None = None
         self._warned_budget = False
@@ -227,7 +229,10 @@ class DecodeStep:
             self.eager_fallbacks += 1
             return None
         key = (latent_NBSL.shape[1], latent_NBSL.shape[2])
-        graph = (*key, latent_NBSL.stride())
+        graph = (*key, latent_NBSL.stride(), latent_NBSL.is_inference())
+        if graph in self._eager_graphs:
+            self.eager_fallbacks += 1
+            return None
         new_graph = graph not in self._graphs
         if new_graph and len(self._graphs) >= self.max_graphs:
             if not self._warned_budget:
@@ -246,6 +251,15 @@ class DecodeStep:
         except Exception as e:
             if not new_graph:
                 raise  # the graph ran before: this is a real error, not a compile failure
+            if "recompile limit" in str(e) or "RecompileLimit" in type(e).__name__:
+                # A guard this budget does not model made Dynamo recompile past its limit: this shape stays
+                # eager, compiling goes on for the others (it is not a platform failure).
+                self._graphs.add(graph)
+                self._eager_graphs.add(graph)
+                warnings.warn(f"decode step: Dynamo's recompile limit was reached at (batch, window) {key}; "
+                              f"that shape runs the eager path", RuntimeWarning, stacklevel=2)
+                self.eager_fallbacks += 1
+                return None
             with _lock:
                 if _COMPILE_BROKEN is None:
                     _COMPILE_BROKEN = f"{type(e).__name__}: {e}"
