@@ -78,9 +78,17 @@ def generate_rollout(model: K2Model, prompts: list[list[int]], new_tokens: int, 
 
 def bench_rollout(model: K2Model, batches: list[int], compiles: list[bool], prompt_len: int, new_tokens: int,
                   rounds: int) -> dict[str, Any]:
-    from openk2.model.decode import window_size
+    import torch
+
+    from openk2.model.decode import decode_step, window_size
     from openk2.rl.engine import TorchEngine
 
+    if True in compiles:
+        # Continuous batching pads the batch to powers of two (1 .. max batch) over two key windows, and
+        # `generate` adds its own cache layout: let every one of them compile, so no shape falls back to eager.
+        step = decode_step(model, True)
+        step.max_graphs = max(step.max_graphs, 32)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     # A power of two: the engine's key windows (64, 128, ...) are then the ones `generate` uses, so the two share
     # compiled graphs instead of overrunning the decode step's graph budget.
     max_len = window_size(prompt_len + new_tokens)
@@ -102,11 +110,16 @@ def bench_rollout(model: K2Model, batches: list[int], compiles: list[bool], prom
         print(f"  round {r + 1}/{rounds} done", flush=True)
     for e in engines.values():
         e.close()
+    graphs = {}
+    if True in compiles:
+        step = decode_step(model, True)
+        graphs = {"compiled_graphs": len(step._graphs), "compile_s": sum(step.compile_seconds.values()),
+                  "eager_fallbacks": step.eager_fallbacks}
     rows = []
     for (system, c, b), tps in samples.items():
         rows.append({"system": system, "compile": c, "batch": b, "tok_s": statistics.median(tps),
                      "tok_s_all": tps, "first_call_s": warmup_s[(system, c, b)]})
-    return {"prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "rows": rows}
+    return {"prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "rows": rows, **graphs}
 
 
 def rollout_table(result: dict[str, Any]) -> str:
@@ -196,6 +209,9 @@ def main() -> None:
     print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens per sequence, T = 1, medians of "
           f"{args.rounds} interleaved rounds")
     print(rollout_table(result))
+    if "compiled_graphs" in result:
+        print(f"compiled decode graphs: {result['compiled_graphs']} ({result['compile_s']:.0f} s compiling in all), "
+              f"eager fallbacks: {result['eager_fallbacks']} steps")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine_info(), "config": args.config, **result}, indent=1))
 
