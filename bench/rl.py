@@ -78,17 +78,13 @@ def generate_rollout(model: K2Model, prompts: list[list[int]], new_tokens: int, 
 
 def bench_rollout(model: K2Model, batches: list[int], compiles: list[bool], prompt_len: int, new_tokens: int,
                   rounds: int) -> dict[str, Any]:
-    import torch
-
     from openk2.model.decode import decode_step, window_size
     from openk2.rl.engine import TorchEngine
 
     if True in compiles:
         # Continuous batching pads the batch to powers of two (1 .. max batch) over two key windows, and
         # `generate` adds its own cache layout: let every one of them compile, so no shape falls back to eager.
-        step = decode_step(model, True)
-        step.max_graphs = max(step.max_graphs, 32)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        decode_step(model, True).raise_budget(32)
     # A power of two: the engine's key windows (64, 128, ...) are then the ones `generate` uses, so the two share
     # compiled graphs instead of overrunning the decode step's graph budget.
     max_len = window_size(prompt_len + new_tokens)

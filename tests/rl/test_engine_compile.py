@@ -54,7 +54,9 @@ def test_engine_and_generate_graphs_count_against_the_budget():
     assert set(step.compile_seconds) == {(1, 64)}  # one (batch, window), two cache layouts
 
 
-def test_dynamos_recompile_limit_keeps_that_shape_eager_not_the_process():
+def test_dynamos_recompile_limit_keeps_that_shape_eager_not_the_process(monkeypatch):
+    # As if a guard the budget does not model made Dynamo recompile past the limit the step set.
+    monkeypatch.setattr(decode_module, "_apply_graph_limit", lambda: None)
     model = build_model(get_preset("tiny", vocab_size=256), seed=0).eval()
     cfg = model.config
     step = DecodeStep(model, compile=True, max_graphs=4, backend="eager")
@@ -63,7 +65,7 @@ def test_dynamos_recompile_limit_keeps_that_shape_eager_not_the_process():
     valid_BS[0, :3] = True
     args = (valid_BS, torch.tensor([5]), torch.tensor([3]))
     torch._dynamo.reset()
-    with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=1):
+    with torch.inference_mode(), torch._dynamo.config.patch(recompile_limit=1):  # (this thread's config)
         first = step(latent[:, :1].contiguous(), *args)
         assert first is not None
         # same (batch, window), other strides: a second Dynamo graph, which the limit of 1 refuses
@@ -72,3 +74,21 @@ def test_dynamos_recompile_limit_keeps_that_shape_eager_not_the_process():
         assert step(latent[:, 1:2], *args) is None  # remembered: no second attempt
         assert step.compiled and step.eager_fallbacks == 2
         torch.testing.assert_close(step(latent[:, :1].contiguous(), *args)[0], first[0])
+
+
+def test_the_graph_limit_reaches_the_engine_thread():
+    """Dynamo's config is per thread: the engine thread must get the budget's limit, not Dynamo's default."""
+    import threading
+
+    model = build_model(get_preset("tiny", vocab_size=256), seed=0).eval()
+    DecodeStep(model, compile=True, max_graphs=16, backend="eager")
+    seen = {}
+
+    def engine_thread():
+        decode_module._apply_graph_limit()
+        seen["limit"] = torch._dynamo.config.recompile_limit
+
+    t = threading.Thread(target=engine_thread)
+    t.start()
+    t.join()
+    assert seen["limit"] >= 16

@@ -165,8 +165,14 @@ def _reserve_graphs(n: int) -> None:
     global _graph_budget_total
     with _lock:
         _graph_budget_total += n
-        if torch._dynamo.config.recompile_limit < _graph_budget_total:
-            torch._dynamo.config.recompile_limit = _graph_budget_total
+    _apply_graph_limit()
+
+
+def _apply_graph_limit() -> None:
+    """Dynamo's config is per thread (torch 2.13): a serving engine compiles on its own thread, which starts
+    at the default limit of 8 whatever the constructing thread set. Called before each new graph."""
+    if torch._dynamo.config.recompile_limit < _graph_budget_total:
+        torch._dynamo.config.recompile_limit = _graph_budget_total
 
 
 def _mode_for(device: torch.device) -> str | None:
@@ -204,6 +210,12 @@ class DecodeStep:
         self.eager_fallbacks = 0
         self._fn: Callable | None = None
         self._warned_budget = False
+
+    def raise_budget(self, max_graphs: int) -> None:
+        """Allow up to `max_graphs` graphs (a benchmark that visits many shapes on purpose)."""
+        if self.enabled and max_graphs > self.max_graphs:
+            _reserve_graphs(max_graphs - self.max_graphs)
+        self.max_graphs = max(self.max_graphs, max_graphs)
 
     @property
     def compiled(self) -> bool:
@@ -245,6 +257,8 @@ class DecodeStep:
         if model._rope is None or model._rope[0].device != latent_NBSL.device:
             model._cos_sin(rope_pos_B[:1, None], latent_NBSL.dtype)  # builds model._rope
         inv_freq = model._rope[0]
+        if new_graph:
+            _apply_graph_limit()
         t0 = time.perf_counter()
         try:
             out = self._compiled_fn()(inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B)
