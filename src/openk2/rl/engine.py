@@ -111,7 +111,9 @@ class TorchEngine:
             raise RuntimeError("this TorchEngine is closed: build a new one")
         if request_id in self._in_flight:
             raise ValueError(f"request_id {request_id!r} is already in flight")
-        gen = self.engine.submit(prompt_ids, self._serve_params(len(prompt_ids), params))
+        # stream=False: the tokens arrive in one batch at the end (or at abort), so the event loop is not woken
+        # at every decode step (each wake-up is a GIL hand-off between the loop and the engine thread).
+        gen = self.engine.submit(prompt_ids, self._serve_params(len(prompt_ids), params), stream=False)
         self._in_flight[request_id] = gen
         token_ids: list[int] = []
         logprobs: list[float] = []
