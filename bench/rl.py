@@ -132,14 +132,28 @@ def rollout_table(result: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- RL step split
+WALL_KEY = "time/wall_this_process"  # cumulative seconds since the process started (not a phase)
+
+
 def rl_step_split(metrics: Iterable[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """{phase: {"median_s", "share"}} over the steps' `time/<phase>` entries (rows without them are skipped);
-    share = the phase's total over all phases' total."""
+    """{phase: {"median_s", "share", "steps"}} over the steps' `time/<phase>` entries (rows without them are
+    skipped). With the controller's cumulative `time/wall_this_process`, each step's wall time is the difference
+    to the previous row, and "other" is what the phases leave of it (evaluation, checkpoints, logging); share is
+    then of the summed step wall time, else of the phases' total."""
     per_phase: dict[str, list[float]] = {}
+    previous_wall: float | None = None
     for row in metrics:
-        for key, value in row.items():
-            if key.startswith("time/") and isinstance(value, int | float):
-                per_phase.setdefault(key.removeprefix("time/"), []).append(float(value))
+        phases = {k.removeprefix("time/"): float(v) for k, v in row.items()
+                  if k.startswith("time/") and k != WALL_KEY and isinstance(v, int | float)}
+        if not phases:
+            continue
+        for phase, value in phases.items():
+            per_phase.setdefault(phase, []).append(value)
+        wall = row.get(WALL_KEY)
+        if isinstance(wall, int | float):
+            step_s = wall - previous_wall if previous_wall is not None else float(wall)
+            previous_wall = float(wall)
+            per_phase.setdefault("other", []).append(max(0.0, step_s - sum(phases.values())))
     total = sum(sum(v) for v in per_phase.values()) or 1.0
     return {phase: {"median_s": statistics.median(v), "share": sum(v) / total, "steps": len(v)}
             for phase, v in per_phase.items()}
