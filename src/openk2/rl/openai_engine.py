@@ -155,9 +155,8 @@ class OpenAIEngine:
             req.aborted = True
             if req.task is not None:
                 req.task.cancel()
-        if self._running is not None and not self._paused:
-            self._running.set()
-        elif self._running is not None:  # wake the held ones so that they return "abort"
+        if self._running is not None and self._paused:
+            # Wake the requests held by pause() (they return "abort"); later ones wait on a fresh event.
             self._running.set()
             self._running = None
         return ids

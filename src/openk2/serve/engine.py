@@ -22,6 +22,11 @@ every accepted setting), and a batched forward that raises is retried one sequen
 fails ends only the sequence that causes it, with a `FinishEvent("error")` naming the cause, while the others
 continue with exactly the tokens they would have got (up to float rounding of batched matmuls). The engine
 never dies: a bug in the loop itself fails what is running and the loop goes on.
+
+For the RL rollout engine (`openk2.rl.engine.TorchEngine`): `pause()` stops admitting and decoding once the
+step in progress ends (so the weights can be swapped), `resume()` goes on, `cancel_all()` ends every unfinished
+sequence and waits until the loop has done so (it works while paused), and `submit(stream=False)` delivers a
+sequence's events in one batch at its end instead of one wake-up of the consumer per step.
 """
 
 from __future__ import annotations
