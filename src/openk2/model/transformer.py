@@ -227,6 +227,29 @@ class K2Model(nn.Module):
         inv_freq, attention_factor = self._rope
         return rope_cos_sin(inv_freq, positions_BT, attention_factor, dtype)
 
+    def hidden_states(
+        self,
+        input_ids_BT: torch.Tensor,
+        *,
+        position_ids_BT: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        valid_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states [B, T, D] that `lm_head` maps to logits (callers that need only some
+        positions' logits, like `openk2.rl.logprobs`, project just those)."""
+        B, T = input_ids_BT.shape
+        x_BTD = self.model.embed_tokens(input_ids_BT)
+        if position_ids_BT is None:
+            position_ids_BT = torch.arange(T, device=input_ids_BT.device).unsqueeze(0)
+        cos_BTR, sin_BTR = self._cos_sin(position_ids_BT, x_BTD.dtype)
+        if cache is not None:
+            cache.begin_chunk(valid_BT if valid_BT is not None else input_ids_BT.new_ones(B, T, dtype=torch.bool))
+        for layer in self.model.layers:
+            x_BTD = layer(x_BTD, cos_BTR, sin_BTR, None if cache is None else cache.layers[layer.self_attn.layer_idx])
+        if cache is not None:
+            cache.end_chunk(T)
+        return self.model.norm(x_BTD)
+
     def forward(
         self,
         input_ids_BT: torch.Tensor,
@@ -248,18 +271,7 @@ class K2Model(nn.Module):
         them (then the loss comes from those logits). Without `labels`, logits are always returned.
         `cache`/`valid_BT`/`position_ids_BT` are used by `generate`.
         """
-        B, T = input_ids_BT.shape
-        x_BTD = self.model.embed_tokens(input_ids_BT)
-        if position_ids_BT is None:
-            position_ids_BT = torch.arange(T, device=input_ids_BT.device).unsqueeze(0)
-        cos_BTR, sin_BTR = self._cos_sin(position_ids_BT, x_BTD.dtype)
-        if cache is not None:
-            cache.begin_chunk(valid_BT if valid_BT is not None else input_ids_BT.new_ones(B, T, dtype=torch.bool))
-        for layer in self.model.layers:
-            x_BTD = layer(x_BTD, cos_BTR, sin_BTR, None if cache is None else cache.layers[layer.self_attn.layer_idx])
-        if cache is not None:
-            cache.end_chunk(T)
-        x_BTD = self.model.norm(x_BTD)
+        x_BTD = self.hidden_states(input_ids_BT, position_ids_BT=position_ids_BT, cache=cache, valid_BT=valid_BT)
         if last_logits_only:
             x_BTD = x_BTD[:, -1:]
         logits_BTV = None

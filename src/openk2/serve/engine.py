@@ -22,6 +22,11 @@ every accepted setting), and a batched forward that raises is retried one sequen
 fails ends only the sequence that causes it, with a `FinishEvent("error")` naming the cause, while the others
 continue with exactly the tokens they would have got (up to float rounding of batched matmuls). The engine
 never dies: a bug in the loop itself fails what is running and the loop goes on.
+
+For the RL rollout engine (`openk2.rl.engine.TorchEngine`): `pause()` stops admitting and decoding once the
+step in progress ends (so the weights can be swapped), `resume()` goes on, `cancel_all()` ends every unfinished
+sequence and waits until the loop has done so (it works while paused), and `submit(stream=False)` delivers a
+sequence's events in one batch at its end instead of one wake-up of the consumer per step.
 """
 
 from __future__ import annotations
@@ -133,6 +138,13 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._seed_rng = random.Random()
         self._outbox: list[tuple[Generation, Event]] = []
+        # Pause support (the RL rollout engine): while paused the loop neither admits nor decodes, but still
+        # drops cancelled sequences. `_dirty` wakes it for that; the iteration counters let a caller wait until
+        # an iteration that started after its request has finished.
+        self._paused = False
+        self._dirty = False
+        self._iter_started = 0
+        self._iter_done = 0
 
     # ------------------------------------------------------------------ control (any thread)
     def start(self) -> Engine:
@@ -164,6 +176,41 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def pause(self) -> None:
+        """Stop admitting and decoding; returns once the step in progress (if any) has finished, so the model
+        is not in use until `resume()`. Running sequences keep their cache rows and continue after `resume()`;
+        cancelling them (`Generation.cancel`, `cancel_all`) still takes effect while paused."""
+        with self._cv:
+            self._paused = True
+            if self._thread is not None and self._thread is not threading.current_thread():
+                while self._iter_done < self._iter_started:
+                    self._cv.wait()
+
+    def resume(self) -> None:
+        with self._cv:
+            self._paused = False
+            self._cv.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def cancel_all(self) -> list[Generation]:
+        """Cancel every sequence not yet finished (running or waiting) and wait until the loop has ended them
+        (each gets `FinishEvent("cancelled")` after the tokens it already streamed); returns their handles."""
+        with self._cv:
+            seqs = [s for s in (*self._rows, *self._waiting, *self._inbox) if not s.finished]
+            for s in seqs:
+                s.gen.cancelled = True
+            if not seqs:
+                return []
+            self._dirty = True
+            target = self._iter_started + 1
+            self._cv.notify_all()
+            while self.running and self._iter_done < target:
+                self._cv.wait()
+        return [s.gen for s in seqs]
+
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -190,13 +237,16 @@ class Engine:
                              f"context of {self.max_len} tokens")
         return prompt
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, stream: bool = True) -> Generation:
         """Queue one sequence. Raises ValueError for an empty prompt, ids outside the vocabulary, or a
-        prompt + max_tokens beyond `max_len` (see `check`); OverflowError when the waiting queue is full."""
+        prompt + max_tokens beyond `max_len` (see `check`); OverflowError when the waiting queue is full.
+        `stream=False` delivers all the events at once when the sequence ends (same events, one wake-up of the
+        consumer instead of one per step: a batch consumer such as RL rollouts saves a thread hand-off per token)."""
         prompt = self.check(prompt_ids, params)
         if not self.running:
             raise RuntimeError("the engine is not running (call start())")
         gen = Generation(self, prompt, params)
+        gen.stream = stream
         generator = None
         if not is_greedy(params.temperature):
             seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
@@ -212,6 +262,7 @@ class Engine:
 
     def _wake(self) -> None:
         with self._cv:
+            self._dirty = True
             self._cv.notify_all()
 
     # ------------------------------------------------------------------ the loop (engine thread)
@@ -219,19 +270,29 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not (self._stopping or self._inbox or self._rows or self._waiting):
+                    while not (self._stopping or self._dirty
+                               or (not self._paused and (self._inbox or self._rows or self._waiting))):
                         self._cv.wait()
                     if self._stopping:
                         return
+                    self._dirty = False
                     self._waiting.extend(self._inbox)
                     self._inbox.clear()
+                    paused = self._paused
+                    self._iter_started += 1
                 try:
-                    self._step()
+                    if paused:
+                        self._drop_cancelled()
+                    else:
+                        self._step()
                 except Exception as e:  # a bug in the loop itself: fail what is running, keep serving
                     log.exception("engine step failed")
                     self._fail_all(f"engine error: {e!r}")
                 finally:
                     self._flush()
+                    with self._cv:
+                        self._iter_done += 1
+                        self._cv.notify_all()
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -377,7 +438,7 @@ class Engine:
             s.n_out += 1
             s.last_token = tok
             if tok in s.params.stop_token_ids:
-                self._finish(s, "stop", stop_token_id=tok)
+                self._finish(s, "stop", stop_token_id=tok, stop_logprob=lp)
                 finished.append(i)
                 continue
             self._send(s.gen, TokenEvent(tok, lp))
@@ -399,7 +460,7 @@ class Engine:
                 proc_V = apply_bias_and_bans(logits_BV[i], p.logit_bias, p.banned_token_ids, self.vocab_limit)
                 tok = sample_token(proc_V, p.temperature, p.top_p, s.generator)
                 if p.logprobs is not None:
-                    logprobs[i] = self._token_logprob(logits_BV[i], tok, p.logprobs)
+                    logprobs[i] = self._token_logprob(logits_BV[i], tok, p.logprobs, p.logprobs_temperature)
             except Exception as e:
                 log.warning("sampling failed for one sequence: %r", e)
                 self._finish(s, "error", error=f"sampling failed: {e}")
@@ -408,8 +469,8 @@ class Engine:
         return tokens, logprobs
 
     @staticmethod
-    def _token_logprob(logits_V: torch.Tensor, token: int, k: int) -> TokenLogprob:
-        lsm_V = torch.log_softmax(logits_V, dim=-1)
+    def _token_logprob(logits_V: torch.Tensor, token: int, k: int, temperature: float = 1.0) -> TokenLogprob:
+        lsm_V = torch.log_softmax(logits_V if temperature == 1.0 else logits_V / temperature, dim=-1)
         top = ()
         if k > 0:
             vals, ids = lsm_V.topk(k)
@@ -432,7 +493,8 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------ bookkeeping
-    def _finish(self, s: _Seq, reason: str, stop_token_id: int | None = None, error: str | None = None) -> None:
+    def _finish(self, s: _Seq, reason: str, stop_token_id: int | None = None, error: str | None = None,
+                stop_logprob: TokenLogprob | None = None) -> None:
         if s.finished:
             return
         s.finished = True
@@ -442,10 +504,16 @@ class Engine:
             self.stats.errors += 1
         else:
             self.stats.completed += 1
-        self._send(s.gen, FinishEvent(reason, s.n_out, stop_token_id, error))
+        self._send(s.gen, FinishEvent(reason, s.n_out, stop_token_id, error, stop_logprob))
 
     def _send(self, gen: Generation, event: Event) -> None:
-        self._outbox.append((gen, event))
+        if gen.stream:
+            self._outbox.append((gen, event))
+        elif isinstance(event, FinishEvent):
+            self._outbox.extend((gen, e) for e in (*gen._held, event))
+            gen._held.clear()
+        else:
+            gen._held.append(event)
 
     def _flush(self) -> None:
         """Deliver the step's events: one wake-up per consumer event loop, not one per token (each wake-up

@@ -30,6 +30,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
+    # The temperature the reported logprobs are normalized at: 1.0 (default, as OpenAI and vLLM) is the model's
+    # raw distribution; the RL engine passes the sampling temperature to get the behaviour policy's logprobs.
+    logprobs_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -38,6 +41,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.logprobs_temperature > 0:
+            raise ValueError(f"logprobs_temperature must be > 0, got {self.logprobs_temperature}")
         for k in (self.logprobs, self.prompt_logprobs):
             if k is not None and not 0 <= k <= MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {k}")
@@ -67,6 +72,7 @@ class FinishEvent:
     n_generated: int  # tokens sampled, including a stop token
     stop_token_id: int | None = None
     error: str | None = None
+    stop_logprob: TokenLogprob | None = None  # the stop token's logprob, when logprobs were asked for
 
 
 Event = TokenEvent | PromptLogprobsEvent | FinishEvent
@@ -78,6 +84,8 @@ class Generation:
 
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
         self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
+        self.stream = True  # False: the engine holds the events until the end (`Engine.submit(stream=False)`)
+        self._held: list[Event] = []
         self.cancelled = False
         self.finish: FinishEvent | None = None
         try:
