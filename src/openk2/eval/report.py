@@ -53,8 +53,18 @@ def write_report(out_dir: Path, results: dict[str, Any]) -> Path:
         lines.append(f"| {name} | {metric} | {_fmt(b['score'])} | {_fmt(m['stderr'])} | "
                      f"[{_fmt(m['ci95'][0])}, {_fmt(m['ci95'][1])}] | {_fmt(b.get('k2_score'))} | "
                      f"{b['summary']['items']} | {b['scored']} | {trunc} | {b['infra_errors']} |")
+    groups = results.get("groups") or {}
+    for group, g in groups.items():
+        trunc = "–" if g["truncation_rate"] is None else f"{100 * g['truncation_rate']:.1f}%"
+        lines.append(f"| **{group} overall** (task-weighted) | {g['metric']} | {_fmt(g['score'])} | "
+                     f"{_fmt(g['stderr'])} | [{_fmt(g['ci95'][0])}, {_fmt(g['ci95'][1])}] | {_fmt(g['k2_score'])} | "
+                     f"{g['items']} | {g['scored']} | {trunc} | {g['infra_errors']} |")
     lines += ["", "Scores are 0–100. Truncated: answers that hit `max_tokens`. Infrastructure errors (requests that "
               "failed after retries) are excluded from the scores; rerun with the same `--out` to retry them.", ""]
+    for group, g in groups.items():
+        lines += [f"The {group} overall weights {', '.join(g['members'])} by their item counts; its K2-Instruct "
+                  "column weights K2's per-benchmark numbers the same way (with every task that is K2's published "
+                  "overall).", ""]
     plot = write_plot(out_dir, results)
     if plot:
         lines += [f"![scores]({plot})", ""]
