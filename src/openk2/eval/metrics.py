@@ -135,6 +135,7 @@ def group_overalls(benchmarks: Mapping[str, Mapping[str, Any]]) -> dict[str, dic
         truncated = sum((b["truncation_rate"] or 0.0) * b["scored"] for _, b in entries)
         out[group] = {"score": score, "stderr": stderr, "ci95": [score - 1.96 * stderr, score + 1.96 * stderr],
                       "k2_score": k2, "metric": entries[0][1]["metric"], "members": [name for name, _ in entries],
+                      "k": entries[0][1]["settings"]["k"],
                       "items": n_items, "scored": scored, "infra_errors": sum(b["infra_errors"] for _, b in entries),
                       "truncation_rate": truncated / scored if scored else None}
     return out
