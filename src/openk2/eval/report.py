@@ -61,7 +61,7 @@ def write_report(out_dir: Path, results: dict[str, Any]) -> Path:
         trunc = "–" if g["truncation_rate"] is None else f"{100 * g['truncation_rate']:.1f}%"
         metric = _metric_label(g["metric"], g["k"])
         lines.append(f"| **{group} overall** (task-weighted) | {metric} | {_fmt(g['score'])} | {_fmt(g['stderr'])} | "
-                     f" [{_fmt(g['ci95'][0])}, {_fmt(g['ci95'][1])}] | {_fmt(g['k2_score'])} | "
+                     f"[{_fmt(g['ci95'][0])}, {_fmt(g['ci95'][1])}] | {_fmt(g['k2_score'])} | "
                      f"{g['items']} | {g['scored']} | {trunc} | {g['infra_errors']} |")
     lines += ["", "Scores are 0–100. Truncated: answers that hit `max_tokens`. Infrastructure errors (requests that "
               "failed after retries) are excluded from the scores; rerun with the same `--out` to retry them.", ""]
