@@ -113,9 +113,14 @@ async def _run(model: str, names: list[str], *, out: Path | None, model_name: st
         handle = open_model(model, model_name=model_name, api_key_env=api_key_env,
                             concurrency=int(settings["concurrency"]), cache_dir=out / "llm_cache",
                             max_retries=max_retries, timeout=timeout, device=device, tool_call_parser=tool_call_parser)
-        user = None if user_model is None else open_model(
-            user_model, model_name=user_model_name, api_key_env=api_key_env, cache_dir=out / "llm_cache",
-            concurrency=int(settings["concurrency"]), max_retries=max_retries, timeout=timeout, device=device)
+        if user_model is None:
+            user = None
+        elif user_model == model and (user_model_name or model_name) == model_name:
+            user = handle  # the same model plays both sides: one copy in memory, one batching engine
+        else:
+            user = open_model(user_model, model_name=user_model_name, api_key_env=api_key_env,
+                              cache_dir=out / "llm_cache", concurrency=int(settings["concurrency"]),
+                              max_retries=max_retries, timeout=timeout, device=device)
     except ModelSpecError as e:
         fail(str(e))
     if price:
@@ -136,7 +141,7 @@ async def _run(model: str, names: list[str], *, out: Path | None, model_name: st
         fail(str(e))
     finally:
         await handle.aclose()
-        if user is not None:
+        if user is not None and user is not handle:
             await user.aclose()
     for name, b in results["benchmarks"].items():
         if name in names:
