@@ -90,3 +90,12 @@ def test_cli_report_per_domain_and_overall(tmp_path):
     rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert {row["extracted"] for row in rows} == {"user_stop"}
     assert 0.0 < g["score"] < 100.0  # some tasks need no change (refusals), most do
+
+
+def test_cli_rejects_a_bad_step_limit():
+    from typer.testing import CliRunner
+
+    from openk2.cli import app
+
+    r = CliRunner().invoke(app, ["eval", "--model", "replay:x", "--bench", "tau2-airline", "--max-steps", "0"])
+    assert r.exit_code != 0 and "--max-steps must be >= 1, got 0" in r.output
