@@ -49,7 +49,7 @@ def eval_command(
     temperature: float = typer.Option(None, "--temperature", help="Override every benchmark's temperature."),
     top_p: float = typer.Option(None, "--top-p", help="Override every benchmark's top_p."),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Override the output cap (K2: 8192)."),
-    max_steps: int = typer.Option(None, "--max-steps", help="Step limit of multi-turn benchmarks (tau2: the "
+    max_steps: int = typer.Option(None, "--max-steps", help="Step limit of a tau2 episode (default: the "
                                                             "reference's 200); lower it for smoke runs."),
     world: Path = typer.Option(None, "--world", help="World for the world-* benchmarks: run dir, train config, "
                                                      "or World JSON (default: the --model run's, else nano's)."),

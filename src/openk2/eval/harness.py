@@ -64,7 +64,7 @@ class EvalSettings:
     temperature: float | None = None  # None: each benchmark's own
     top_p: float | None = None
     max_tokens: int | None = None
-    max_steps: int | None = None  # multi-turn benchmarks' step limit (None: each benchmark's own, tau2: 200)
+    max_steps: int | None = None  # step limit of a tau2 episode (None: the reference's 200)
     options: dict[str, Any] = field(default_factory=dict)  # handed to every benchmark (world path, ...)
     progress: bool = True
 
