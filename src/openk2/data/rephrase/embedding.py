@@ -73,8 +73,9 @@ class StaticEmbedder(Embedder):
         try:
             import wordllama
         except ImportError:
-            raise ValueError("the wordllama embedder needs the `wordllama` package (pip install wordllama), "
-                             "which ships its weights; or pass a local model directory") from None
+            raise ValueError("the wordllama embedder needs the `wordllama` package (pip install 'openk2[embed]'), "
+                             "which ships its weights; or pass a local model directory, or use --embedding-model "
+                             "hashing") from None
         root = Path(wordllama.__file__).parent
         weights, tokenizer = root / "weights" / f"l2_supercat_{dim}.safetensors", \
             root / "tokenizers" / "l2_supercat_tokenizer_config.json"
