@@ -23,31 +23,20 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from openk2.data.tokenizer import train_tokenizer
 from openk2.eval.harness import EvalSettings, run_eval
 from openk2.eval.models import open_model
 from openk2.model import build_model, get_preset
-from openk2.serve.testing import make_model_dir
+from openk2.serve.testing import make_model_dir, serve_subprocess
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_info  # noqa: E402
 from tokenizer import stdlib_corpus  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _loadavg() -> str:
@@ -102,24 +91,8 @@ def main() -> None:
         root = Path(tmp)
         write_questions(root / "data", args.samples)
         model_dir = make_model_dir(root / "nano", model, tok)
-        port = _free_port()
-        server = subprocess.Popen([sys.executable, "-m", "openk2", "serve", str(model_dir), "--port", str(port),
-                                   "--max-batch", str(args.max_batch), "--threads", str(args.threads), "--device",
-                                   "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}/v1"
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                if server.poll() is not None:
-                    raise SystemExit(f"server exited with {server.returncode}")
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("server did not start")
-                time.sleep(0.2)
+        with serve_subprocess(model_dir, "--max-batch", str(args.max_batch), "--threads", str(args.threads),
+                              "--device", "cpu", log_path=root / "server.log", startup_s=180) as (url, _):
             asyncio.run(scenario(url, root / "data", root / "warmup", 2, 8))
             load_before = _loadavg()
             singles, multis = [], []
@@ -128,12 +101,6 @@ def main() -> None:
                 multis.append(asyncio.run(scenario(url, root / "data", root / f"cN-{r}", args.concurrency,
                                                    args.max_tokens)))
             load_after = _loadavg()
-        finally:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
 
     single = max(singles, key=lambda r: r["samples_per_s"])
     multi = max(multis, key=lambda r: r["samples_per_s"])

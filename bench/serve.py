@@ -26,10 +26,7 @@ import asyncio
 import json
 import os
 import resource
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,17 +36,11 @@ import httpx
 
 from openk2.data.tokenizer import train_tokenizer
 from openk2.model import build_model, get_preset
-from openk2.serve.testing import make_model_dir
+from openk2.serve.testing import make_model_dir, serve_subprocess
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine_info  # noqa: E402
 from tokenizer import stdlib_corpus  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cpu_s(pid: int | None = None) -> float:
@@ -147,25 +138,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model_dir(Path(tmp) / "nano", model, tok)
-        port = _free_port()
-        cmd = [sys.executable, "-m", "openk2", "serve", str(model_dir), "--port", str(port), "--max-batch",
-               str(args.max_batch), "--threads", str(args.threads), "--device", "cpu"]
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                if server.poll() is not None:
-                    raise SystemExit(f"server exited with {server.returncode}")
-                try:
-                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("server did not start")
-                time.sleep(0.2)
+        with serve_subprocess(model_dir, "--max-batch", str(args.max_batch), "--threads", str(args.threads),
+                              "--device", "cpu", log_path=Path(tmp) / "server.log", startup_s=180) as (url, server):
+            base = url.removesuffix("/v1")
             asyncio.run(_scenario(base, 2, 1, prompts, 16))  # warm-up
             load_before = _loadavg()
             singles, multis = [], []
@@ -175,12 +150,6 @@ def main() -> None:
                                                     server.pid)))
             health = httpx.get(f"{base}/health", timeout=5).json()
             load_after = _loadavg()
-        finally:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
 
     single = max(singles, key=lambda r: r["tokens_per_s"])
     multi = max(multis, key=lambda r: r["tokens_per_s"])

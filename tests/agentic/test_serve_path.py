@@ -9,13 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -27,17 +21,11 @@ from openk2.agentic.tasks import Rubric, Task
 from openk2.cli import app
 from openk2.llm import LLMClient, OpenAIHTTPBackend, ResponseCache
 from openk2.model import build_model, get_preset
-from openk2.serve.testing import make_model_dir, toy_tokenizer
+from openk2.serve.testing import make_model_dir, serve_subprocess, toy_tokenizer
 
 from .helpers import call, small_repository
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,33 +35,14 @@ def server(tmp_path_factory):
     try:
         tok = toy_tokenizer()
         model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=8192), seed=0)
-        model_dir = make_model_dir(tmp_path_factory.mktemp("synth") / "toy", model, tok)
+        root = tmp_path_factory.mktemp("synth")
+        model_dir = make_model_dir(root / "toy", model, tok)
     finally:
         torch.set_num_threads(previous)
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "openk2", "serve", str(model_dir), "--port", str(port),
-                             "--api-key", "k", "--model-name", "toy", "--threads", "1", "--max-batch", "4",
-                             "--max-len", "8192", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "openk2 serve did not come up"
-            time.sleep(0.3)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    with serve_subprocess(model_dir, "--api-key", "k", "--model-name", "toy", "--threads", "1", "--max-batch", "4",
+                          "--max-len", "8192", "--device", "cpu", log_path=root / "server.log",
+                          startup_s=180) as (url, _):
+        yield url
 
 
 LLM_ARGS = ["--api-key", "k", "--model", "toy", "--max-tokens", "12", "--temperature", "0.8", "--no-progress",

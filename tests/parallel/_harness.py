@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import sys
 import time
 import traceback
@@ -22,6 +21,7 @@ import torch.multiprocessing as mp
 
 from openk2.model import build_model, get_preset
 from openk2.model.transformer import K2Model
+from openk2.serve.testing import free_port
 
 TINY = dict(num_hidden_layers=4, vocab_size=128)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,12 +29,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def tiny_config(**overrides: Any):
     return get_preset("tiny", **{**TINY, **overrides})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:

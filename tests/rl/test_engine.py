@@ -50,6 +50,8 @@ def test_greedy_batch_equals_model_generate_and_logprobs_match_the_trainer(model
         return await asyncio.gather(*(engine.generate(p, params, f"r{i}") for i, p in enumerate(prompts)))
 
     outs = _run(go())
+    stats = engine.engine.stats
+    assert stats.batch_size_sum / stats.decode_steps > 2  # the four requests were decoded together
     for p, out in zip(prompts, outs, strict=True):
         ref = model.generate(torch.tensor([p]), 10, temperature=0.0)[0, len(p):].tolist()
         assert out.token_ids == ref
@@ -188,3 +190,10 @@ def test_prompt_longer_than_the_context_is_refused_naming_the_limit(engine):
     out = _run(engine.generate([1] * 120, SamplingParams(max_new_tokens=50, temperature=0.0), "cut"))
     assert len(out.token_ids) == 8 and out.finish_reason == "length"
     assert all(math.isfinite(x) for x in out.logprobs)
+
+
+def test_a_closed_engine_says_so(model):
+    eng = TorchEngine(copy.deepcopy(model), max_batch=2, max_len=32)
+    eng.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        _run(eng.generate([1, 2], SamplingParams(max_new_tokens=2), "x"))

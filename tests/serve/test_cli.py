@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import signal
-import socket
-import subprocess
-import sys
-import time
-
-import httpx
 import pytest
 from typer.testing import CliRunner
 
 from openk2.cli import app
 from openk2.cli.serve import run_chat_repl
 from openk2.serve.server import build_service
-from openk2.serve.testing import SYSTEM
+from openk2.serve.testing import SYSTEM, serve_subprocess
 
 
 def test_chat_command_streams_and_resets(model_dir):
@@ -67,43 +60,17 @@ def test_chat_repl_multiline_reset_and_system(bundle):
     assert "(dialog reset)" in "".join(out.parts) and "(system prompt set; dialog reset)" in "".join(out.parts)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_serve_command_subprocess(model_dir):
+def test_serve_command_subprocess(model_dir, tmp_path):
     openai = pytest.importorskip("openai")
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "openk2", "serve", str(model_dir), "--port", str(port),
-                             "--api-key", "k", "--threads", "1", "--max-batch", "4", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
-        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0) as client:
+    with serve_subprocess(model_dir, "--api-key", "k", "--threads", "1", "--max-batch", "4", "--device", "cpu",
+                          log_path=tmp_path / "server.log") as (url, proc):
+        with openai.OpenAI(base_url=url, api_key="k", max_retries=0) as client:
             r = client.chat.completions.create(model="toy-k2", messages=[{"role": "system", "content": SYSTEM},
                                                                         {"role": "user", "content": "Hello"}],
                                                temperature=0)
         assert r.choices[0].message.content == "Hi there!"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    assert proc.returncode == 0
+    assert proc.returncode == 0, (tmp_path / "server.log").read_text()
 
 
 def test_serve_command_rejects_a_bad_source(tmp_path):

@@ -7,13 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -23,7 +17,7 @@ from openk2.data.tiktoken_file import tiktoken_backend
 from openk2.data.tokenizer import K2_SPLIT_PATTERN, SPECIAL_TOKENS
 from openk2.model_dir import ModelSourceError, load_model_dir, load_tokenizer_and_format
 from openk2.serve.server import ServerThread, build_service
-from openk2.serve.testing import HELLO_DIALOG, SYSTEM, TOOL_DIALOG, WEATHER_TOOL, toy_tokenizer
+from openk2.serve.testing import HELLO_DIALOG, SYSTEM, TOOL_DIALOG, WEATHER_TOOL, serve_subprocess, toy_tokenizer
 from openk2.serve.testing_checkpoints import (
     train_chat_model,
     write_checkpoint,
@@ -73,40 +67,16 @@ def _tool_round_trip(client, model: str) -> None:
     assert second.choices[0].finish_reason == "stop"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_openk2_serve_subprocess_on_a_deepseek_v3_directory(deepseek_dir):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "openk2", "serve", str(deepseek_dir), "--port", str(port),
-                             "--api-key", "k", "--threads", "1", "--max-batch", "2", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
-        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=60) as client:
-            hello = client.chat.completions.create(model="toy-dsv3", messages=HELLO_PROMPT, temperature=0)
-            assert hello.choices[0].message.content == "Hi there!"
-            _tool_round_trip(client, "toy-dsv3")
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate(timeout=10)
+def test_openk2_serve_subprocess_on_a_deepseek_v3_directory(deepseek_dir, tmp_path):
+    log = tmp_path / "server.log"
+    with serve_subprocess(deepseek_dir, "--api-key", "k", "--threads", "1", "--max-batch", "2", "--device", "cpu",
+                          log_path=log) as (url, proc), \
+            openai.OpenAI(base_url=url, api_key="k", max_retries=0, timeout=60) as client:
+        hello = client.chat.completions.create(model="toy-dsv3", messages=HELLO_PROMPT, temperature=0)
+        assert hello.choices[0].message.content == "Hi there!"
+        _tool_round_trip(client, "toy-dsv3")
+    out = log.read_text()
     assert proc.returncode == 0, out
     assert "tool calls: deepseek_v3" in " ".join(out.split())  # rich wraps the startup line
 

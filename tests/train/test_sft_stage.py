@@ -16,7 +16,8 @@ def test_sft_stage_synthesizes_trains_and_measures(tmp_path):
     result = sft_stage(run, world_people=60, n_train=12, n_eval=3, progress=False, log=lambda s: None,
                        overrides=["train.max_steps=2", "train.batch_size=2", "train.seq_len=1536",
                                   "train.eval_every=2", "train.checkpoint_every=2", "train.warmup_steps=1"])
-    assert (run / "sft" / "data" / "train.jsonl").read_text().count("\n") == result["n_train_trajectories"] == 12
+    lines = (run / "sft" / "data" / "train.jsonl").read_text().count("\n")
+    assert lines == result["n_train_trajectories"] and result["n_train_tasks"] == 12  # two requests per dialog
     assert result["sft"]["steps"] == 2 and (run / "sft" / "tokenizer" / "tokenizer.json").is_file()
     for key in ("before", "after"):
         assert result[key]["n"] == 3 and 0.0 <= result[key]["success"] <= 1.0
@@ -25,3 +26,14 @@ def test_sft_stage_synthesizes_trains_and_measures(tmp_path):
     assert (run / "sft_stage.png").stat().st_size > 5_000
     lines = "\n".join(report_lines(result))
     assert "world-agent success" in lines and "![sft stage](sft_stage.png)" in lines
+
+
+def test_stage_settings_match_the_recipe():
+    """recipes/sft-nano.toml documents the stage's built-in SFT settings: the two must not drift apart."""
+    from dataclasses import asdict
+
+    from openk2.train.sft_stage import SFT_OVERRIDES
+
+    recipe, built_in = load_config("recipes/sft-nano.toml"), load_config(None, SFT_OVERRIDES)
+    for section in ("data", "train", "sft", "init", "run"):
+        assert asdict(getattr(recipe, section)) == asdict(getattr(built_in, section)), section

@@ -49,6 +49,8 @@ def eval_command(
     temperature: float = typer.Option(None, "--temperature", help="Override every benchmark's temperature."),
     top_p: float = typer.Option(None, "--top-p", help="Override every benchmark's top_p."),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Override the output cap (K2: 8192)."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Step limit of a tau2 episode (default: the "
+                                                            "reference's 200); lower it for smoke runs."),
     world: Path = typer.Option(None, "--world", help="World for the world-* benchmarks: run dir, train config, "
                                                      "or World JSON (default: the --model run's, else nano's)."),
     acebench_repo: Path = typer.Option(None, "--acebench-repo", help="ACEBench checkout whose simulated APIs the "
@@ -81,13 +83,16 @@ def eval_command(
         fail(f"--concurrency must be >= 1, got {concurrency}")
     if k is not None and k < 1:
         fail(f"--k must be >= 1, got {k}")
+    if max_steps is not None and max_steps < 1:
+        fail(f"--max-steps must be >= 1, got {max_steps}")
     data_dir = data_dir or Path(DEFAULT_DATA_DIR)
     if not data_dir.is_dir() and any(valid[n].data_files(data_dir) for n in names):
         fail(f"data directory {data_dir} does not exist; pass --data-dir (layout: see ../shared/data/README.md)")
     asyncio.run(_run(model, names, k=k, limit=limit, concurrency=concurrency, out=out, data_dir=data_dir,
                      model_name=model_name, api_key_env=api_key_env, user_model=user_model,
                      user_model_name=user_model_name, seed=seed, temperature=temperature, top_p=top_p,
-                     max_tokens=max_tokens, world=world, swe_agent=swe_agent, acebench_repo=acebench_repo,
+                     max_tokens=max_tokens, max_steps=max_steps, world=world, swe_agent=swe_agent,
+                     acebench_repo=acebench_repo,
                      price=price, max_retries=max_retries, timeout=timeout, device=device, progress=progress,
                      tool_call_parser=tool_call_parser))
 
@@ -108,9 +113,14 @@ async def _run(model: str, names: list[str], *, out: Path | None, model_name: st
         handle = open_model(model, model_name=model_name, api_key_env=api_key_env,
                             concurrency=int(settings["concurrency"]), cache_dir=out / "llm_cache",
                             max_retries=max_retries, timeout=timeout, device=device, tool_call_parser=tool_call_parser)
-        user = None if user_model is None else open_model(
-            user_model, model_name=user_model_name, api_key_env=api_key_env, cache_dir=out / "llm_cache",
-            concurrency=int(settings["concurrency"]), max_retries=max_retries, timeout=timeout, device=device)
+        if user_model is None:
+            user = None
+        elif user_model == model and (user_model_name or model_name) == model_name:
+            user = handle  # the same model plays both sides: one copy in memory, one batching engine
+        else:
+            user = open_model(user_model, model_name=user_model_name, api_key_env=api_key_env,
+                              cache_dir=out / "llm_cache", concurrency=int(settings["concurrency"]),
+                              max_retries=max_retries, timeout=timeout, device=device)
     except ModelSpecError as e:
         fail(str(e))
     if price:
@@ -131,7 +141,7 @@ async def _run(model: str, names: list[str], *, out: Path | None, model_name: st
         fail(str(e))
     finally:
         await handle.aclose()
-        if user is not None:
+        if user is not None and user is not handle:
             await user.aclose()
     for name, b in results["benchmarks"].items():
         if name in names:
@@ -140,4 +150,8 @@ async def _run(model: str, names: list[str], *, out: Path | None, model_name: st
             score = "no score" if b["score"] is None else f"{b['score']:.1f}"
             console.print(f"{name}: {score}{k2} over {b['scored']} samples{trunc}, "
                           f"{b['infra_errors']} infrastructure errors")
+    for group, g in results.get("groups", {}).items():
+        k2 = "" if g["k2_score"] is None else f" (K2-Instruct {g['k2_score']:.1f})"
+        console.print(f"{group} overall (task-weighted over {', '.join(g['members'])}): {g['score']:.1f}{k2} over "
+                      f"{g['items']} items")
     console.print(f"results: {out / 'results.json'}, report: {out / 'report.md'}")

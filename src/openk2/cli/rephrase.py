@@ -60,8 +60,9 @@ def rephrase_command(
                                help="Fidelity checks: format,numbers,dates,entities,length,embedding,judge ('none')."),
     judge_model: str = typer.Option(None, "--judge-model", help="Model spec of the LLM judge (default: --model)."),
     judge_model_name: str = typer.Option(None, "--judge-model-name"),
-    embedding_model: Path = typer.Option(None, "--embedding-model", help="Local sentence-embedding model dir "
-                                                                        "(default: hashed char n-grams)."),
+    embedding_model: str = typer.Option("wordllama", "--embedding-model",
+                                        help="Embedder of the embedding check: wordllama (static, shipped in the "
+                                             "wordllama package), hashing (char n-grams), or a local model dir."),
     embedding_threshold: float = typer.Option(0.5, "--embedding-threshold"),
     max_tokens: int = typer.Option(None, "--max-tokens", help="Cap on each style's output tokens per chunk."),
     chunk_tokens: int = typer.Option(None, "--chunk-tokens", help="Input tokens per chunk (default: the style's)."),
@@ -84,7 +85,8 @@ def rephrase_command(
 ) -> None:
     """Rewrite documents in diverse styles (chunk-wise, autoregressive), verify fidelity, write JSONL with
     provenance. Rerun the same command to resume."""
-    from openk2.data.rephrase.fidelity import ALL_CHECKS, FidelityConfig, TransformersEmbedder
+    from openk2.data.rephrase.embedding import load_embedder
+    from openk2.data.rephrase.fidelity import ALL_CHECKS, FidelityConfig
     from openk2.data.rephrase.pipeline import RephraseConfig, run_rephrase
     from openk2.data.rephrase.prompts import PromptLibraryError, load_library
     from openk2.data.sources import SourceError
@@ -141,7 +143,12 @@ def rephrase_command(
         except ValueError:
             fail(f"--price wants INPUT,OUTPUT in USD per million tokens, got {price!r}")
         rephraser.usage.prices[rephraser.name] = Price(pin, pout)
-    embedder = TransformersEmbedder(str(embedding_model)) if embedding_model and "embedding" in check_list else None
+    embedder = None
+    if "embedding" in check_list:
+        try:
+            embedder = load_embedder(embedding_model)
+        except (ValueError, OSError) as e:
+            fail(f"--embedding-model: {e}")
     fidelity = FidelityConfig(checks=check_list, embedder=embedder, judge=judge,
                               embedding_threshold=embedding_threshold)
     chosen = [library[s] for s in names]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from openk2.eval.metrics import summarize
+from openk2.eval.metrics import group_overalls, summarize
 from openk2.eval.models import ModelHandle
 from openk2.eval.registry import get_benchmark
 from openk2.eval.task import Benchmark, Completion, Message, Sample, Score, ScoringInfrastructureError
@@ -64,16 +64,20 @@ class EvalSettings:
     temperature: float | None = None  # None: each benchmark's own
     top_p: float | None = None
     max_tokens: int | None = None
+    max_steps: int | None = None  # step limit of a tau2 episode (None: the reference's 200)
     options: dict[str, Any] = field(default_factory=dict)  # handed to every benchmark (world path, ...)
     progress: bool = True
 
 
 def bench_settings(bench: Benchmark, s: EvalSettings) -> dict[str, Any]:
     """The sampling settings one benchmark runs with: its K2 defaults, overridden from the command line."""
-    return {"temperature": bench.temperature if s.temperature is None else s.temperature,
-            "top_p": bench.top_p if s.top_p is None else s.top_p,
-            "max_tokens": bench.max_tokens if s.max_tokens is None else s.max_tokens,
-            "k": bench.k if s.k is None else s.k, "limit": s.limit, "seed": s.seed}
+    out = {"temperature": bench.temperature if s.temperature is None else s.temperature,
+           "top_p": bench.top_p if s.top_p is None else s.top_p,
+           "max_tokens": bench.max_tokens if s.max_tokens is None else s.max_tokens,
+           "k": bench.k if s.k is None else s.k, "limit": s.limit, "seed": s.seed}
+    if s.max_steps is not None:  # only when set, so the resume keys of earlier runs stay valid
+        out["max_steps"] = s.max_steps
+    return out
 
 
 def settings_key(name: str, settings: dict[str, Any], model_spec: str) -> str:
@@ -244,6 +248,7 @@ async def run_benchmark(bench: Benchmark, s: EvalSettings, handle: ModelHandle, 
         headline = None
     return {
         "score": headline, "metric": bench.metric, "k2_score": bench.k2_score, "data_source": bench.data_source,
+        "group": bench.group,
         "settings": settings, "summary": summary,
         "samples": len(rows), "scored": len(ok), "infra_errors": len(rows) - len(ok),
         "truncation_rate": (sum(bool(r.get("truncated")) for r in ok) / len(ok)) if ok else None,
@@ -259,7 +264,7 @@ async def run_eval(s: EvalSettings, handle: ModelHandle, user: ModelHandle | Non
 
     s.out_dir.mkdir(parents=True, exist_ok=True)
     benches = [get_benchmark(name) for name in s.benches]  # unknown names fail before any model call
-    options = {**s.options, "run_dir": handle.run_dir, "has_user_model": user is not None}
+    options = {**s.options, "run_dir": handle.run_dir, "has_user_model": user is not None, "max_steps": s.max_steps}
     results_path = s.out_dir / "results.json"
     previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
     results: dict[str, Any] = {
@@ -295,6 +300,7 @@ async def run_eval(s: EvalSettings, handle: ModelHandle, user: ModelHandle | Non
 def _write_results(path: Path, results: dict[str, Any], handle: ModelHandle, user: ModelHandle | None) -> None:
     from openk2.utils.io import atomic_write_text
 
+    results["groups"] = group_overalls(results["benchmarks"])
     results["usage"] = handle.client.usage.summary()
     if user is not None:
         results["user_usage"] = user.client.usage.summary()

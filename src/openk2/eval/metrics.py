@@ -108,3 +108,34 @@ def summarize(item_scores: Mapping[str, Sequence[float]], *, k: int,
                 row[metric] = {"value": 100 * mean, "stderr": 100 * se}
             out["categories"][cat] = row
     return out
+
+
+def group_overalls(benchmarks: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Task-weighted overall rows for benchmark groups (tau2's domains): for each `group` with at least two
+    scored members in `benchmarks` (results.json entries), the members' headline scores weighted by their item
+    counts, its standard error from the members' (independent item sets), and K2's number at the same weights
+    (with all of τ²-bench's tasks that is K2's published overall, 66.1)."""
+    members: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
+    for name, b in benchmarks.items():
+        if b.get("group") and b.get("score") is not None and b["summary"]["items"]:
+            members.setdefault(b["group"], []).append((name, b))
+    out: dict[str, dict[str, Any]] = {}
+    for group, entries in members.items():
+        if len(entries) < 2:
+            continue
+        n_items = sum(b["summary"]["items"] for _, b in entries)
+        weights = [b["summary"]["items"] / n_items for _, b in entries]
+        score = sum(w * b["score"] for w, (_, b) in zip(weights, entries, strict=True))
+        stderr = math.sqrt(sum((w * (b["summary"]["metrics"][b["metric"]]["stderr"] or 0.0)) ** 2
+                               for w, (_, b) in zip(weights, entries, strict=True)))
+        k2 = None
+        if all(b.get("k2_score") is not None for _, b in entries):
+            k2 = sum(w * b["k2_score"] for w, (_, b) in zip(weights, entries, strict=True))
+        scored = sum(b["scored"] for _, b in entries)
+        truncated = sum((b["truncation_rate"] or 0.0) * b["scored"] for _, b in entries)
+        out[group] = {"score": score, "stderr": stderr, "ci95": [score - 1.96 * stderr, score + 1.96 * stderr],
+                      "k2_score": k2, "metric": entries[0][1]["metric"], "members": [name for name, _ in entries],
+                      "k": entries[0][1]["settings"]["k"],
+                      "items": n_items, "scored": scored, "infra_errors": sum(b["infra_errors"] for _, b in entries),
+                      "truncation_rate": truncated / scored if scored else None}
+    return out

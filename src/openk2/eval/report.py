@@ -10,6 +10,10 @@ def _fmt(x: float | None, digits: int = 1) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _metric_label(metric: str, k: int) -> str:
+    return metric.replace("k", str(k)) if metric.endswith("k") else metric
+
+
 def write_plot(out_dir: Path, results: dict[str, Any]) -> str | None:
     """A bar chart of our score vs K2-Instruct's per benchmark; None when there is nothing to compare."""
     benches = results["benchmarks"]
@@ -47,14 +51,24 @@ def write_report(out_dir: Path, results: dict[str, Any]) -> Path:
              "infra errors |", "|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for name, b in results["benchmarks"].items():
         m = b["summary"]["metrics"][b["metric"]]
-        k = b["settings"]["k"]
-        metric = b["metric"].replace("k", str(k)) if b["metric"].endswith("k") else b["metric"]
+        metric = _metric_label(b["metric"], b["settings"]["k"])
         trunc = "–" if b["truncation_rate"] is None else f"{100 * b['truncation_rate']:.1f}%"
         lines.append(f"| {name} | {metric} | {_fmt(b['score'])} | {_fmt(m['stderr'])} | "
                      f"[{_fmt(m['ci95'][0])}, {_fmt(m['ci95'][1])}] | {_fmt(b.get('k2_score'))} | "
                      f"{b['summary']['items']} | {b['scored']} | {trunc} | {b['infra_errors']} |")
+    groups = results.get("groups") or {}
+    for group, g in groups.items():
+        trunc = "–" if g["truncation_rate"] is None else f"{100 * g['truncation_rate']:.1f}%"
+        metric = _metric_label(g["metric"], g["k"])
+        lines.append(f"| **{group} overall** (task-weighted) | {metric} | {_fmt(g['score'])} | {_fmt(g['stderr'])} | "
+                     f"[{_fmt(g['ci95'][0])}, {_fmt(g['ci95'][1])}] | {_fmt(g['k2_score'])} | "
+                     f"{g['items']} | {g['scored']} | {trunc} | {g['infra_errors']} |")
     lines += ["", "Scores are 0–100. Truncated: answers that hit `max_tokens`. Infrastructure errors (requests that "
               "failed after retries) are excluded from the scores; rerun with the same `--out` to retry them.", ""]
+    for group, g in groups.items():
+        lines += [f"The {group} overall weights {', '.join(g['members'])} by their item counts; its K2-Instruct "
+                  "column weights K2's per-benchmark numbers the same way (with every task that is K2's published "
+                  "overall).", ""]
     plot = write_plot(out_dir, results)
     if plot:
         lines += [f"![scores]({plot})", ""]

@@ -89,6 +89,9 @@ class Benchmark:
     # The harness scores in a worker thread, so slow scorers (sandboxes, Docker) do not stall requests in flight;
     # scorers that need the main thread (math-verify's signal timeouts) set False and run in the event loop.
     score_in_thread: bool = True
+    # Benchmarks reported together (tau2's three domains): with two or more of them in one results.json, the
+    # report adds the group's task-weighted overall row (`metrics.group_overalls`).
+    group: str | None = None
     # Run context the harness hands over (`dataclasses.replace(bench, options=...)`), e.g. the run directory
     # whose world the world benchmarks probe, or `--world`. Benchmarks read what they need and ignore the rest.
     options: dict[str, Any] = field(default_factory=dict)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
@@ -118,6 +119,56 @@ class OpenAIHTTPBackend(Backend):
                     raise error
                 await self._sleep(self.backoff(attempt, retry_after))
         raise AssertionError("unreachable")
+
+    async def stream(self, endpoint: str, payload: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The chunks of a `stream: true` request (server-sent events) as they arrive. Failures before the first
+        chunk are retried like `request`; once chunks have been handed out, an error raises `LLMError` (the
+        caller holds a partial answer). Closing the iterator early closes the connection, which makes servers
+        that watch for it (openk2 serve, vLLM) stop generating."""
+        body = {**payload, "stream": True}
+        async with self._sem:
+            for attempt in range(self.max_retries + 1):
+                retry_after = None
+                self.attempts += 1
+                started = False
+                try:
+                    async with self._client.stream("POST", f"/{endpoint.lstrip('/')}", json=body) as response:
+                        if response.status_code != 200:
+                            await response.aread()
+                            message, err_body = _error_message(response)
+                            status = response.status_code
+                            error = LLMError(message, status, retryable=status in RETRY_STATUSES or status >= 500,
+                                             body=err_body)
+                            retry_after = _retry_after(response.headers)
+                        else:
+                            async for line in response.aiter_lines():
+                                if not line.startswith("data:"):
+                                    continue
+                                data = line[5:].strip()
+                                if data == "[DONE]":
+                                    return
+                                try:
+                                    chunk = json.loads(data)
+                                except ValueError:
+                                    raise LLMError(f"a streamed chunk is not JSON: {data[:200]}", 200) from None
+                                if isinstance(chunk, dict) and "error" in chunk:
+                                    message = chunk["error"].get("message") if isinstance(chunk["error"], dict) \
+                                        else chunk["error"]
+                                    raise LLMError(f"error in the stream: {message}", 200, body=chunk)
+                                started = True
+                                yield chunk
+                            return
+                except httpx.TimeoutException as e:
+                    if started:
+                        raise LLMError(f"timeout mid-stream: {type(e).__name__}") from e
+                    error = LLMError(f"timeout: {type(e).__name__}", retryable=True)
+                except httpx.TransportError as e:
+                    if started:
+                        raise LLMError(f"connection error mid-stream: {type(e).__name__}: {e}") from e
+                    error = LLMError(f"connection error: {type(e).__name__}: {e}", retryable=True)
+                if not error.retryable or attempt == self.max_retries:
+                    raise error
+                await self._sleep(self.backoff(attempt, retry_after))
 
     async def aclose(self) -> None:
         await self._client.aclose()

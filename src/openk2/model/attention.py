@@ -27,6 +27,10 @@ _LORA_NORM_EPS = 1e-6
 # Training attention on CPU up to this length uses `blocked_causal_attention` (its memory grows as T^2).
 _BLOCKED_ATTENTION_MAX_LEN = 1024
 _BLOCKED_ATTENTION_QUERY_ROWS = 128
+# Cached (absorbed) attention materialises [B, T*H, S] scores; a long prefill runs in query blocks of at most
+# this many score elements (32 M, 128 MiB fp32), else a 12k-token prompt needs ~2 GiB per layer, and the passes
+# over it, not the FLOPs, set the prefill time (5x slower on CPU than blocks).
+_ABSORBED_SCORE_BLOCK = 1 << 25
 
 
 def blocked_causal_attention(
@@ -150,13 +154,21 @@ class MLA(nn.Module):
         w_HXC = self.kv_b_proj.weight.view(H, N + self.v_dim, C)
         q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_BTHQ[..., :N], w_HXC[:, :N])
         # All heads share one latent key/value: fold heads into the query axis (multi-query attention).
-        q_BML = torch.cat((q_lat_BTHC, pe_BTXR[:, :, :H]), dim=-1).view(B, T * H, -1)
+        q_BTHL = torch.cat((q_lat_BTHC, pe_BTXR[:, :, :H]), dim=-1)
+        rows = max(1, _ABSORBED_SCORE_BLOCK // max(1, B * H * latent_BSL.shape[1]))
+        o_lat_BTHC = torch.cat([self._absorbed_block(q_BTHL[:, t:t + rows], latent_BSL, mask_BTS[:, t:t + rows], C)
+                                for t in range(0, T, rows)], dim=1) if rows < T else \
+            self._absorbed_block(q_BTHL, latent_BSL, mask_BTS, C)
+        return torch.einsum("bthc,hvc->bthv", o_lat_BTHC, w_HXC[:, N:])
+
+    def _absorbed_block(self, q_BTHL: torch.Tensor, latent_BSL: torch.Tensor, mask_BTS: torch.Tensor,
+                        C: int) -> torch.Tensor:
+        B, T, H, _ = q_BTHL.shape
         # Plain matmul + softmax: SDPA's CPU math path costs several extra ops per call to handle masks.
-        scores_BMS = torch.bmm(q_BML, latent_BSL.transpose(1, 2)).mul_(self.scale)
+        scores_BMS = torch.bmm(q_BTHL.reshape(B, T * H, -1), latent_BSL.transpose(1, 2)).mul_(self.scale)
         scores_BMS.view(B, T, H, -1).masked_fill_(~mask_BTS.unsqueeze(2), float("-inf"))
         probs_BMS = scores_BMS.float().softmax(dim=-1).to(latent_BSL.dtype)
-        o_lat_BMC = torch.bmm(probs_BMS, latent_BSL[..., :C])
-        return torch.einsum("bthc,hvc->bthv", o_lat_BMC.view(B, T, H, C), w_HXC[:, N:])
+        return torch.bmm(probs_BMS, latent_BSL[..., :C]).view(B, T, H, C)
 
     @torch.no_grad()
     def _record_max_logits(self, q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor) -> None:

@@ -165,8 +165,14 @@ def _reserve_graphs(n: int) -> None:
     global _graph_budget_total
     with _lock:
         _graph_budget_total += n
-        if torch._dynamo.config.recompile_limit < _graph_budget_total:
-            torch._dynamo.config.recompile_limit = _graph_budget_total
+    _apply_graph_limit()
+
+
+def _apply_graph_limit() -> None:
+    """Dynamo's config is per thread (torch 2.13): a serving engine compiles on its own thread, which starts
+    at the default limit of 8 whatever the constructing thread set. Called before each new graph."""
+    if torch._dynamo.config.recompile_limit < _graph_budget_total:
+        torch._dynamo.config.recompile_limit = _graph_budget_total
 
 
 def _mode_for(device: torch.device) -> str | None:
@@ -181,7 +187,11 @@ class DecodeStep:
     failed, or the graph budget spent); callers then run `K2Model.forward` with their cache.
 
     `compile_seconds` holds the wall time of each graph's first call (trace + compile, or a cache load),
-    keyed by (batch, window); `eager_fallbacks` counts steps sent to the reference path.
+    keyed by (batch, window); `eager_fallbacks` counts steps sent to the reference path. The graph budget
+    counts what Dynamo compiles: one graph per (batch, window, cache strides, inference tensor or not), since
+    callers whose caches differ in layout or kind (`generate`'s cache, made in inference mode; a serving
+    engine's slot cache, made outside it and sliced to the live rows) get separate graphs for the same
+    (batch, window).
     """
 
     def __init__(
@@ -195,9 +205,17 @@ class DecodeStep:
             _reserve_graphs(max_graphs)
         self.backend = backend
         self.compile_seconds: dict[tuple[int, int], float] = {}
+        self._graphs: set[tuple[int, int, tuple[int, ...], bool]] = set()
+        self._eager_graphs: set[tuple[int, int, tuple[int, ...], bool]] = set()  # Dynamo refused these
         self.eager_fallbacks = 0
         self._fn: Callable | None = None
         self._warned_budget = False
+
+    def raise_budget(self, max_graphs: int) -> None:
+        """Allow up to `max_graphs` graphs (a benchmark that visits many shapes on purpose)."""
+        if self.enabled and max_graphs > self.max_graphs:
+            _reserve_graphs(max_graphs - self.max_graphs)
+        self.max_graphs = max(self.max_graphs, max_graphs)
 
     @property
     def compiled(self) -> bool:
@@ -223,8 +241,12 @@ class DecodeStep:
             self.eager_fallbacks += 1
             return None
         key = (latent_NBSL.shape[1], latent_NBSL.shape[2])
-        new_graph = key not in self.compile_seconds
-        if new_graph and len(self.compile_seconds) >= self.max_graphs:
+        graph = (*key, latent_NBSL.stride(), latent_NBSL.is_inference())
+        if graph in self._eager_graphs:
+            self.eager_fallbacks += 1
+            return None
+        new_graph = graph not in self._graphs
+        if new_graph and len(self._graphs) >= self.max_graphs:
             if not self._warned_budget:
                 self._warned_budget = True
                 warnings.warn(f"decode step: {self.max_graphs} graphs compiled already; shape (batch, window) "
@@ -235,12 +257,23 @@ class DecodeStep:
         if model._rope is None or model._rope[0].device != latent_NBSL.device:
             model._cos_sin(rope_pos_B[:1, None], latent_NBSL.dtype)  # builds model._rope
         inv_freq = model._rope[0]
+        if new_graph:
+            _apply_graph_limit()
         t0 = time.perf_counter()
         try:
             out = self._compiled_fn()(inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B)
         except Exception as e:
             if not new_graph:
                 raise  # the graph ran before: this is a real error, not a compile failure
+            if "recompile limit" in str(e) or "RecompileLimit" in type(e).__name__:
+                # A guard this budget does not model made Dynamo recompile past its limit: this shape stays
+                # eager, compiling goes on for the others (it is not a platform failure).
+                self._graphs.add(graph)
+                self._eager_graphs.add(graph)
+                warnings.warn(f"decode step: Dynamo's recompile limit was reached at (batch, window) {key}; "
+                              f"that shape runs the eager path", RuntimeWarning, stacklevel=2)
+                self.eager_fallbacks += 1
+                return None
             with _lock:
                 if _COMPILE_BROKEN is None:
                     _COMPILE_BROKEN = f"{type(e).__name__}: {e}"
@@ -250,7 +283,8 @@ class DecodeStep:
             self.eager_fallbacks += 1
             return None
         if new_graph:
-            self.compile_seconds[key] = time.perf_counter() - t0
+            self._graphs.add(graph)
+            self.compile_seconds[key] = self.compile_seconds.get(key, 0.0) + time.perf_counter() - t0
             log.info("decode step compiled for (batch, window) %s in %.1f s", key, self.compile_seconds[key])
         if latent_NBSL.device.type == "cuda":
             # CUDA-graph outputs are overwritten by the next replay: the caller may keep the logits.

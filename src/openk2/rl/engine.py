@@ -79,6 +79,7 @@ class TorchEngine:
         return self.engine.max_len
 
     def close(self) -> None:
+        """Stop the engine thread; requests still in flight return finish_reason "abort"."""
         self.engine.stop()
 
     def __enter__(self) -> TorchEngine:
@@ -106,9 +107,13 @@ class TorchEngine:
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> GenOut:
         """Generate one response; concurrent calls are batched. Raises ValueError for a prompt that does not
         fit the context, is empty or holds ids outside the vocabulary, and for a request_id already in flight."""
+        if not self.engine.running:
+            raise RuntimeError("this TorchEngine is closed: build a new one")
         if request_id in self._in_flight:
             raise ValueError(f"request_id {request_id!r} is already in flight")
-        gen = self.engine.submit(prompt_ids, self._serve_params(len(prompt_ids), params))
+        # stream=False: the tokens arrive in one batch at the end (or at abort), so the event loop is not woken
+        # at every decode step (each wake-up is a GIL hand-off between the loop and the engine thread).
+        gen = self.engine.submit(prompt_ids, self._serve_params(len(prompt_ids), params), stream=False)
         self._in_flight[request_id] = gen
         token_ids: list[int] = []
         logprobs: list[float] = []

@@ -53,6 +53,7 @@ class TextTracker:
         self.text = ""
         self.offsets: list[int] = []  # where each token's text starts
         self.logprobs: list[TokenLogprob | None] = []
+        self.token_ids: list[int] = []  # parallel to logprobs
         self.section_at = section_at  # index in text where a tool-call section starts (held back)
         self.stopped = False  # a stop string was found (text is cut before it)
         self.emitted = 0  # chars handed out by take()
@@ -63,6 +64,7 @@ class TextTracker:
             self.section_at = len(self.text)
         self.offsets.append(len(self.text))
         self.logprobs.append(logprob)
+        self.token_ids.append(token_id)
         if token_id not in self.skip_ids:
             self._add(self.detok.push(token_id))
 

@@ -22,6 +22,11 @@ every accepted setting), and a batched forward that raises is retried one sequen
 fails ends only the sequence that causes it, with a `FinishEvent("error")` naming the cause, while the others
 continue with exactly the tokens they would have got (up to float rounding of batched matmuls). The engine
 never dies: a bug in the loop itself fails what is running and the loop goes on.
+
+For the RL rollout engine (`openk2.rl.engine.TorchEngine`): `pause()` stops admitting and decoding once the
+step in progress ends (so the weights can be swapped), `resume()` goes on, `cancel_all()` ends every unfinished
+sequence and waits until the loop has done so (it works while paused), and `submit(stream=False)` delivers a
+sequence's events in one batch at its end instead of one wake-up of the consumer per step.
 """
 
 from __future__ import annotations
@@ -232,13 +237,16 @@ class Engine:
                              f"context of {self.max_len} tokens")
         return prompt
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Generation:
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, stream: bool = True) -> Generation:
         """Queue one sequence. Raises ValueError for an empty prompt, ids outside the vocabulary, or a
-        prompt + max_tokens beyond `max_len` (see `check`); OverflowError when the waiting queue is full."""
+        prompt + max_tokens beyond `max_len` (see `check`); OverflowError when the waiting queue is full.
+        `stream=False` delivers all the events at once when the sequence ends (same events, one wake-up of the
+        consumer instead of one per step: a batch consumer such as RL rollouts saves a thread hand-off per token)."""
         prompt = self.check(prompt_ids, params)
         if not self.running:
             raise RuntimeError("the engine is not running (call start())")
         gen = Generation(self, prompt, params)
+        gen.stream = stream
         generator = None
         if not is_greedy(params.temperature):
             seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
@@ -499,7 +507,13 @@ class Engine:
         self._send(s.gen, FinishEvent(reason, s.n_out, stop_token_id, error, stop_logprob))
 
     def _send(self, gen: Generation, event: Event) -> None:
-        self._outbox.append((gen, event))
+        if gen.stream:
+            self._outbox.append((gen, event))
+        elif isinstance(event, FinishEvent):
+            self._outbox.extend((gen, e) for e in (*gen._held, event))
+            gen._held.clear()
+        else:
+            gen._held.append(event)
 
     def _flush(self) -> None:
         """Deliver the step's events: one wake-up per consumer event loop, not one per token (each wake-up

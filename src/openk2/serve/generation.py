@@ -84,6 +84,8 @@ class Generation:
 
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
         self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
+        self.stream = True  # False: the engine holds the events until the end (`Engine.submit(stream=False)`)
+        self._held: list[Event] = []
         self.cancelled = False
         self.finish: FinishEvent | None = None
         try:

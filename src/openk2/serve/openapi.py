@@ -130,6 +130,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReason
+    prompt_token_ids: list[int] | None = Field(None, description="vLLM extension (return_token_ids)")
+    token_ids: list[int] | None = Field(None, description="vLLM extension (return_token_ids): the generated ids")
 
 
 class Completion(BaseModel):

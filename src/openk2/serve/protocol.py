@@ -14,6 +14,10 @@ openk2 extensions (send them with the `openai` client's `extra_body`):
   comes back as content keeps its markers either way: it is returned raw so the client can see what failed.)
 - `add_bos` (completions): prepend `[BOS]` to the prompt; the default is true for text prompts (pretraining
   documents start with `[BOS]`) and false for token-id prompts, which are used verbatim.
+- Token-in/token-out for RL rollouts (completions; vLLM's fields): `stop_token_ids` (more token ids that end a
+  choice; with `ignore_eos` they are the only ones), `return_token_ids` (each choice carries `prompt_token_ids`
+  (in the first streamed chunk) and `token_ids`, the generated ids, a stop token included, and the logprobs,
+  when asked for, cover exactly those ids), `return_tokens_as_token_ids` (logprob tokens as "token_id:{id}").
 """
 
 from __future__ import annotations
@@ -141,6 +145,11 @@ class CompletionRequest(_Sampling):
     best_of: int | None = None
     suffix: str | None = None
     add_bos: bool | None = None
+    stop_token_ids: list[int] | None = Field(None, description="vLLM extension: token ids that end a choice")
+    return_token_ids: bool | None = Field(None, description="vLLM extension: prompt_token_ids and token_ids per "
+                                                            "choice")
+    return_tokens_as_token_ids: bool | None = Field(None, description="vLLM extension: logprob tokens as "
+                                                                      "'token_id:{id}'")
 
 
 MAX_JSON_DEPTH = 64

@@ -86,6 +86,8 @@ class _Job:
     echo_texts: list[str] = field(default_factory=list)
     bos_added: list[bool] = field(default_factory=list)
     completion_logprobs: int | None = None
+    return_token_ids: bool = False
+    tokens_as_ids: bool = False  # return_tokens_as_token_ids
     # filled while running
     completion_tokens: list[int] = field(default_factory=list)
 
@@ -477,6 +479,10 @@ class OpenAIService:
         if req.max_tokens is None:  # "the rest of the context" differs per prompt: use the shortest
             max_tokens = min(self.context_len - len(p) for p in prompts)
         stop_ids = frozenset() if req.ignore_eos else self.completion_stop_ids
+        if req.stop_token_ids:
+            if any(not 0 <= t < self.tok.vocab_size for t in req.stop_token_ids):
+                raise APIError(400, f"stop_token_ids must be in [0, {self.tok.vocab_size})", param="stop_token_ids")
+            stop_ids = stop_ids | frozenset(req.stop_token_ids)
         want_prompt_lp = req.logprobs if (req.echo and req.logprobs is not None) else None
         params = [[SamplingParams(max_tokens=max_tokens, temperature=req.resolved_temperature,
                                   top_p=req.resolved_top_p, seed=None if req.seed is None else req.seed + i,
@@ -487,14 +493,16 @@ class OpenAIService:
             id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), stream=bool(req.stream),
             include_usage=req.include_usage, prompts=prompts, params=params, stops=stops, n=req.resolved_n,
             echo=bool(req.echo), echo_texts=echo_texts, bos_added=bos_added, completion_logprobs=req.logprobs,
+            return_token_ids=bool(req.return_token_ids), tokens_as_ids=bool(req.return_tokens_as_token_ids),
             skip_ids=self._skip_ids(req, False)), prompt_param="prompt")
 
     def _completion_logprobs(self, entries: Sequence[TokenLogprob | None], offsets: Sequence[int],
-                             ids: Sequence[int]) -> dict[str, Any]:
+                             ids: Sequence[int], tokens_as_ids: bool = False) -> dict[str, Any]:
+        name = (lambda t: f"token_id:{t}") if tokens_as_ids else self.token_text
         return {
-            "tokens": [self.token_text(t) for t in ids],
+            "tokens": [name(t) for t in ids],
             "token_logprobs": [None if e is None else e.logprob for e in entries],
-            "top_logprobs": [None if e is None else {self.token_text(t): lp for t, lp in e.top} for e in entries],
+            "top_logprobs": [None if e is None else {name(t): lp for t, lp in e.top} for e in entries],
             "text_offset": list(offsets),
         }
 
@@ -510,7 +518,7 @@ class OpenAIService:
             if t in job.skip_ids:
                 continue  # not in the echoed text either
             pos += len(detok.push(t))
-        return self._completion_logprobs(entries, offsets, ids)
+        return self._completion_logprobs(entries, offsets, ids, job.tokens_as_ids)
 
     async def _completion_choice(self, job: _Job, j: int, i: int) -> AsyncIterator[dict[str, Any]]:
         index = j * job.n + i
@@ -524,24 +532,43 @@ class OpenAIService:
                 return None
             first = tr.lp_sent - len(lps)  # take() has just handed out entries first .. lp_sent-1
             offs = [base + o for o in tr.offsets[first:tr.lp_sent]]
-            return self._completion_logprobs(lps, offs, [e.token_id for e in lps])
+            return self._completion_logprobs(lps, offs, [e.token_id for e in lps], job.tokens_as_ids)
+
+        def chunk(text: str, lps: list[TokenLogprob | None], reason: str | None) -> dict[str, Any]:
+            out = {"index": index, "text": text, "logprobs": block(lps), "finish_reason": reason}
+            if job.return_token_ids:  # the ids of exactly the tokens whose text (and logprobs) this chunk holds
+                out["token_ids"] = tr.token_ids[tr.lp_sent - len(lps):tr.lp_sent]
+            return out
 
         prompt_lp: list[list[TokenLogprob | None]] = []
         echoed = not job.echo
+        first_ids: dict[str, Any] = {"prompt_token_ids": job.prompts[j]} if job.return_token_ids else {}
         async for _ in self._feed(gen, tr, job, index, prompt_lp):
             if not echoed:  # the prompt logprobs (when asked for) come first, with or before the first tokens
                 echoed = True
                 echo_lp = self._echo_logprobs(job, j, prompt_lp[0]) if want_lp else None
-                yield {"index": index, "text": job.echo_texts[j], "logprobs": echo_lp, "finish_reason": None}
+                yield {"index": index, "text": job.echo_texts[j], "logprobs": echo_lp, "finish_reason": None,
+                       **first_ids}
+                first_ids = {}
             text, lps = tr.take()
-            if text:
-                yield {"index": index, "text": text, "logprobs": block(lps), "finish_reason": None}
+            if text or (job.return_token_ids and lps):
+                yield {**chunk(text, lps, None), **first_ids}
+                first_ids = {}
         if not echoed:  # max_tokens 0 without logprobs: no events at all
-            yield {"index": index, "text": job.echo_texts[j], "logprobs": None, "finish_reason": None}
+            yield {"index": index, "text": job.echo_texts[j], "logprobs": None, "finish_reason": None, **first_ids}
+            first_ids = {}
         finish = None if tr.stopped else gen.finish
         text, lps = tr.rest()
         reason = "stop" if tr.stopped or (finish is not None and finish.reason == "stop") else "length"
-        yield {"index": index, "text": text, "logprobs": block(lps), "finish_reason": reason}
+        out = {**chunk(text, lps, reason), **first_ids}
+        if job.return_token_ids and finish is not None and finish.stop_token_id is not None:
+            # As vLLM: the stop token is one of the generated ids (not in the text), with its logprob.
+            out["token_ids"] = [*out["token_ids"], finish.stop_token_id]
+            if out["logprobs"] is not None:
+                stop_lp = self._completion_logprobs([finish.stop_logprob], [base + len(tr.text)],
+                                                    [finish.stop_token_id], job.tokens_as_ids)
+                out["logprobs"] = {k: v + stop_lp[k] for k, v in out["logprobs"].items()}
+        yield out
 
     def _completion_choices(self, job: _Job) -> list[AsyncIterator[dict[str, Any]]]:
         job.completion_tokens = [0] * (len(job.prompts) * job.n)
@@ -571,9 +598,12 @@ class OpenAIService:
         texts = [""] * n_choices
         lps: list[dict[str, list] | None] = [None] * n_choices
         reasons: list[str | None] = [None] * n_choices
+        ids: list[dict[str, list[int]]] = [{"prompt_token_ids": [], "token_ids": []} for _ in range(n_choices)]
         async for choice in _merge(self._completion_choices(job)):
             k = choice["index"]
             texts[k] += choice["text"]
+            for key in ("prompt_token_ids", "token_ids"):
+                ids[k][key] += choice.get(key, [])
             if choice["logprobs"] is not None:
                 if lps[k] is None:
                     lps[k] = {key: [] for key in choice["logprobs"]}
@@ -583,7 +613,8 @@ class OpenAIService:
                 reasons[k] = choice["finish_reason"]
         if job.completion_logprobs is not None:
             lps = [x or {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for x in lps]
-        choices = [{"index": k, "text": texts[k], "logprobs": lps[k], "finish_reason": reasons[k]}
+        choices = [{"index": k, "text": texts[k], "logprobs": lps[k], "finish_reason": reasons[k],
+                    **(ids[k] if job.return_token_ids else {})}
                    for k in range(n_choices)]
         return P.completion(job.id, job.created, self.model_name, choices, job.usage())
 

@@ -46,8 +46,9 @@ def speedrun(name: str = "nano", config: str | Path | None = None, overrides: li
              sft: bool = True, sft_options: dict[str, Any] | None = None, rl: bool = True,
              rl_options: dict[str, Any] | None = None) -> Path:
     """Run (or resume) every stage into runs/<name>; `sft=False` skips the SFT stage, `sft_options` are keyword
-    arguments of `openk2.train.sft_stage.sft_stage` (n_train, n_eval, eval_seed, overrides of the SFT config);
-    `rl=False` skips the RL stage (which needs the SFT stage), `rl_options` go to `openk2.train.rl_stage.rl_stage`."""
+    arguments of `openk2.train.sft_stage.sft_stage` (n_train requests, registry_worlds, tasks_per_dialog, n_eval,
+    eval_seed, overrides of the SFT config); `rl=False` skips the RL stage (which needs the SFT stage), `rl_options`
+    go to `openk2.train.rl_stage.rl_stage`."""
     cfg = load_config(config, [f"run.dir='runs/{name}'", *overrides])
     run_dir = Path(cfg.run.dir)
     timings: dict[str, float] = {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from openk2.eval.benchmarks.tau2 import BENCHMARKS, overall
+from openk2.eval.benchmarks.tau2 import BENCHMARKS
 from openk2.eval.tau2 import load_splits, load_tasks
 from openk2.eval.tau2.gym import Tau2GymEnv
 from openk2.eval.tau2.oracle import oracle_pair
@@ -60,4 +60,3 @@ def test_pass_hat_k_and_avg():
     assert pass_hat_k(4, 4, 4) == 1.0 and pass_hat_k(2, 4, 2) == 1 / 6
     agg = aggregate({"a": [1, 1, 0, 1], "b": [0, 0, 0, 0]}, k=4)
     assert agg["avg@k"] == 37.5 and agg["pass^1"] == 37.5 and agg["pass^4"] == 0.0
-    assert overall({"x": {"a": [1.0]}, "y": {"b": [0.0], "c": [0.0], "d": [1.0]}}) == 50.0

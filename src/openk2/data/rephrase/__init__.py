@@ -2,17 +2,14 @@
 verification, and the resumable pipeline behind `openk2 rephrase` (see `pipeline`)."""
 
 from openk2.data.rephrase.chunking import Chunk, ChunkedDocument, chunk_document, reassemble, sentence_spans, tail
-from openk2.data.rephrase.fidelity import (
-    ALL_CHECKS,
-    DEFAULT_CHECKS,
-    CheckResult,
+from openk2.data.rephrase.embedding import (
     Embedder,
-    FidelityConfig,
     HashingEmbedder,
+    StaticEmbedder,
     TransformersEmbedder,
-    verify,
-    verify_sync,
+    load_embedder,
 )
+from openk2.data.rephrase.fidelity import ALL_CHECKS, DEFAULT_CHECKS, CheckResult, FidelityConfig, verify, verify_sync
 from openk2.data.rephrase.pipeline import (
     InputDoc,
     LLMRephraser,
@@ -28,7 +25,8 @@ from openk2.data.rephrase.prompts import FormatError, PromptLibraryError, Style,
 __all__ = [
     "ALL_CHECKS", "DEFAULT_CHECKS", "CheckResult", "Chunk", "ChunkedDocument", "Embedder", "FidelityConfig",
     "FormatError", "HashingEmbedder", "InputDoc", "LLMRephraser", "PromptLibraryError", "RephraseConfig",
-    "Rephraser", "Reply", "Style", "TransformersEmbedder", "approx_tokens", "chunk_document", "load_library",
+    "Rephraser", "Reply", "StaticEmbedder", "Style", "TransformersEmbedder", "approx_tokens", "chunk_document",
+    "load_embedder", "load_library",
     "read_inputs", "reassemble", "rewrite_document", "run_rephrase", "sentence_spans", "tail", "verify",
     "verify_sync",
 ]

@@ -4,25 +4,25 @@ Deterministic (cheap, in CI): `numbers` (every number of the source appears in t
 has none the source lacks), `dates` (month names likewise; days and years are numbers), `entities` (proper-noun
 words: capitalised words that occur inside a sentence; source ones must survive, rewrite ones must occur in the
 source), `length` (output/input token ratio within the style's bounds). Model-based: `embedding` (cosine
-similarity of the two texts under an `Embedder`, at least `embedding_threshold`; the default embedder is a
-hashed character n-gram vector that needs no model; `TransformersEmbedder` mean-pools any local sentence-
-embedding model directory, offline) and `judge` (an LLM lists added, dropped and altered facts as JSON; any
-entry, or an unparseable verdict, rejects). The required prefix / format is checked by the style's
-post-processing (`prompts.Style.postprocess`) and reported as the `format` check by the pipeline.
+similarity of the two texts under an `Embedder` (`openk2.data.rephrase.embedding`: WordLlama's static
+sentence embeddings shipped in the `wordllama` wheel, any local transformers sentence-embedding directory, or
+hashed character n-grams), at least `embedding_threshold`) and `judge` (an LLM lists added, dropped and
+altered facts as JSON; any entry, or an unparseable verdict, rejects). The required prefix / format is checked
+by the style's post-processing (`prompts.Style.postprocess`) and reported as the `format` check by the
+pipeline.
 
 A rewrite passes when every enabled check passes; the pipeline keeps rejected rewrites with the reasons.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from openk2.data.rephrase.embedding import Embedder, HashingEmbedder, cosine
 from openk2.data.rephrase.prompts import approx_tokens
 
 DETERMINISTIC = ("numbers", "dates", "entities", "length")
@@ -127,64 +127,6 @@ def check_length(source: str, rewrite: str, bounds: tuple[float, float],
     ok = bounds[0] <= ratio <= bounds[1]
     return CheckResult("length", ok, () if ok else (f"length ratio {ratio:.2f} outside [{bounds[0]}, {bounds[1]}]",),
                        ratio)
-
-
-# ------------------------------------------------------------------------------------------------ embeddings
-class Embedder:
-    name = "embedder"
-
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        raise NotImplementedError
-
-
-class HashingEmbedder(Embedder):
-    """Character 3- to 5-gram counts hashed into `dim` buckets, L2-normalised: lexical similarity, no model."""
-
-    name = "hashing-char-ngrams"
-
-    def __init__(self, dim: int = 4096) -> None:
-        self.dim = dim
-
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        out = []
-        for t in texts:
-            v = [0.0] * self.dim
-            s = f" {' '.join(t.lower().split())} "
-            for n in (3, 4, 5):
-                for i in range(len(s) - n + 1):
-                    v[int.from_bytes(hashlib.blake2b(s[i:i + n].encode(), digest_size=4).digest(), "little")
-                      % self.dim] += 1.0
-            norm = math.sqrt(sum(x * x for x in v)) or 1.0
-            out.append([x / norm for x in v])
-        return out
-
-
-class TransformersEmbedder(Embedder):
-    """Mean-pooled last hidden states of a local sentence-embedding model directory (e.g. a downloaded
-    all-MiniLM-L6-v2), read offline with `transformers`."""
-
-    def __init__(self, path: str, device: str = "cpu") -> None:
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        self.name = f"transformers:{path}"
-        self._torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
-        self.device = device
-
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        torch = self._torch
-        with torch.no_grad():
-            batch = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
-            hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            return torch.nn.functional.normalize(pooled, dim=-1).tolist()
-
-
-def cosine(a: Sequence[float], b: Sequence[float]) -> float:
-    return sum(x * y for x, y in zip(a, b, strict=True))
 
 
 # --------------------------------------------------------------------------------------------------- judge

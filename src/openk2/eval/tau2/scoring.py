@@ -24,7 +24,10 @@ from openk2.eval.task import ChatFn, Message
 from openk2.eval.tau2.env import Tau2Env, make_env, replay
 from openk2.eval.tau2.tasks import Task
 
-PREMATURE = {"too_many_errors", "max_steps"}
+# Episodes that did not end by a stop signal score 0. v0.1.0's evaluator lists only the two limits; its later
+# versions zero every reason but AGENT_STOP / USER_STOP, which also covers a user or agent model that failed
+# (otherwise a task whose gold end state is "nothing changes" scores 1 for a conversation that never happened).
+PREMATURE = {"too_many_errors", "max_steps", "agent_error", "user_error"}
 
 JUDGE_SYSTEM = """
 TASK

@@ -6,7 +6,9 @@ sierra-research/tau2-bench v0.1.0, our own code):
 - a tool is the plain Python method, called with the model's keyword arguments as they are (no schema
   validation first): a missing or unexpected argument gives Python's own TypeError text, e.g.
   `Error: AirlineTools.get_user_details() missing 1 required positional argument: 'user_id'`, which is why the
-  toolkit classes carry the reference's class names;
+  toolkit classes carry the reference's class names, and why tools that several domains share word for word
+  (`calculate`, `transfer_to_human_agents`) are defined in each class rather than in a mixin (whose name would
+  appear in those texts instead);
 - an unknown tool raises `Tool 'NAME' not found.`;
 - a result that is a string stays as it is; anything else becomes JSON where a pydantic model is its
   `model_dump()` as is, while plain ints, floats and bools (top level, or directly inside lists, tuples and

@@ -1,0 +1,130 @@
+"""The world domain's SFT data: expert dialogs with several requests each, over the pretraining world and over
+extra *registry worlds*, so that the model learns to copy names and values instead of memorising them.
+
+    records = sft_records(World.generate(0, 100), n_tasks=1920, registry_worlds=4, tasks_per_dialog=2)
+
+Why the extra worlds: the pretraining world has only ~90 training people, and a small model fine-tuned on a few
+hundred dialogs about them learns their names (it then calls `lookup` with a training person's name when asked
+about a held-out one). Registry worlds (`World.generate(REGISTRY_SEED + k, ...)`) are other draws of the same
+generator: new people, companies and cities, in no pretraining document and in no evaluation task. Their dialogs
+run against their own real `WorldEnv`, so every tool result is true in its world; what transfers is the skill
+(read the name from the request, copy the tool's value into the answer). People whose full name is also a held-out
+person of the pretraining world are dropped, so held-out people stay in no SFT dialog.
+
+Why several requests per dialog: every prompt starts with the same ~650 tokens of tool declarations (the nano
+tokenizer, trained on prose, spends ~1 token per 1.3 characters of JSON), so a one-request dialog is ~8% assistant
+tokens. The scripted user asks `tasks_per_dialog` requests in turn (the next after the agent's answer), on one
+database, as tau-bench users do; the first request of each dialog is exactly an evaluation episode's prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from openk2.agentic.world_domain import TOOLS, WorldEnv
+from openk2.agentic.world_tasks import (
+    ExpertAgent,
+    Message,
+    WorldTask,
+    answer_ok,
+    make_tasks,
+    run_episode,
+)
+from openk2.data.world import World
+
+#: Registry world k is `World.generate(REGISTRY_SEED + k, n_people)`: far from the pretraining seeds in use (0-9).
+REGISTRY_SEED = 1000
+
+
+class DialogUser:
+    """A scripted user with several requests: the first, then the next after each answer of the agent."""
+
+    def __init__(self, tasks: Sequence[WorldTask]) -> None:
+        self.tasks = list(tasks)
+
+    async def __call__(self, messages: list[Message]) -> Message | None:
+        asked = sum(m.get("role") == "user" for m in messages)
+        return {"role": "user", "content": self.tasks[asked].instruction} if asked < len(self.tasks) else None
+
+
+class DialogExpert:
+    """The programmatic expert of the request the user made last (`world_tasks.ExpertAgent`)."""
+
+    def __init__(self, tasks: Sequence[WorldTask]) -> None:
+        self.experts = [ExpertAgent(t) for t in tasks]
+
+    async def __call__(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> Message:
+        asked = sum(m.get("role") == "user" for m in messages)
+        return self.experts[asked - 1].act(messages)
+
+
+def _segment_answers(messages: Sequence[Message]) -> list[str]:
+    """The agent's last text reply before each following user turn (and at the end)."""
+    answers, last = [], ""
+    for m in messages[2:]:
+        if m.get("role") == "user":
+            answers.append(last)
+        elif m.get("role") == "assistant" and not m.get("tool_calls"):
+            last = str(m.get("content") or "")
+    return [*answers, last]
+
+
+def _gold_hash(world: World, tasks: Sequence[WorldTask]) -> str:
+    env = WorldEnv(world)
+    for t in tasks:
+        for a in t.gold_actions:
+            env.call(a["name"], a["arguments"])
+    return env.state_hash()
+
+
+def expert_dialog(world: World, tasks: Sequence[WorldTask], max_steps: int = 6) -> dict[str, Any] | None:
+    """One dialog of the expert serving `tasks` in turn on one database, as an SFT record; None unless every
+    answer holds its task's expected text and the end state is the gold actions' (replayed in order)."""
+    env = WorldEnv(world)
+    ep = asyncio.run(run_episode(env, tasks[0], DialogExpert(tasks), DialogUser(tasks),
+                                 max_steps=max_steps * len(tasks)))
+    answers = _segment_answers(ep.messages)
+    if ep.error or len(answers) != len(tasks) or not all(answer_ok(t, a) for t, a in zip(tasks, answers,
+                                                                                             strict=True)):
+        return None
+    if env.state_hash() != _gold_hash(world, tasks):
+        return None
+    return {"messages": ep.messages, "tools": TOOLS,
+            "metadata": {"tasks": [t.id for t in tasks], "kinds": [t.kind for t in tasks], "agent": "expert",
+                         "user": "scripted", "domain": "world", "world_seed": world.seed}}
+
+
+def sft_records(world: World, n_tasks: int, *, registry_worlds: int = 4, tasks_per_dialog: int = 2,
+                own_fraction: float = 0.25, seed: int = 0) -> list[dict[str, Any]]:
+    """SFT records of about `n_tasks` requests: `own_fraction` of them about `world`'s training people, the rest
+    spread over `registry_worlds` registry worlds of the same size; `tasks_per_dialog` requests per dialog;
+    shuffled with `seed`. No record mentions a held-out person of `world`."""
+    if tasks_per_dialog < 1:
+        raise ValueError(f"tasks_per_dialog must be >= 1, got {tasks_per_dialog}")
+    if registry_worlds < 0 or not 0.0 <= own_fraction <= 1.0:
+        raise ValueError(f"need registry_worlds >= 0 and 0 <= own_fraction <= 1, got {registry_worlds}, "
+                         f"{own_fraction}")
+    heldout = {p.name for p in world.heldout_people}
+    n_own = n_tasks if registry_worlds == 0 else round(n_tasks * own_fraction)
+    plan = [(world, "train", n_own)]
+    for k in range(registry_worlds):
+        other = World.generate(seed=REGISTRY_SEED + k, n_people=len(world.people))
+        # every person of a registry world is unseen in pretraining; its "train" split is as good as any
+        plan.append((other, "train", (n_tasks - n_own) // registry_worlds + (k < (n_tasks - n_own) % registry_worlds)))
+    records = []
+    for w, split, n in plan:
+        tasks = [t for t in make_tasks(w, split, n, seed=seed)
+                 if w is world or (t.person not in heldout and not any(h in t.instruction for h in heldout))]
+        for i in range(0, len(tasks), tasks_per_dialog):
+            rec = expert_dialog(w, tasks[i: i + tasks_per_dialog])
+            if rec is not None and (w is world or not any(h in json.dumps(rec["messages"]) for h in heldout)):
+                records.append(rec)
+    random.Random(seed).shuffle(records)
+    return records
+
+
+__all__ = ["REGISTRY_SEED", "DialogExpert", "DialogUser", "expert_dialog", "sft_records"]
