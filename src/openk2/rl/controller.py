@@ -264,7 +264,7 @@ class RLController:
         stats.update({f"pass_rate/{k}": sum(v) / len(v) for k, v in sorted(passes.items())})
         if not trajs:
             return [], torch.zeros(0), stats
-        adv = self.adv_fn(torch.tensor(rewards), torch.tensor(gids), AdvantageConfig())
+        adv = self.adv_fn(torch.tensor(rewards), torch.tensor(gids), AdvantageConfig(tau=self.cfg.train.tau))
         return trajs, adv, stats
 
     # ---------------------------------------------------------------------------------------------- the loop
