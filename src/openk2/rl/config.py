@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from openk2.train.config import parse_override, tomllib
+from openk2.train.config import parse_override, set_typed_field, tomllib
 
 
 class RLConfigError(ValueError):
@@ -201,14 +201,7 @@ def _assign(cfg: RLConfig, dotted: str, value: Any) -> None:
     fields = {f.name for f in dataclasses.fields(target)} if target is not None else set()
     if key not in fields:
         raise RLConfigError(f"unknown key {dotted!r}; valid keys: {', '.join(sorted(valid_keys()))}")
-    default = getattr(type(target)(), key)
-    if isinstance(default, bool) and not isinstance(value, bool):
-        raise RLConfigError(f"{dotted} must be true or false, got {value!r}")
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if type(default) in (int, float, str, list, dict) and not isinstance(value, type(default)):
-        raise RLConfigError(f"{dotted} must be {type(default).__name__}, got {value!r}")
-    setattr(target, key, value)
+    set_typed_field(target, key, value, dotted, RLConfigError)
 
 
 def load_rl_config(path: str | Path | None, overrides: list[str] = ()) -> RLConfig:

@@ -204,13 +204,19 @@ def _assign(cfg: TrainConfig, dotted: str, value: Any) -> None:
         raise TrainConfigError(f"{dotted} was removed: {_REMOVED[dotted]}")
     if key not in fields:
         raise TrainConfigError(f"unknown key {dotted!r}; valid keys: {', '.join(valid_keys())}")
+    set_typed_field(target, key, value, dotted, TrainConfigError)
+
+
+def set_typed_field(target: Any, key: str, value: Any, dotted: str, error: type[Exception]) -> None:
+    """Set a config section's field, checked against the type of its default (ints widen to floats); shared by
+    every typed config (`openk2.rl.config` too)."""
     default = getattr(type(target)(), key)
     if isinstance(default, bool) and not isinstance(value, bool):
-        raise TrainConfigError(f"{dotted} must be true or false, got {value!r}")
+        raise error(f"{dotted} must be true or false, got {value!r}")
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(default) in (int, float, str, list, dict) and not isinstance(value, type(default)):
-        raise TrainConfigError(f"{dotted} must be {type(default).__name__}, got {value!r}")
+        raise error(f"{dotted} must be {type(default).__name__}, got {value!r}")
     setattr(target, key, value)
 
 
