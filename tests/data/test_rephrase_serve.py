@@ -8,18 +8,13 @@ import sys
 
 import pytest
 
-from openk2.model import build_model, get_preset
-from openk2.serve.testing import make_model_dir, serve_subprocess, toy_tokenizer
+from openk2.serve.testing import serve_tiny_random
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rephrase-serve")
-    tok = toy_tokenizer()
-    model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=1024), seed=0)
-    model_dir = make_model_dir(root / "tiny", model, tok)
-    with serve_subprocess(model_dir, "--api-key", "k", "--threads", "1", "--max-batch", "4", "--device", "cpu",
-                          "--model-name", "tiny", log_path=root / "server.log") as (url, _):
+    with serve_tiny_random(tmp_path_factory.mktemp("rephrase-serve"), max_position_embeddings=1024,
+                           max_batch=4) as url:
         yield url
 
 

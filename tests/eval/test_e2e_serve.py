@@ -8,19 +8,14 @@ import sys
 import pytest
 
 from openk2.data.world import World
-from openk2.model import build_model, get_preset
-from openk2.serve.testing import free_port, make_model_dir, serve_subprocess, toy_tokenizer
+from openk2.serve.testing import free_port, serve_tiny_random
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A random-weight tiny model behind `openk2 serve` (scores are near zero; the plumbing is what is tested)."""
     root = tmp_path_factory.mktemp("e2e")
-    tok = toy_tokenizer()
-    model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=512), seed=0)
-    model_dir = make_model_dir(root / "tiny", model, tok)
-    with serve_subprocess(model_dir, "--api-key", "k", "--threads", "1", "--max-batch", "8", "--device", "cpu",
-                          "--model-name", "tiny", log_path=root / "server.log") as (url, _):
+    with serve_tiny_random(root, max_position_embeddings=512, max_batch=8) as url:
         yield (url, root)
 
 

@@ -74,6 +74,13 @@ def test_usage_tracker_costs_and_save(tmp_path):
     assert json.loads((tmp_path / "run" / "llm_usage.json").read_text()) == s
 
 
+def test_price_parse_reads_the_cli_form_and_names_it_on_bad_input():
+    assert Price.parse("1,2.5") == Price(1.0, 2.5)
+    for bad in ("1", "a,b", "1,2,3"):
+        with pytest.raises(ValueError, match="INPUT,OUTPUT in USD per million tokens"):
+            Price.parse(bad)
+
+
 def test_client_cache_makes_a_rerun_free_and_replayable(tmp_path):
     async def run(backend, cache_dir):
         client = LLMClient(backend, model="m", cache=ResponseCache(cache_dir),

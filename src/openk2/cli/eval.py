@@ -127,10 +127,9 @@ async def _run(model: str, names: list[str], *, out: Path | None, model_name: st
         from openk2.llm import Price
 
         try:
-            price_in, price_out = (float(x) for x in price.split(","))
-        except ValueError:
-            fail(f"--price wants INPUT,OUTPUT in USD per million tokens, got {price!r}")
-        handle.client.usage.prices[handle.name] = Price(price_in, price_out)
+            handle.client.usage.prices[handle.name] = Price.parse(price)
+        except ValueError as e:
+            fail(str(e))
     options = {"world": str(world) if world else None, "swe_agent": swe_agent,
                "acebench_repo": str(acebench_repo) if acebench_repo else None}
     s = EvalSettings(benches=names, data_dir=data_dir, out_dir=out, progress=progress, options=options,

@@ -139,10 +139,9 @@ def rephrase_command(
         from openk2.llm import Price
 
         try:
-            pin, pout = (float(x) for x in price.split(","))
-        except ValueError:
-            fail(f"--price wants INPUT,OUTPUT in USD per million tokens, got {price!r}")
-        rephraser.usage.prices[rephraser.name] = Price(pin, pout)
+            rephraser.usage.prices[rephraser.name] = Price.parse(price)
+        except ValueError as e:
+            fail(str(e))
     embedder = None
     if "embedding" in check_list:
         try:

@@ -39,6 +39,15 @@ class Price:
     input_per_mtok: float = 0.0
     output_per_mtok: float = 0.0
 
+    @classmethod
+    def parse(cls, text: str) -> Price:
+        """'INPUT,OUTPUT' (USD per million tokens, the CLIs' --price) -> Price; ValueError says what is wanted."""
+        try:
+            price_in, price_out = (float(x) for x in text.split(","))
+        except ValueError:
+            raise ValueError(f"--price wants INPUT,OUTPUT in USD per million tokens, got {text!r}") from None
+        return cls(price_in, price_out)
+
     def cost(self, usage: Usage) -> float:
         return (usage.prompt_tokens * self.input_per_mtok + usage.completion_tokens * self.output_per_mtok) / 1e6
 

@@ -119,3 +119,21 @@ def serve_subprocess(model_dir: str | os.PathLike, *args: str, log_path: str | o
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+@contextlib.contextmanager
+def serve_tiny_random(root: str | os.PathLike, *, max_position_embeddings: int = 1024, max_batch: int = 4,
+                      api_key: str = "k", model_name: str = "tiny") -> Iterator[str]:
+    """A random-weight `tiny` model with the toy tokenizer behind `openk2 serve` (one thread, CPU, `--api-key
+    api_key`, `--model-name model_name`), for tests of an LLM path's plumbing, not its output quality. The model
+    directory and `server.log` go under `root`; yields the base URL (`http://127.0.0.1:P/v1`)."""
+    from openk2.model import build_model, get_preset
+
+    root = Path(root)
+    tok = toy_tokenizer()
+    model = build_model(get_preset("tiny", vocab_size=tok.vocab_size, max_position_embeddings=max_position_embeddings),
+                        seed=0)
+    model_dir = make_model_dir(root / model_name, model, tok)
+    with serve_subprocess(model_dir, "--api-key", api_key, "--threads", "1", "--max-batch", str(max_batch),
+                          "--device", "cpu", "--model-name", model_name, log_path=root / "server.log") as (url, _):
+        yield url
