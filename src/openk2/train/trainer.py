@@ -55,6 +55,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every torch.empty with NaN by default, a write pass over each new buffer
+        # (~5% of a nano CPU step, docs/benchmarks.md). openk2 reads no uninitialized memory, so the results are
+        # bit-identical without it (the 10-step run's losses are checked), and the fill only costs time.
+        torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def _world_size() -> int:
