@@ -151,3 +151,36 @@ def test_inductor_step_equals_eager():
         eager_BV, eager_NBL = decode_forward(model, model._rope[0], *args)
     torch.testing.assert_close(compiled_BV, eager_BV, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(compiled_NBL, eager_NBL, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_step_stops_at_eos_like_the_eager_path():
+    """The greedy graph checks for all-finished rows every few tokens only; the result is cut where the eager
+    path (which checks every token) stops, with finished rows padded the same way."""
+    model = _model()
+    _install(model, DecodeStep(model, compile=True, backend="eager"))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    free = model.generate(prompts, 20, compile=False)[:, -20:]
+    in_every_row = set.intersection(*(set(row.tolist()) for row in free))
+    stopping = min(in_every_row, key=lambda t: max(row.tolist().index(t) for row in free))
+    lengths = set()
+    for eos in (stopping, int(free[2, 0])):  # every row finishes (at different steps); one row finishes
+        for pad in (None, 0):
+            ref = model.generate(prompts, 20, eos_token_id=eos, pad_token_id=pad, compile=False)
+            assert torch.equal(model.generate(prompts, 20, eos_token_id=eos, pad_token_id=pad, compile=True), ref)
+            lengths.add(ref.shape[1])
+    assert min(lengths) < 6 + 20 == max(lengths)  # the all-finished case stopped early
+
+
+def test_models_of_different_shapes_do_not_share_graphs():
+    """The step keeps Dynamo's guards on its inputs only: each DecodeStep must compile its own region, or a
+    second model with other weight shapes but the same cache shape would run the first one's graph."""
+    a = _model()
+    b = _model(num_attention_heads=2, num_key_value_heads=2)
+    for m in (a, b):
+        _install(m, DecodeStep(m, compile=True, backend="eager"))
+    for m in (a, b, a):
+        assert torch.equal(m.generate([[1, 2, 3]], 5, compile=True), m.generate([[1, 2, 3]], 5, compile=False))
+    # In-place weight updates (RL) are seen by a compiled graph: the parameters are read at each call.
+    with torch.no_grad():
+        a.lm_head.weight.mul_(-1.0)
+    assert torch.equal(a.generate([[1, 2, 3]], 5, compile=True), a.generate([[1, 2, 3]], 5, compile=False))
