@@ -130,10 +130,11 @@ def _moe_step(moe: MoE, x_BD: torch.Tensor) -> torch.Tensor:
 
 def decode_forward(
     model: K2Model, inv_freq: torch.Tensor, latent_NBSL: torch.Tensor, key_valid_BS: torch.Tensor,
-    tok_B: torch.Tensor, rope_pos_B: torch.Tensor,
+    tok_B: torch.Tensor, rope_pos_B: torch.Tensor, lm_head_DV: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row: (logits [B, V], new latents [n_layers, B, L]). Uncompiled, this is plain eager code
-    (tested against the reference forward); `DecodeStep` compiles it."""
+    (tested against the reference forward); `DecodeStep` compiles it. `lm_head_DV`: the LM head's weight
+    transposed and contiguous, if the caller keeps one (see `DecodeStep`)."""
     assert model._rope is not None
     attention_factor = model._rope[1]
     x_BD = model.model.embed_tokens(tok_B)
@@ -149,20 +150,21 @@ def decode_forward(
         h_BD = layer.post_attention_layernorm(x_BD)
         mlp = layer.mlp
         x_BD = x_BD + (_moe_step(mlp, h_BD) if isinstance(mlp, MoE) else MLP.forward(mlp, h_BD))
-    logits_BV = model.lm_head(model.model.norm(x_BD))
+    h_BD = model.model.norm(x_BD)
+    logits_BV = model.lm_head(h_BD) if lm_head_DV is None else h_BD @ lm_head_DV
     return logits_BV, torch.stack(new).to(latent_NBSL.dtype)
 
 
 def greedy_forward(
     model: K2Model, inv_freq: torch.Tensor, latent_NBSL: torch.Tensor, key_valid_BS: torch.Tensor,
     tok_B: torch.Tensor, rope_pos_B: torch.Tensor, finished_B: torch.Tensor, write_pos_1: torch.Tensor,
-    eos: torch.Tensor, pad: torch.Tensor, write_cache: bool,
+    eos: torch.Tensor, pad: torch.Tensor, write_cache: bool, lm_head_DV: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """One whole greedy token of `generate`: the step, the argmax, eos bookkeeping and (`write_cache`) the cache
     write at `write_pos_1`, so that a token costs one graph call and no host sync. Returns (next tokens [B]
     (pad where the row had finished), finished [B], next rope positions, next write position), plus the new
     latents when the caller writes the cache (CUDA: a graph that mutates its inputs cannot be replayed)."""
-    logits_BV, new_NBL = decode_forward(model, inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B)
+    logits_BV, new_NBL = decode_forward(model, inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B, lm_head_DV)
     next_B = torch.where(finished_B, pad, logits_BV.argmax(dim=-1))
     out = (next_B, finished_B | (next_B == eos), rope_pos_B + 1, write_pos_1 + 1)
     if not write_cache:
@@ -219,14 +221,14 @@ def _input_guards_only(arg_names: tuple[str, ...]) -> Callable:
 
     def keep(entries: list) -> list[bool]:
         on_inputs = [e.name in arg_names or e.name.startswith(prefixes) for e in entries]
-        if sum(on_inputs) < len(arg_names):  # guard names we do not recognize (another torch): keep them all
+        if not any(on_inputs):  # guard names we do not recognize (another torch): keep them all
             return [True] * len(entries)
         return [e.name == "" or k for e, k in zip(entries, on_inputs, strict=True)]
 
     return keep
 
 
-_LOGITS_ARGS = ("inv_freq", "latent_NBSL", "key_valid_BS", "tok_B", "rope_pos_B")
+_LOGITS_ARGS = ("lm_head_DV", "inv_freq", "latent_NBSL", "key_valid_BS", "tok_B", "rope_pos_B")
 _GREEDY_ARGS = (*_LOGITS_ARGS, "finished_B", "write_pos_1", "eos", "pad")
 GraphKey = tuple[str, int, int, tuple[int, ...], bool]  # (kind, batch, window, cache strides, inference tensor)
 
@@ -250,6 +252,7 @@ class DecodeStep:
     def __init__(
         self, model: K2Model, compile: CompileSwitch = "auto", max_graphs: int = DEFAULT_MAX_GRAPHS,
         backend: str | Callable = "inductor", cpp_wrapper: bool | None = None,
+        transposed_lm_head: bool | None = None,
     ) -> None:
         self.model = model
         self.enabled = compile_enabled(compile)
@@ -268,6 +271,11 @@ class DecodeStep:
         device = model.lm_head.weight.device
         # A graph that writes the cache cannot be replayed as a CUDA graph: there the caller writes it.
         self.writes_cache = device.type != "cuda"
+        # CPU: the LM head's GEMV reads its weight as [D, V] rows (a copy, refreshed when the weight changes)
+        # ~1.3-2.8x faster than through the [V, D] weight (docs/benchmarks.md); the biggest matrix of a token.
+        self.transposed_lm_head = device.type == "cpu" if transposed_lm_head is None else transposed_lm_head
+        self._lm_head_DV: torch.Tensor | None = None
+        self._lm_head_version: tuple[int, int] | None = None
 
     def raise_budget(self, max_graphs: int) -> None:
         """Allow up to `max_graphs` graphs (a benchmark that visits many shapes on purpose)."""
@@ -284,13 +292,14 @@ class DecodeStep:
         if fn is None:
             model, write_cache = self.model, self.writes_cache
             if kind == "logits":
-                def step(inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B):
-                    return decode_forward(model, inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B)
+                def step(lm_head_DV, inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B):
+                    return decode_forward(model, inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B, lm_head_DV)
                 names = _LOGITS_ARGS
             else:
-                def step(inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B, finished_B, write_pos_1, eos, pad):
+                def step(lm_head_DV, inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B, finished_B, write_pos_1,
+                         eos, pad):
                     return greedy_forward(model, inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B, finished_B,
-                                          write_pos_1, eos, pad, write_cache)
+                                          write_pos_1, eos, pad, write_cache, lm_head_DV)
                 names = _GREEDY_ARGS
             device = model.lm_head.weight.device
             options: dict = {"guard_filter_fn": _input_guards_only(names)}
@@ -316,6 +325,21 @@ class DecodeStep:
         run the eager path. `eos`, `pad` are 0-d long tensors (ints would be baked into the graph)."""
         return self._run("greedy", (latent_NBSL, key_valid_BS, tok_B, rope_pos_B, finished_B, write_pos_1, eos, pad))
 
+    def _lm_head_input(self) -> torch.Tensor | None:
+        """The transposed LM head, recopied whenever the weight was written in place (its version counter moves:
+        RL weight updates) or replaced."""
+        if not self.transposed_lm_head:
+            return None
+        w_VD = self.model.lm_head.weight
+        version = (w_VD._version, w_VD.data_ptr())
+        if self._lm_head_version != version:
+            # A normal tensor whoever asks first (generate runs in inference mode, the engines do not): the
+            # graphs guard on it, and must not recompile for the kind of tensor.
+            with torch.inference_mode(False), torch.no_grad():
+                self._lm_head_DV = w_VD.detach().t().contiguous()
+            self._lm_head_version = version
+        return self._lm_head_DV
+
     def _run(self, kind: str, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
         global _COMPILE_BROKEN
         if not self.compiled:
@@ -340,7 +364,7 @@ class DecodeStep:
             model._cos_sin(args[3][:1, None], latent_NBSL.dtype)  # builds model._rope
         inv_freq = model._rope[0]
         if not new_graph:
-            out = self._compiled_fn(kind)(inv_freq, *args)
+            out = self._compiled_fn(kind)(self._lm_head_input(), inv_freq, *args)
         else:
             _apply_graph_limit()
             t0 = time.perf_counter()
@@ -377,14 +401,14 @@ class DecodeStep:
         not the wrapper), retry once with the Python wrapper before calling compiling broken (compiling fails
         before the graph runs, so a failed attempt has not written the cache)."""
         try:
-            return self._compiled_fn(kind)(inv_freq, *args)
+            return self._compiled_fn(kind)(self._lm_head_input(), inv_freq, *args)
         except Exception as e:
             if not (self.cpp_wrapper and self.backend == "inductor") or "recompile limit" in str(e):
                 raise
             log.warning("decode step: Inductor's C++ wrapper failed (%s); using the Python wrapper", e)
             self.cpp_wrapper = False
             self._fns.clear()
-            return self._compiled_fn(kind)(inv_freq, *args)
+            return self._compiled_fn(kind)(self._lm_head_input(), inv_freq, *args)
 
 
 def decode_step(model: K2Model, compile: CompileSwitch = "auto") -> DecodeStep:
