@@ -42,8 +42,10 @@ def test_window_sizes():
     assert [window_size(n) for n in (0, 1, 64, 65, 128, 129, 1000)] == [64, 64, 64, 128, 128, 256, 1024]
 
 
-@pytest.mark.parametrize("batch", [1, 5])  # 1: gathered experts; 5 (5 x 2 slots > 8 experts): every expert, dense
-def test_decode_forward_matches_reference_step(batch):
+@pytest.mark.parametrize(("batch", "dense"), [(1, False), (5, False), (5, True)])  # gathered experts / every expert
+def test_decode_forward_matches_reference_step(batch, dense, monkeypatch):
+    if dense:
+        monkeypatch.setattr(decode_module, "_DENSE_ROUTING_MIN_FRACTION", 0.0)
     model = _model(n_routed_experts=8, num_experts_per_tok=2)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (7, 3, 9, 1, 5)[:batch]]

@@ -53,10 +53,12 @@ MIN_WINDOW = 64
 # Graphs per DecodeStep. Each is a full compile (tens of seconds on a small CPU), so beyond this the step
 # runs eagerly instead of compiling more.
 DEFAULT_MAX_GRAPHS = 8
-# Dense routing (every expert, zero gate for the unchosen) once the token-slots outnumber the experts. Below that,
-# each token's chosen experts are gathered: compiled, Inductor fuses the gather into the GEMV kernel (no weight
-# copy), so gathering reads at most as many bytes as the dense path and does B x fewer FLOPs.
-_DENSE_ROUTING_MIN_FRACTION = 1.0
+# Dense routing (every expert, zero gate for the unchosen) only once the token-slots outnumber the experts 4x.
+# Below that, each token's chosen experts are gathered: compiled, Inductor fuses the gather into the GEMV kernel
+# (no weight copy). It reads B x K expert matrices where the dense path reads E once, but does E / K times
+# fewer FLOPs; on config A (16 experts, top-2, 1 thread) gathering was 1.47x / 1.56x / 1.22x the dense path's
+# tokens/s at batch 8 / 16 / 32 (docs/benchmarks.md).
+_DENSE_ROUTING_MIN_FRACTION = 4.0
 
 CompileSwitch = bool | str  # True, False or "auto"
 
