@@ -186,3 +186,28 @@ def test_models_of_different_shapes_do_not_share_graphs():
     with torch.no_grad():
         a.lm_head.weight.mul_(-1.0)
     assert torch.equal(a.generate([[1, 2, 3]], 5, compile=True), a.generate([[1, 2, 3]], 5, compile=False))
+
+
+def test_cpp_wrapper_failure_retries_with_the_python_wrapper(monkeypatch):
+    """A toolchain that builds Inductor's kernels but not its C++ wrapper: the step recompiles with the Python
+    wrapper (here a stand-in for Inductor: only the retry logic around it is under test), no eager fallback."""
+    model = _model()
+    step = _install(model, DecodeStep(model, compile=True, cpp_wrapper=True))
+    traced = DecodeStep(model, compile=True, backend="eager")
+    real = traced._compiled_fn
+    seen = []
+
+    def fake_compiled_fn(kind):
+        seen.append(step.cpp_wrapper)
+        if step.cpp_wrapper:
+            def fail(*args):
+                raise RuntimeError("C++ wrapper compile error")
+            return fail
+        return real(kind)
+
+    monkeypatch.setattr(step, "_compiled_fn", fake_compiled_fn)
+    ref = model.generate([[1, 2, 3]], 6, compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "torch.compile failed" warning
+        assert torch.equal(model.generate([[1, 2, 3]], 6, compile=True), ref)
+    assert seen[:2] == [True, False] and not step.cpp_wrapper and step.eager_fallbacks == 0
