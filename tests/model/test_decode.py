@@ -42,8 +42,10 @@ def test_window_sizes():
     assert [window_size(n) for n in (0, 1, 64, 65, 128, 129, 1000)] == [64, 64, 64, 128, 128, 256, 1024]
 
 
-@pytest.mark.parametrize("batch", [1, 5])  # 1: gathered experts; 5 (5 x 2 slots > 8 experts): every expert, dense
-def test_decode_forward_matches_reference_step(batch):
+@pytest.mark.parametrize(("batch", "dense"), [(1, False), (5, False), (5, True)])  # gathered experts / every expert
+def test_decode_forward_matches_reference_step(batch, dense, monkeypatch):
+    if dense:
+        monkeypatch.setattr(decode_module, "_DENSE_ROUTING_MIN_FRACTION", 0.0)
     model = _model(n_routed_experts=8, num_experts_per_tok=2)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (7, 3, 9, 1, 5)[:batch]]
@@ -151,3 +153,61 @@ def test_inductor_step_equals_eager():
         eager_BV, eager_NBL = decode_forward(model, model._rope[0], *args)
     torch.testing.assert_close(compiled_BV, eager_BV, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(compiled_NBL, eager_NBL, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_step_stops_at_eos_like_the_eager_path():
+    """The greedy graph checks for all-finished rows every few tokens only; the result is cut where the eager
+    path (which checks every token) stops, with finished rows padded the same way."""
+    model = _model()
+    _install(model, DecodeStep(model, compile=True, backend="eager"))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    free = model.generate(prompts, 20, compile=False)[:, -20:]
+    in_every_row = set.intersection(*(set(row.tolist()) for row in free))
+    stopping = min(in_every_row, key=lambda t: max(row.tolist().index(t) for row in free))
+    lengths = set()
+    for eos in (stopping, int(free[2, 0])):  # every row finishes (at different steps); one row finishes
+        for pad in (None, 0):
+            ref = model.generate(prompts, 20, eos_token_id=eos, pad_token_id=pad, compile=False)
+            assert torch.equal(model.generate(prompts, 20, eos_token_id=eos, pad_token_id=pad, compile=True), ref)
+            lengths.add(ref.shape[1])
+    assert min(lengths) < 6 + 20 == max(lengths)  # the all-finished case stopped early
+
+
+def test_models_of_different_shapes_do_not_share_graphs():
+    """The step keeps Dynamo's guards on its inputs only: each DecodeStep must compile its own region, or a
+    second model with other weight shapes but the same cache shape would run the first one's graph."""
+    a = _model()
+    b = _model(num_attention_heads=2, num_key_value_heads=2)
+    for m in (a, b):
+        _install(m, DecodeStep(m, compile=True, backend="eager"))
+    for m in (a, b, a):
+        assert torch.equal(m.generate([[1, 2, 3]], 5, compile=True), m.generate([[1, 2, 3]], 5, compile=False))
+    # In-place weight updates (RL) are seen by a compiled graph: the parameters are read at each call.
+    with torch.no_grad():
+        a.lm_head.weight.mul_(-1.0)
+    assert torch.equal(a.generate([[1, 2, 3]], 5, compile=True), a.generate([[1, 2, 3]], 5, compile=False))
+
+
+def test_cpp_wrapper_failure_retries_with_the_python_wrapper(monkeypatch):
+    """A toolchain that builds Inductor's kernels but not its C++ wrapper: the step recompiles with the Python
+    wrapper (here a stand-in for Inductor: only the retry logic around it is under test), no eager fallback."""
+    model = _model()
+    step = _install(model, DecodeStep(model, compile=True, cpp_wrapper=True))
+    traced = DecodeStep(model, compile=True, backend="eager")
+    real = traced._compiled_fn
+    seen = []
+
+    def fake_compiled_fn(kind):
+        seen.append(step.cpp_wrapper)
+        if step.cpp_wrapper:
+            def fail(*args):
+                raise RuntimeError("C++ wrapper compile error")
+            return fail
+        return real(kind)
+
+    monkeypatch.setattr(step, "_compiled_fn", fake_compiled_fn)
+    ref = model.generate([[1, 2, 3]], 6, compile=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "torch.compile failed" warning
+        assert torch.equal(model.generate([[1, 2, 3]], 6, compile=True), ref)
+    assert seen[:2] == [True, False] and not step.cpp_wrapper and step.eager_fallbacks == 0

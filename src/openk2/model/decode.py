@@ -10,12 +10,19 @@ caller stores `new_latent_NBL` (one indexed copy). Keeping the graph free of inp
 CUDA graphs (`mode="reduce-overhead"`) replay it, and it lets the same graph serve `KVCache` (one shared
 time axis, left padding) and `SlotKVCache` (one length per row) alike.
 
+`generate`'s greedy tokens use a second kind of graph (`DecodeStep.greedy`, `greedy_forward`): the step plus
+the argmax, the eos bookkeeping and, on CPU, the cache write (an in-place write of the graph's input, which
+CUDA graphs could not replay, so on GPU the caller stores the latents), so that a greedy token is one call.
+
 Why it is faster than the reference path (`K2Model.forward(..., cache=...)`, which stays the reference):
 static shapes (the window is a power-of-two bucket, so a graph is reused for many steps), no host syncs
 and no data-dependent shapes in the step (expert routing is a dense gather of the chosen experts' weights
 for small batches, or every expert with zero gates for larger ones), and `torch.compile` fuses the
 hundred-odd small ops of a step (norms, rope, softmax, SwiGLU, routing) into a few C++ (CPU) or Triton
-(GPU) kernels around the matmuls.
+(GPU) kernels around the matmuls. Per-call overhead is cut where it showed in profiles (config A, CPU):
+Dynamo checks only the guards on the step's inputs (not ~650 on the model's parameters), Inductor's C++
+wrapper calls the kernels (not a Python function), and the LM head, the largest matrix of a token, is read
+from a transposed copy whose GEMV runs faster on CPU BLAS.
 
 Shapes that need a new graph compile once each (`dynamic=False`) up to `max_graphs` per `DecodeStep`;
 beyond that, or when compilation fails (no C++ compiler, an unsupported platform), the step runs the
@@ -53,10 +60,12 @@ MIN_WINDOW = 64
 # Graphs per DecodeStep. Each is a full compile (tens of seconds on a small CPU), so beyond this the step
 # runs eagerly instead of compiling more.
 DEFAULT_MAX_GRAPHS = 8
-# Dense routing (every expert, zero gate for the unchosen) once the token-slots outnumber the experts. Below that,
-# each token's chosen experts are gathered: compiled, Inductor fuses the gather into the GEMV kernel (no weight
-# copy), so gathering reads at most as many bytes as the dense path and does B x fewer FLOPs.
-_DENSE_ROUTING_MIN_FRACTION = 1.0
+# Dense routing (every expert, zero gate for the unchosen) only once the token-slots outnumber the experts 4x.
+# Below that, each token's chosen experts are gathered: compiled, Inductor fuses the gather into the GEMV kernel
+# (no weight copy). It reads B x K expert matrices where the dense path reads E once, but does E / K times
+# fewer FLOPs; on config A (16 experts, top-2, 1 thread) gathering was 1.47x / 1.56x / 1.22x the dense path's
+# tokens/s at batch 8 / 16 / 32 (docs/benchmarks.md).
+_DENSE_ROUTING_MIN_FRACTION = 4.0
 
 CompileSwitch = bool | str  # True, False or "auto"
 
@@ -130,10 +139,11 @@ def _moe_step(moe: MoE, x_BD: torch.Tensor) -> torch.Tensor:
 
 def decode_forward(
     model: K2Model, inv_freq: torch.Tensor, latent_NBSL: torch.Tensor, key_valid_BS: torch.Tensor,
-    tok_B: torch.Tensor, rope_pos_B: torch.Tensor,
+    tok_B: torch.Tensor, rope_pos_B: torch.Tensor, lm_head_DV: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row: (logits [B, V], new latents [n_layers, B, L]). Uncompiled, this is plain eager code
-    (tested against the reference forward); `DecodeStep` compiles it."""
+    (tested against the reference forward); `DecodeStep` compiles it. `lm_head_DV`: the LM head's weight
+    transposed and contiguous, if the caller keeps one (see `DecodeStep`)."""
     assert model._rope is not None
     attention_factor = model._rope[1]
     x_BD = model.model.embed_tokens(tok_B)
@@ -149,8 +159,28 @@ def decode_forward(
         h_BD = layer.post_attention_layernorm(x_BD)
         mlp = layer.mlp
         x_BD = x_BD + (_moe_step(mlp, h_BD) if isinstance(mlp, MoE) else MLP.forward(mlp, h_BD))
-    logits_BV = model.lm_head(model.model.norm(x_BD))
+    h_BD = model.model.norm(x_BD)
+    logits_BV = model.lm_head(h_BD) if lm_head_DV is None else h_BD @ lm_head_DV
     return logits_BV, torch.stack(new).to(latent_NBSL.dtype)
+
+
+def greedy_forward(
+    model: K2Model, inv_freq: torch.Tensor, latent_NBSL: torch.Tensor, key_valid_BS: torch.Tensor,
+    tok_B: torch.Tensor, rope_pos_B: torch.Tensor, finished_B: torch.Tensor, write_pos_1: torch.Tensor,
+    eos: torch.Tensor, pad: torch.Tensor, write_cache: bool, lm_head_DV: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """One whole greedy token of `generate`: the step, the argmax, eos bookkeeping and (`write_cache`) the cache
+    write at `write_pos_1`, so that a token costs one graph call and no host sync. Returns (next tokens [B]
+    (pad where the row had finished), finished [B], next rope positions, next write position), plus the new
+    latents when the caller writes the cache (CUDA: a graph that mutates its inputs cannot be replayed)."""
+    logits_BV, new_NBL = decode_forward(model, inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B, lm_head_DV)
+    next_B = torch.where(finished_B, pad, logits_BV.argmax(dim=-1))
+    out = (next_B, finished_B | (next_B == eos), rope_pos_B + 1, write_pos_1 + 1)
+    if not write_cache:
+        return (*out, new_NBL)
+    latent_NBSL.index_copy_(2, write_pos_1, new_NBL.unsqueeze(2))
+    key_valid_BS.index_fill_(1, write_pos_1, True)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- compiling
@@ -180,23 +210,58 @@ def _mode_for(device: torch.device) -> str | None:
     return "reduce-overhead" if device.type == "cuda" else None
 
 
+def _inductor_options(device: torch.device, cpp_wrapper: bool) -> dict[str, bool]:
+    """CPU: the kernel call sequence in C++ (`cpp_wrapper`), not a Python function calling ~80 kernels, and no
+    per-call size asserts on the inputs (the guards already check them). ~20% of a config-A token (measured in
+    docs/benchmarks.md); the C++ wrapper adds compile time once per graph (cached across processes)."""
+    if device.type != "cpu":
+        return {}
+    return {"cpp_wrapper": cpp_wrapper, "size_asserts": False, "alignment_asserts": False}
+
+
+def _input_guards_only(arg_names: tuple[str, ...]) -> Callable:
+    """Dynamo's guard filter: keep the guards on the step's own inputs (their shapes, strides, dtypes and
+    devices tell its graphs apart) and the global-state ones (grad mode), drop the ~650 on the model's modules
+    and parameters, whose check cost ~0.3 ms per token on config A. Safe because each DecodeStep compiles
+    its own isolated region for one model whose structure does not change; the parameters are still read at
+    each call, so in-place weight updates (RL) are seen. A model moved to another dtype or device gets new
+    caches, whose guards fail and recompile."""
+    prefixes = tuple(p for n in arg_names for p in (f"L['{n}']", f"{n}.", f"{n}["))
+
+    def keep(entries: list) -> list[bool]:
+        on_inputs = [e.name in arg_names or e.name.startswith(prefixes) for e in entries]
+        if not any(on_inputs):  # guard names we do not recognize (another torch): keep them all
+            return [True] * len(entries)
+        return [e.name == "" or k for e, k in zip(entries, on_inputs, strict=True)]
+
+    return keep
+
+
+_LOGITS_ARGS = ("lm_head_DV", "inv_freq", "latent_NBSL", "key_valid_BS", "tok_B", "rope_pos_B")
+_GREEDY_ARGS = (*_LOGITS_ARGS, "finished_B", "write_pos_1", "eos", "pad")
+GraphKey = tuple[str, int, int, tuple[int, ...], bool]  # (kind, batch, window, cache strides, inference tensor)
+
+
 class DecodeStep:
     """The shared decode step of one model; see the module docstring.
 
-    `__call__` returns None when the step must run the eager reference path instead (compiling disabled or
-    failed, or the graph budget spent); callers then run `K2Model.forward` with their cache.
+    Two kinds of graph: `__call__` (logits and new latents; the serving and RL engines, sampling) and
+    `greedy` (a whole greedy token of `generate`). Both return None when the step must run the eager
+    reference path instead (compiling disabled or failed, or the graph budget spent); callers then run
+    `K2Model.forward` with their cache.
 
     `compile_seconds` holds the wall time of each graph's first call (trace + compile, or a cache load),
     keyed by (batch, window); `eager_fallbacks` counts steps sent to the reference path. The graph budget
-    counts what Dynamo compiles: one graph per (batch, window, cache strides, inference tensor or not), since
-    callers whose caches differ in layout or kind (`generate`'s cache, made in inference mode; a serving
+    counts what Dynamo compiles: one graph per (kind, batch, window, cache strides, inference tensor or not),
+    since callers whose caches differ in layout or kind (`generate`'s cache, made in inference mode; a serving
     engine's slot cache, made outside it and sliced to the live rows) get separate graphs for the same
     (batch, window).
     """
 
     def __init__(
         self, model: K2Model, compile: CompileSwitch = "auto", max_graphs: int = DEFAULT_MAX_GRAPHS,
-        backend: str | Callable = "inductor",
+        backend: str | Callable = "inductor", cpp_wrapper: bool | None = None,
+        transposed_lm_head: bool | None = None,
     ) -> None:
         self.model = model
         self.enabled = compile_enabled(compile)
@@ -204,12 +269,22 @@ class DecodeStep:
         if self.enabled:
             _reserve_graphs(max_graphs)
         self.backend = backend
+        # OPENK2_CPP_WRAPPER=0 keeps Inductor's Python wrapper (faster to compile, ~10% slower per token).
+        self.cpp_wrapper = (os.environ.get("OPENK2_CPP_WRAPPER", "1") != "0") if cpp_wrapper is None else cpp_wrapper
         self.compile_seconds: dict[tuple[int, int], float] = {}
-        self._graphs: set[tuple[int, int, tuple[int, ...], bool]] = set()
-        self._eager_graphs: set[tuple[int, int, tuple[int, ...], bool]] = set()  # Dynamo refused these
+        self._graphs: set[GraphKey] = set()
+        self._eager_graphs: set[GraphKey] = set()  # Dynamo refused these
         self.eager_fallbacks = 0
-        self._fn: Callable | None = None
+        self._fns: dict[str, Callable] = {}
         self._warned_budget = False
+        device = model.lm_head.weight.device
+        # A graph that writes the cache cannot be replayed as a CUDA graph: there the caller writes it.
+        self.writes_cache = device.type != "cuda"
+        # CPU: the LM head's GEMV reads its weight as [D, V] rows (a copy, refreshed when the weight changes)
+        # ~1.3-2.8x faster than through the [V, D] weight (docs/benchmarks.md); the biggest matrix of a token.
+        self.transposed_lm_head = device.type == "cpu" if transposed_lm_head is None else transposed_lm_head
+        self._lm_head_DV: torch.Tensor | None = None
+        self._lm_head_version: tuple[int, int] | None = None
 
     def raise_budget(self, max_graphs: int) -> None:
         """Allow up to `max_graphs` graphs (a benchmark that visits many shapes on purpose)."""
@@ -221,27 +296,67 @@ class DecodeStep:
     def compiled(self) -> bool:
         return self.enabled and _COMPILE_BROKEN is None
 
-    def _compiled_fn(self) -> Callable:
-        if self._fn is None:
-            model = self.model
-
-            def step(inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B):
-                return decode_forward(model, inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B)
-
+    def _compiled_fn(self, kind: str) -> Callable:
+        fn = self._fns.get(kind)
+        if fn is None:
+            model, write_cache = self.model, self.writes_cache
+            if kind == "logits":
+                def step(lm_head_DV, inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B):
+                    return decode_forward(model, inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B, lm_head_DV)
+                names = _LOGITS_ARGS
+            else:
+                def step(lm_head_DV, inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B, finished_B, write_pos_1,
+                         eos, pad):
+                    return greedy_forward(model, inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B, finished_B,
+                                          write_pos_1, eos, pad, write_cache, lm_head_DV)
+                names = _GREEDY_ARGS
             device = model.lm_head.weight.device
-            self._fn = torch.compile(step, backend=self.backend, fullgraph=True, dynamic=False,
-                                     mode=_mode_for(device) if self.backend == "inductor" else None)
-        return self._fn
+            options: dict = {"guard_filter_fn": _input_guards_only(names)}
+            if self.backend == "inductor":
+                options.update(_inductor_options(device, self.cpp_wrapper))
+            fn = torch.compile(step, backend=self.backend, fullgraph=True, dynamic=False,
+                               mode=_mode_for(device) if self.backend == "inductor" else None, options=options,
+                               isolate_recompiles=True)
+            self._fns[kind] = fn
+        return fn
 
     def __call__(
         self, latent_NBSL: torch.Tensor, key_valid_BS: torch.Tensor, tok_B: torch.Tensor, rope_pos_B: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(logits [B, V], new latents [n_layers, B, L]) of one token per row, or None: run the eager path."""
+        return self._run("logits", (latent_NBSL, key_valid_BS, tok_B, rope_pos_B))
+
+    def greedy(
+        self, latent_NBSL: torch.Tensor, key_valid_BS: torch.Tensor, tok_B: torch.Tensor, rope_pos_B: torch.Tensor,
+        finished_B: torch.Tensor, write_pos_1: torch.Tensor, eos: torch.Tensor, pad: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...] | None:
+        """`greedy_forward` over a `KVCache`'s tensors (written at `write_pos_1` where `writes_cache`), or None:
+        run the eager path. `eos`, `pad` are 0-d long tensors (ints would be baked into the graph)."""
+        return self._run("greedy", (latent_NBSL, key_valid_BS, tok_B, rope_pos_B, finished_B, write_pos_1, eos, pad))
+
+    def _lm_head_input(self) -> torch.Tensor | None:
+        """The transposed LM head, recopied whenever the weight was written in place (its version counter moves:
+        RL weight updates) or replaced."""
+        if not self.transposed_lm_head:
+            return None
+        w_VD = self.model.lm_head.weight
+        version = (w_VD._version, w_VD.data_ptr())
+        if self._lm_head_version != version:
+            # A normal tensor whoever asks first (generate runs in inference mode, the engines do not): the
+            # graphs guard on it, and must not recompile for the kind of tensor.
+            with torch.inference_mode(False), torch.no_grad():
+                self._lm_head_DV = w_VD.detach().t().contiguous()
+            self._lm_head_version = version
+        return self._lm_head_DV
+
+    def _run(self, kind: str, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
         global _COMPILE_BROKEN
         if not self.compiled:
             self.eager_fallbacks += 1
             return None
+        latent_NBSL = args[0]
         key = (latent_NBSL.shape[1], latent_NBSL.shape[2])
-        graph = (*key, latent_NBSL.stride(), latent_NBSL.is_inference())
+        graph = (kind, *key, latent_NBSL.stride(), latent_NBSL.is_inference())
         if graph in self._eager_graphs:
             self.eager_fallbacks += 1
             return None
@@ -250,46 +365,59 @@ class DecodeStep:
             if not self._warned_budget:
                 self._warned_budget = True
                 warnings.warn(f"decode step: {self.max_graphs} graphs compiled already; shape (batch, window) "
-                              f"{key} runs the eager path", RuntimeWarning, stacklevel=2)
+                              f"{key} runs the eager path", RuntimeWarning, stacklevel=3)
             self.eager_fallbacks += 1
             return None
         model = self.model
         if model._rope is None or model._rope[0].device != latent_NBSL.device:
-            model._cos_sin(rope_pos_B[:1, None], latent_NBSL.dtype)  # builds model._rope
+            model._cos_sin(args[3][:1, None], latent_NBSL.dtype)  # builds model._rope
         inv_freq = model._rope[0]
-        if new_graph:
+        if not new_graph:
+            out = self._compiled_fn(kind)(self._lm_head_input(), inv_freq, *args)
+        else:
             _apply_graph_limit()
-        t0 = time.perf_counter()
-        try:
-            out = self._compiled_fn()(inv_freq, latent_NBSL, key_valid_BS, tok_B, rope_pos_B)
-        except Exception as e:
-            if not new_graph:
-                raise  # the graph ran before: this is a real error, not a compile failure
-            if "recompile limit" in str(e) or "RecompileLimit" in type(e).__name__:
-                # A guard this budget does not model made Dynamo recompile past its limit: this shape stays
-                # eager, compiling goes on for the others (it is not a platform failure).
-                self._graphs.add(graph)
-                self._eager_graphs.add(graph)
-                warnings.warn(f"decode step: Dynamo's recompile limit was reached at (batch, window) {key}; "
-                              f"that shape runs the eager path", RuntimeWarning, stacklevel=2)
+            t0 = time.perf_counter()
+            try:
+                out = self._first_call(kind, inv_freq, args)
+            except Exception as e:
+                if "recompile limit" in str(e) or "RecompileLimit" in type(e).__name__:
+                    # A guard this budget does not model made Dynamo recompile past its limit: this shape stays
+                    # eager, compiling goes on for the others (it is not a platform failure).
+                    self._graphs.add(graph)
+                    self._eager_graphs.add(graph)
+                    warnings.warn(f"decode step: Dynamo's recompile limit was reached at (batch, window) {key}; "
+                                  f"that shape runs the eager path", RuntimeWarning, stacklevel=3)
+                    self.eager_fallbacks += 1
+                    return None
+                with _lock:
+                    if _COMPILE_BROKEN is None:
+                        _COMPILE_BROKEN = f"{type(e).__name__}: {e}"
+                        warnings.warn(f"torch.compile failed for the decode step; decoding eagerly from now on "
+                                      f"({_COMPILE_BROKEN.splitlines()[0][:300]})", RuntimeWarning, stacklevel=3)
+                        log.warning("decode step compile failed", exc_info=True)
                 self.eager_fallbacks += 1
                 return None
-            with _lock:
-                if _COMPILE_BROKEN is None:
-                    _COMPILE_BROKEN = f"{type(e).__name__}: {e}"
-                    warnings.warn(f"torch.compile failed for the decode step; decoding eagerly from now on "
-                                  f"({_COMPILE_BROKEN.splitlines()[0][:300]})", RuntimeWarning, stacklevel=2)
-                    log.warning("decode step compile failed", exc_info=True)
-            self.eager_fallbacks += 1
-            return None
-        if new_graph:
             self._graphs.add(graph)
             self.compile_seconds[key] = self.compile_seconds.get(key, 0.0) + time.perf_counter() - t0
-            log.info("decode step compiled for (batch, window) %s in %.1f s", key, self.compile_seconds[key])
+            log.info("decode step: %s graph for (batch, window) %s in %.1f s", kind, key, self.compile_seconds[key])
         if latent_NBSL.device.type == "cuda":
-            # CUDA-graph outputs are overwritten by the next replay: the caller may keep the logits.
-            out = (out[0].clone(), out[1])
+            # CUDA-graph outputs are overwritten by the next replay: the caller may keep them.
+            out = tuple(t.clone() for t in out)
         return out
+
+    def _first_call(self, kind: str, inv_freq: torch.Tensor, args: tuple[torch.Tensor, ...]) -> tuple:
+        """Compile and run a new graph. If Inductor's C++ wrapper fails (a toolchain that builds kernels but
+        not the wrapper), retry once with the Python wrapper before calling compiling broken (compiling fails
+        before the graph runs, so a failed attempt has not written the cache)."""
+        try:
+            return self._compiled_fn(kind)(self._lm_head_input(), inv_freq, *args)
+        except Exception as e:
+            if not (self.cpp_wrapper and self.backend == "inductor") or "recompile limit" in str(e):
+                raise
+            log.warning("decode step: Inductor's C++ wrapper failed (%s); using the Python wrapper", e)
+            self.cpp_wrapper = False
+            self._fns.pop(kind, None)
+            return self._compiled_fn(kind)(self._lm_head_input(), inv_freq, *args)
 
 
 def decode_step(model: K2Model, compile: CompileSwitch = "auto") -> DecodeStep:

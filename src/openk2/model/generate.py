@@ -12,6 +12,9 @@ from openk2.model.decode import CompileSwitch, decode_step, window_size
 if TYPE_CHECKING:
     from openk2.model.transformer import K2Model
 
+# Tokens between checks that every row has finished (each check is a host sync).
+_EOS_CHECK_EVERY = 8
+
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into (ids [B, T], valid mask [B, T])."""
@@ -93,22 +96,37 @@ def generate(
     positions_BT = (valid_BT.long().cumsum(dim=1) - 1).clamp(min=0)
     logits = model(ids_BT, position_ids_BT=positions_BT, cache=cache, valid_BT=valid_BT,
                    last_logits_only=True).logits
-    logits_BV = logits[:, -1]
     next_pos_B = positions_BT[:, -1] + 1
-    finished_B = torch.zeros(B, dtype=torch.bool, device=device)
-    new_tokens = []
+    tok_B = sample_next(logits[:, -1], temperature, top_p, top_k, generator)
+    finished_B = (tok_B == eos_token_id) if eos_token_id is not None else torch.zeros_like(tok_B, dtype=torch.bool)
+    new_tokens = [tok_B]
+    greedy = temperature <= 0.0
+    eos_id = eos_token_id if eos_token_id is not None else -1
+    eos, pad_t = torch.tensor(eos_id, device=device), torch.tensor(pad, device=device)
+    write_pos_1: torch.Tensor | None = None  # the cache length as a tensor, for the greedy graph
     ones_B1 = torch.ones(B, 1, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        tok_B = sample_next(logits_BV, temperature, top_p, top_k, generator)
-        tok_B = tok_B.masked_fill(finished_B, pad)
-        new_tokens.append(tok_B)
-        if eos_token_id is not None:
-            finished_B |= tok_B == eos_token_id
-            if bool(finished_B.all()):
-                break
-        if step + 1 == max_new_tokens:
+    for step in range(1, max_new_tokens):
+        # Whether every row has finished is checked every few tokens only (a host sync per token costs more
+        # than a few wasted steps at the end); the tokens past the stop are cut below.
+        if eos_token_id is not None and step % _EOS_CHECK_EVERY == 0 and bool(finished_B.all()):
             break
-        out = step_fn(cache.latent_NBSL, cache.key_valid_BS, tok_B, next_pos_B)
+        out = None
+        if greedy:
+            if write_pos_1 is None:
+                write_pos_1 = torch.tensor([cache.length], device=device)
+            out = step_fn.greedy(cache.latent_NBSL, cache.key_valid_BS, tok_B, next_pos_B, finished_B, write_pos_1,
+                                 eos, pad_t)
+            if out is not None:
+                tok_B, finished_B, next_pos_B, write_pos_1 = out[:4]
+                if not step_fn.writes_cache:
+                    cache.append_decoded(out[4])
+                else:
+                    cache.length += 1
+                new_tokens.append(tok_B)
+                continue
+            write_pos_1 = None
+        else:
+            out = step_fn(cache.latent_NBSL, cache.key_valid_BS, tok_B, next_pos_B)
         if out is None:  # the eager reference path
             logits_BV = model(tok_B[:, None], position_ids_BT=next_pos_B[:, None], cache=cache,
                               valid_BT=ones_B1).logits[:, -1]
@@ -116,5 +134,14 @@ def generate(
             logits_BV, new_latent_NBL = out
             cache.append_decoded(new_latent_NBL)
         next_pos_B = next_pos_B + 1
+        tok_B = sample_next(logits_BV, temperature, top_p, top_k, generator).masked_fill(finished_B, pad)
+        new_tokens.append(tok_B)
+        if eos_token_id is not None:
+            finished_B = finished_B | (tok_B == eos_token_id)
+    new_BN = torch.stack(new_tokens, dim=1)
+    if eos_token_id is not None and bool(finished_B.all()):
+        # Stop where the last row finished, as if every token had been checked.
+        first_eos_B = (new_BN == eos_token_id).int().argmax(dim=1)
+        new_BN = new_BN[:, : int(first_eos_B.max()) + 1]
     model.train(was_training)
-    return torch.cat((ids_BT, torch.stack(new_tokens, dim=1)), dim=1)
+    return torch.cat((ids_BT, new_BN), dim=1)

@@ -1,0 +1,86 @@
+"""In-process A/B of the compiled decode step's options on a bench config (the per-change rows of
+docs/benchmarks.md, "Per-token overhead cut").
+
+    PYTHONPATH=src .venv/bin/python bench/decode_variants.py --variants default no-lm-head-t python-wrapper eager
+    PYTHONPATH=src .venv/bin/python bench/decode_variants.py --batch 16 --tokens 32 --variants gathered dense
+
+Each variant is its own `DecodeStep` on the same model (its own compiled graphs); rounds alternate the variants'
+`generate` calls, so machine load hits them alike, and the report is the median tokens/s and the median of each
+round's ratio to the first variant. Greedy tokens are checked against the eager reference path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import openk2.model.decode as decode_module
+from openk2.model import build_model
+from openk2.model.decode import DecodeStep
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import bench_config, machine_info  # noqa: E402
+
+# name -> (DecodeStep keyword arguments, gathered-routing threshold in multiples of the expert count)
+VARIANTS: dict[str, tuple[dict, float]] = {
+    "default": ({}, decode_module._DENSE_ROUTING_MIN_FRACTION),
+    "no-lm-head-t": ({"transposed_lm_head": False}, decode_module._DENSE_ROUTING_MIN_FRACTION),
+    "python-wrapper": ({"cpp_wrapper": False}, decode_module._DENSE_ROUTING_MIN_FRACTION),
+    "gathered": ({}, float("inf")),
+    "dense": ({}, 0.0),
+    "eager": ({"compile": False}, decode_module._DENSE_ROUTING_MIN_FRACTION),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="A")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", nargs="+", default=["default", "no-lm-head-t", "eager"], choices=list(VARIANTS))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = bench_config(args.config)
+    model = build_model(cfg, seed=0).eval()
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
+    ref = model.generate(ids, args.tokens, compile=False)
+    steps: dict[str, DecodeStep] = {}
+    for name in args.variants:
+        kwargs, fraction = VARIANTS[name]
+        decode_module._DENSE_ROUTING_MIN_FRACTION = fraction  # read when the graph is traced
+        step = DecodeStep(model, **{"compile": True, **kwargs})
+        model.__dict__.setdefault("_decode_steps", {})[True] = step
+        t0 = time.perf_counter()
+        out = model.generate(ids, args.tokens, compile=True)
+        print(f"# {name}: first call {time.perf_counter() - t0:.1f} s, greedy equal {torch.equal(out, ref)}",
+              flush=True)
+        steps[name] = step
+    rates: dict[str, list[float]] = {n: [] for n in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            model.__dict__["_decode_steps"][True] = step
+            t0 = time.perf_counter()
+            model.generate(ids, args.tokens, compile=True)
+            rates[name].append(args.batch * args.tokens / (time.perf_counter() - t0))
+    load = os.getloadavg()
+    print(f"# {machine_info()}; config {args.config}, batch {args.batch}, {args.tokens} tokens after {args.prompt}; "
+          f"{args.rounds} rounds; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    first = args.variants[0]
+    print(f"| variant | tokens/s (median) | vs {first} (median of round ratios) |")
+    print("|---|---:|---:|")
+    for name, r in rates.items():
+        ratio = statistics.median(a / b for a, b in zip(r, rates[first], strict=True))
+        print(f"| {name} | {statistics.median(r):.0f} | {ratio:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
