@@ -82,3 +82,16 @@ def test_rl_cli_bad_key_lists_valid_keys(tmp_path):
     r = openk2("rl", "--init", str(tmp_path), "--out", str(tmp_path / "x"), "--set", "rollout.k=8")
     assert r.returncode == 2
     assert "unknown key 'rollout.k'" in r.stdout and "rollout.group_size" in r.stdout
+
+
+def test_rl_cli_on_the_facts_family_and_eval_world_facts_score_alike(tiny_dir, tmp_path):
+    out = tmp_path / "rl"
+    r = openk2("rl", "--init", str(tiny_dir), "--out", str(out), "--set", "train.steps=1",
+               "--set", "tasks.mix={facts = 1.0}", "--set", "eval.families=['facts']",
+               "--set", "tasks.facts_attributes=['hobby']", *ARGS)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "facts held-out greedy pass@1" in r.stdout
+    ev = openk2("eval", "--model", str(out), "--bench", "world-facts", "--world", "recipes/nano.toml",
+                "--limit", "4", "--out", str(tmp_path / "ev"), "--no-progress")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "world-facts" in ev.stdout

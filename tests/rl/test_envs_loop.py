@@ -249,3 +249,58 @@ def test_families_from_config():
     world = make_family("world", TasksSection(), None)
     held = world.heldout_tasks(5, seed=0)
     assert all(t.split == "heldout" for t in held) and world.task_type(held[0]).startswith("world/")
+
+
+def test_fact_tasks_are_deterministic_disjoint_by_person_and_rewarded_by_value():
+    from openk2.data.world import qa_people
+    from openk2.rl.envs.facts import FactsEnv, fact_reward, fact_tasks, sft_records
+
+    world = _world()
+    train, held = fact_tasks(world, 0.5, "train", seed=1), fact_tasks(world, 0.5, "heldout", seed=1)
+    assert [t.to_dict() for t in train] == [t.to_dict() for t in fact_tasks(world, 0.5, "train", seed=1)]
+    assert [t.id for t in fact_tasks(world, 0.5, "train", seed=2)] != [t.id for t in train]
+    qa = {p.name for p in qa_people(world, 0.5)}
+    assert {t.person for t in train} == qa and not {t.person for t in held} & qa
+    assert {t.person for t in held} <= {p.name for p in world.train_people}  # never the people in no document
+    assert len(train) == len(qa) * 6 and len(fact_tasks(world, 0.5, "heldout", 10)) == 10
+    warm = sft_records(world, 0.5)
+    assert {r["messages"][1]["content"] for r in warm} <= {t.question for t in train}
+    assert not {r["messages"][1]["content"] for r in warm} & {t.question for t in held}
+    city = next(t for t in held if t.attribute == "birth_city")
+    other = next(c.name for c in world.cities if c.name != city.answer)
+    assert fact_reward(world, city, city.answer) == 1.0
+    assert fact_reward(world, city, f"{city.person.split()[0]} was born in {city.answer.lower()}.") == 1.0
+    assert fact_reward(world, city, f"{city.answer} or {other}") == 0.0  # listing candidates earns nothing
+    assert fact_reward(world, city, city.answer + "x") == 0.0 and fact_reward(world, city, "") == 0.0
+    date = next(t for t in held if t.attribute == "birth_date")
+    assert fact_reward(world, date, date.answer) == 1.0
+    assert fact_reward(world, date, date.answer.replace(date.answer.split()[-1], "1900")) == 0.0
+    env = FactsEnv(world)
+    obs = run(env.reset(city))
+    assert obs.messages[-1]["content"] == city.question and env.task_type == "facts/birth_city"
+    assert run(env.step(city.answer)).reward == 1.0
+    with pytest.raises(ValueError, match="Q/A documents"):
+        fact_tasks(world, 0.0, "train")
+    with pytest.raises(ValueError, match="attributes"):
+        fact_tasks(world, 0.5, "train", attributes=("shoe_size",))
+
+
+def test_facts_family_from_config_matches_the_world_facts_benchmark():
+    from openk2.eval.benchmarks.world_facts import WorldFacts
+    from openk2.eval.task import Completion
+    from openk2.rl.config import TasksSection
+
+    fam = make_family("facts", TasksSection(facts_attributes=["hobby", "field"]), None)
+    tasks = fam.train_tasks(1000, seed=0)
+    assert len(tasks) == 90 and {fam.task_type(t) for t in tasks} == {"facts/hobby", "facts/field"}
+    bench = WorldFacts()
+    samples = bench.load(Path("."), seed=0)
+    rl_held = make_family("facts", TasksSection(), None).heldout_tasks(1000, seed=0)
+    assert [s.id for s in samples] == [t.id for t in rl_held]
+    assert bench.score(samples[0], Completion(text=rl_held[0].answer)).value == 1.0
+    from dataclasses import replace
+
+    from openk2.eval.task import BenchmarkDataError
+
+    with pytest.raises(BenchmarkDataError, match="no world here"):  # a model directory without a world
+        replace(bench, options={"run_dir": str(Path(__file__).parent)}).load(Path("."))

@@ -161,3 +161,20 @@ def test_score_group_isolates_failures_and_is_deterministic():
     assert [r for r, _ in first] == pytest.approx([0.0, 0.0, 1.0 + 0.1 * (0.5 - 2 / 3), -0.05])
     assert all(info["group_reward_error"] == "BrokenGroupReward: ValueError: critic endpoint down" for _, info in first)
     assert scored() == first
+
+
+def test_budget_penalty_is_the_controllers_shaping():
+    from openk2.rl.config import RLConfigError, load_rl_config
+
+    cfg = load_rl_config(None, ["rollout.max_new_tokens={digits = 12, 'digits/add' = 6}",
+                                "rollout.truncation_penalty=0.25"])
+    budget = cfg.budget_penalty()
+    assert budget.max_new_tokens("digits/add") == 6 and budget.max_new_tokens("digits/sort") == 12
+    assert budget.max_new_tokens("bench:gsm8k") == cfg.rollout.default_max_new_tokens
+    cut = traj("1 2", n_tokens=12, status="truncated", task_type="digits/sort")
+    cut.reward_info["truncated"] = "token budget"
+    turns = traj("", n_tokens=40, status="truncated", task_type="world/lookup")
+    turns.reward_info["truncated"] = "env"  # the environment's turn limit, not the token budget
+    assert budget.score(cut) == -0.25 and budget.score(turns) == 0.0
+    with pytest.raises(RLConfigError, match="positive integers"):
+        load_rl_config(None, ["rollout.max_new_tokens={digits = 0}"])

@@ -20,6 +20,7 @@ BENCHMARK_MODULES: list[str] = [
     "openk2.eval.benchmarks.world_agent",
     "openk2.eval.benchmarks.world",
     "openk2.eval.benchmarks.digits",
+    "openk2.eval.benchmarks.world_facts",
 ]
 
 _registry: dict[str, Benchmark] | None = None

@@ -10,9 +10,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from openk2.train.config import parse_override, set_typed_field, tomllib
+
+if TYPE_CHECKING:
+    from openk2.rl.rewards.shaping import BudgetPenalty
 
 
 class RLConfigError(ValueError):
@@ -42,8 +45,11 @@ class TasksSection:
     digits_kinds: list[str] = field(default_factory=lambda: ["reverse", "sort", "add"])
     digits_levels: list[int] = field(default_factory=lambda: [1, 2])
     digits_partial_credit: bool = False   # wrong answers earn 0.5 x the fraction of right digit positions (training)
-    world_seed: int = 0
+    world_seed: int = 0              # the pretraining world (facts, world): recipes/nano.toml's data.world_*
     world_people: int = 100
+    world_qa_fraction: float = 0.5   # facts: people with Q/A documents in pretraining train, the others are held out
+    facts_attributes: list[str] = field(default_factory=lambda: ["birth_city", "birth_date", "university", "field",
+                                                                 "employer", "hobby"])
     world_max_turns: int = 4         # model turns per world episode
     bench_data_dir: str = "../shared/data"
     tau2_user_model: str = ""        # "URL#model" of an OpenAI-compatible endpoint: τ²'s user simulator
@@ -58,8 +64,8 @@ class RolloutSection:
     temperature_decay_steps: int = 0
     top_p: float = 1.0
     # Budget control (K2): max new tokens per task type (family name or family/kind); truncation is penalised.
-    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"digits": 12, "world": 48, "bench": 256,
-                                                                     "tau2": 128})
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"digits": 12, "facts": 16, "world": 48,
+                                                                     "bench": 256, "tau2": 128})
     default_max_new_tokens: int = 64
     truncation_penalty: float = 0.5  # subtracted from a truncated response's reward (openk2 choice)
     # Partial rollouts (K1.5 §2.6.2): at most this many policy tokens per trajectory per iteration; longer ones are
@@ -135,11 +141,16 @@ class RLConfig:
                 _assign(cfg, f"{section}.{key}", value)
         return cfg
 
+    def budget_penalty(self) -> BudgetPenalty:
+        """Budget control (K2): rollout.max_new_tokens per task type and the truncation penalty, as a reward."""
+        from openk2.rl.rewards.shaping import BudgetPenalty
+
+        r = self.rollout
+        return BudgetPenalty(dict(r.max_new_tokens), r.truncation_penalty, r.default_max_new_tokens)
+
     def max_new_tokens_for(self, task_type: str) -> int:
         """The budget of a task type "family/kind": the most specific entry of rollout.max_new_tokens."""
-        budgets = self.rollout.max_new_tokens
-        family = task_type.split("/", 1)[0].split(":", 1)[0]
-        return budgets.get(task_type, budgets.get(family, self.rollout.default_max_new_tokens))
+        return self.budget_penalty().max_new_tokens(task_type)
 
     def temperature_at(self, step: int) -> float:
         r = self.rollout
@@ -178,6 +189,10 @@ class RLConfig:
         for ok, msg in checks:
             if not ok:
                 raise RLConfigError(msg)
+        try:
+            self.budget_penalty()
+        except ValueError as e:
+            raise RLConfigError(f"rollout.max_new_tokens / default_max_new_tokens: {e}") from None
         from openk2.rl.envs import check_family
 
         for family in [*self.tasks.mix, *self.eval.families]:

@@ -106,6 +106,7 @@ class RLController:
             if cfg.train.ptx_coef > 0 else None
         self.updater = PolicyUpdater(self.model, cfg.train, ptx)
         self.adv_fn = get_advantage_estimator(cfg.train.advantage)
+        self.budget_penalty = cfg.budget_penalty()
         self.step, self.version = 0, 0
         self.buffer: list[Group] = []
         self.counters: Counter[str] = Counter()
@@ -182,7 +183,7 @@ class RLController:
     # ---------------------------------------------------------------------------------------------- rollouts
     def _budget(self, task_type: str) -> EpisodeBudget:
         r = self.cfg.rollout
-        return EpisodeBudget(self.cfg.max_new_tokens_for(task_type), r.segment_tokens, r.max_context,
+        return EpisodeBudget(self.budget_penalty.max_new_tokens(task_type), r.segment_tokens, r.max_context,
                              r.reward_timeout_s)
 
     def _request_seed(self, *parts: Any) -> int:
@@ -219,10 +220,7 @@ class RLController:
 
     # ---------------------------------------------------------------------------------------------- rewards
     def _shaped_reward(self, t: Trajectory) -> float:
-        r = float(t.reward or 0.0)
-        if t.status == "truncated" and t.reward_info.get("truncated") in ("token budget", "context"):
-            r -= self.cfg.rollout.truncation_penalty
-        return r
+        return float(t.reward or 0.0) + self.budget_penalty.score(t)
 
     def _train_batch(self, groups: list[Group]) -> tuple[list[Trajectory], torch.Tensor, dict[str, Any]]:
         trajs: list[Trajectory] = []

@@ -3,8 +3,10 @@ greedy pass@1 before and after, with the reward curve.
 
     result = rl_stage(run_dir="runs/nano")      # <run>/sft -> <run>/rl (a run directory eval/serve accept)
 
-Training tasks are the procedural `digits` family (the SFT stage adds its warm-start examples: `warm_start_records`);
-evaluation covers the digits held-out split and the world tool domain's held-out tasks (`world-agent`'s tasks).
+Training tasks are the `facts` family (`openk2.rl.envs.facts`: chat questions about the pretraining world's people,
+no tools; the SFT stage adds its warm-start examples: `warm_start_records`); evaluation covers the facts held-out
+people (`openk2 eval --bench world-facts` scores the same way) and the world tool domain's held-out tasks
+(`world-agent`'s tasks).
 Settings are `recipes/rl-nano.toml`'s with the stage's shorter budget (`RL_OVERRIDES`). Results go to
 `<run>/rl_stage.json` and `<run>/rl_stage.png`; `speedrun.write_report` adds a section (`report_lines`).
 """
@@ -17,25 +19,38 @@ from pathlib import Path
 from typing import Any
 
 #: The stage's settings on top of openk2.rl.config's defaults (recipes/rl-nano.toml documents each knob).
-#: recipes/rl-nano.toml's settings, but 12 steps instead of 50, to keep the stage near its ~3-minute budget on an
-#: idle 2-core machine (~7.6 s per step plus two evaluations): too few for a gain (docs/experiments.md, "RL on the
-#: nano model": +17.5 points needed ~50 steps).
+#: Training tasks are the `facts` family (chat questions about the pretraining world's people, no tools: knowledge
+#: the model holds from pretraining, so groups carry signal from step 1; docs/experiments.md, "RL stage of the
+#: speedrun"); evaluation is greedy pass@1 on all held-out facts tasks and on 20 world tool-domain tasks.
 RL_OVERRIDES = [
     "train.steps=12", "rollout.group_size=8", "rollout.prompts_per_step=16", "rollout.temperature=1.0",
     "rollout.temperature_min=0.7", "rollout.temperature_decay_steps=40", "train.lr=5e-5", "train.optimizer='adamw'",
-    "train.loss='kimi_k15'", "train.tau=0.05", "eval.every=0", "eval.n_heldout={default = 200, world = 20}",
-    "eval.families=['digits', 'world']", "run.checkpoint_every=6", "run.threads=1", "run.tensorboard=false",
-    "sampler.curriculum=false", "tasks.digits_partial_credit=true", "tasks.digits_kinds=['reverse', 'sort']",
-    "train.minibatches=4",
+    "train.loss='kimi_k15'", "train.tau=0.05", "eval.every=0",
+    "eval.n_heldout={default = 200, facts = 1000, world = 20}",
+    "tasks.mix={facts = 1.0}", "eval.families=['facts', 'world']", "run.checkpoint_every=6", "run.threads=1",
+    "run.tensorboard=false", "sampler.curriculum=false", "train.minibatches=4",
 ]
-#: Digits SFT examples the SFT stage mixes in, so RL starts from a policy that sometimes succeeds (rl-design §7).
-N_WARM_START = 3000
+#: Facts SFT examples the SFT stage mixes in (every train-split question once, ~270 short records): they teach
+#: the chat answer format on the train people, so RL starts from a policy that sometimes succeeds (rl-design §7).
+N_WARM_START: int | None = None
 
 
-def warm_start_records(n: int = N_WARM_START, seed: int = 0) -> list[dict[str, Any]]:
-    from openk2.rl.envs.procedural import sft_records
+def warm_start_records(world_seed: int = 0, world_people: int = 100, qa_fraction: float = 0.5,
+                       n: int | None = N_WARM_START, seed: int = 0) -> list[dict[str, Any]]:
+    """The RL stage's warm-start SFT records for the world of `openk2.data.world.World.generate(world_seed,
+    world_people)` pretrained with Q/A documents for `qa_fraction` of its people (the speedrun's data.world_*)."""
+    from openk2.data.world import World
+    from openk2.rl.envs.facts import sft_records
 
-    return sft_records(n, seed=seed)
+    return sft_records(World.generate(seed=world_seed, n_people=world_people), qa_fraction, n, seed=seed)
+
+
+def world_overrides(run_dir: Path) -> list[str]:
+    """tasks.world_* overrides naming the world `run_dir` was pretrained on (its train_config.json), if any."""
+    path = run_dir / "train_config.json"
+    data = json.loads(path.read_text()).get("data", {}) if path.is_file() else {}
+    keys = {"world_seed": "world_seed", "world_people": "world_people", "world_qa_fraction": "world_qa_fraction"}
+    return [f"tasks.{ours}={json.dumps(data[theirs])}" for theirs, ours in keys.items() if theirs in data]
 
 
 def rl_stage(run_dir: str | Path, *, overrides: list[str] = (), progress: bool = True, log: Any = print
@@ -47,7 +62,8 @@ def rl_stage(run_dir: str | Path, *, overrides: list[str] = (), progress: bool =
     run_dir = Path(run_dir)
     rl_dir = run_dir / "rl"
     cfg = load_rl_config(None, [f"run.init={json.dumps(str(run_dir / 'sft'))}", f"run.dir={json.dumps(str(rl_dir))}",
-                                *RL_OVERRIDES, f"run.progress={'true' if progress else 'false'}", *overrides])
+                                *RL_OVERRIDES, *world_overrides(run_dir),
+                                f"run.progress={'true' if progress else 'false'}", *overrides])
     t0 = time.perf_counter()
     summary = run_rl(cfg, log=log)
     wall = time.perf_counter() - t0
@@ -57,7 +73,8 @@ def rl_stage(run_dir: str | Path, *, overrides: list[str] = (), progress: bool =
     for key in ("time/rollout", "time/reward", "time/update", "time/sync"):
         timings[key.removeprefix("time/")] = sum(r.get(key, 0.0) for r in rows)
     result = {
-        "steps": summary["steps"], "loss": cfg.train.loss, "group_size": cfg.rollout.group_size,
+        "steps": summary["steps"], "loss": cfg.train.loss, "families": list(cfg.tasks.mix),
+        "group_size": cfg.rollout.group_size,
         "prompts_per_step": cfg.rollout.prompts_per_step,
         "before": {k: v for k, v in evals[0].items() if k.startswith("eval/")} if evals else {},
         "after": {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {},
@@ -107,9 +124,11 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     b, a = result["before"], result["after"]
     lines = ["", "## RL stage: verifiable rewards", "",
              f"{result['steps']} RL steps of `{result['loss']}` (K = {result['group_size']} samples for each of "
-             f"{result['prompts_per_step']} prompts per step) on the procedural digits tasks, from the SFT model; "
-             "greedy pass@1 on held-out tasks (`openk2 eval --model <run>/rl --bench digits` scores the same way on "
-             "all three digits kinds, add included).", "",
+             f"{result['prompts_per_step']} prompts per step) from the SFT model on chat questions about the "
+             "pretraining world's people (no tools; people with Q/A documents in pretraining), rewarded 1 when the "
+             "answer names the right value and no other. Greedy pass@1 on held-out tasks: `facts` asks about the "
+             "other people, whose questions no document contains (`openk2 eval --model <run>/rl --bench world-facts` "
+             "scores the same way); `world` is the tool domain's held-out tasks (`world-agent`).", "",
              "| held-out tasks | after SFT | after RL |", "|---|---:|---:|"]
     for k in sorted(b, key=lambda k: (k.split("/")[1], k.count("/"), k)):  # each family's total, then its kinds
         lines.append(f"| {k.removeprefix('eval/').removesuffix('/pass@1')} | {b[k]:.1%} | {a.get(k, 0):.1%} |")

@@ -99,8 +99,10 @@ def speedrun(name: str = "nano", config: str | Path | None = None, overrides: li
 
         del trainer, model
         t0 = time.perf_counter()
+        warm_start = warm_start_records(cfg.data.world_seed, cfg.data.world_people, cfg.data.world_qa_fraction) \
+            if rl else []
         stage = sft_stage(run_dir, world_seed=cfg.data.world_seed, world_people=cfg.data.world_people,
-                          progress=cfg.run.progress, extra_records=warm_start_records() if rl else [],
+                          progress=cfg.run.progress, extra_records=warm_start,
                           **(sft_options or {}))
         timings["sft stage (synthesis, SFT, world-agent before/after)"] = time.perf_counter() - t0
         summary["sft_stage"] = {k: v for k, v in stage.items() if k != "examples_after"}

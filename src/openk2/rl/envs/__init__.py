@@ -7,6 +7,8 @@ a disjoint held-out set:
     family.task_id(task), family.level(task), family.task_type(task)
 
 - `digits` (procedural, `procedural.py`): reverse / sort / add with short answers; levels for the curriculum.
+- `facts` (`facts.py`): chat questions about the pretraining world's people (no tools); held-out people are those
+  whose Q/A documents were never in pretraining.
 - `world` (`world.py`): the world tool domain, multi-turn with real tools; held-out people for evaluation.
 - `bench:<name>`: an evaluation-harness benchmark's samples + scorer as single-turn tasks (`bench.py`); only
   generated (`seeded`) benchmarks may be trained on, so no evaluation set leaks into training.
@@ -22,7 +24,7 @@ from typing import Any, Protocol
 from openk2.data.chat_format import ChatFormat
 from openk2.rl.types import Env
 
-FAMILIES = ("digits", "world", "bench:<name>", "tau2:<domain>")
+FAMILIES = ("digits", "facts", "world", "bench:<name>", "tau2:<domain>")
 
 
 class TaskFamily(Protocol):
@@ -44,7 +46,7 @@ class TaskFamily(Protocol):
 def check_family(name: str) -> None:
     """ValueError unless `name` names a family (`FAMILIES`)."""
     kind, _, arg = name.partition(":")
-    if name in ("digits", "world") or (kind in ("bench", "tau2") and arg):
+    if name in ("digits", "facts", "world") or (kind in ("bench", "tau2") and arg):
         return
     raise ValueError(f"unknown task family {name!r}; families: {', '.join(FAMILIES)}")
 
@@ -76,6 +78,44 @@ class DigitsFamily:
 
     def level(self, task: Any) -> int:
         return task.level
+
+    def task_type(self, task: Any) -> str:
+        return task.task_type
+
+
+@dataclass
+class FactsFamily:
+    world_seed: int
+    world_people: int
+    qa_fraction: float
+    attributes: tuple[str, ...]
+    name: str = "facts"
+
+    def _world(self) -> Any:
+        from openk2.eval.benchmarks.world_agent import _world
+
+        return _world(self.world_seed, self.world_people)
+
+    def train_tasks(self, n: int, seed: int) -> list[Any]:
+        from openk2.rl.envs.facts import fact_tasks
+
+        return fact_tasks(self._world(), self.qa_fraction, "train", n, seed=seed, attributes=self.attributes)
+
+    def heldout_tasks(self, n: int, seed: int) -> list[Any]:
+        from openk2.rl.envs.facts import fact_tasks
+
+        return fact_tasks(self._world(), self.qa_fraction, "heldout", n, seed=seed, attributes=self.attributes)
+
+    def make_env(self) -> Env:
+        from openk2.rl.envs.facts import FactsEnv
+
+        return FactsEnv(self._world())
+
+    def task_id(self, task: Any) -> str:
+        return task.id
+
+    def level(self, task: Any) -> int:
+        return 1
 
     def task_type(self, task: Any) -> str:
         return task.task_type
@@ -215,6 +255,9 @@ def make_family(name: str, tasks_cfg: Any, chat_format: ChatFormat | None) -> Ta
     if name == "digits":
         return DigitsFamily(tuple(tasks_cfg.digits_kinds), tuple(tasks_cfg.digits_levels),
                             tasks_cfg.digits_partial_credit)
+    if name == "facts":
+        return FactsFamily(tasks_cfg.world_seed, tasks_cfg.world_people, tasks_cfg.world_qa_fraction,
+                           tuple(tasks_cfg.facts_attributes))
     if name == "world":
         return WorldFamily(tasks_cfg.world_seed, tasks_cfg.world_people, tasks_cfg.world_max_turns, chat_format)
     if kind == "bench":
@@ -222,5 +265,5 @@ def make_family(name: str, tasks_cfg: Any, chat_format: ChatFormat | None) -> Ta
     return Tau2Family(arg, tasks_cfg.tau2_user_model, chat_format)
 
 
-__all__ = ["FAMILIES", "BenchFamily", "DigitsFamily", "TaskFamily", "Tau2Family", "WorldFamily", "check_family",
-           "make_family"]
+__all__ = ["FAMILIES", "BenchFamily", "DigitsFamily", "FactsFamily", "TaskFamily", "Tau2Family", "WorldFamily",
+           "check_family", "make_family"]

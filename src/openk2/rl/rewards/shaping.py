@@ -19,6 +19,11 @@ from openk2.rl.types import Trajectory
 
 @dataclass
 class BudgetPenalty:
+    """Budgets per task type ("family/kind" or "family": the most specific entry wins, then `default_budget`) and
+    the penalty of a response the rollout truncated at its budget (or at the context limit). An episode the
+    environment ended (e.g. a turn limit: reason "env") is not over budget, nor is a paused partial rollout.
+    The RL controller's reward shaping (`openk2.rl.controller`) is this reward."""
+
     budget_by_task_type: dict[str, int]
     penalty: float = 0.5
     default_budget: int | None = None
@@ -30,19 +35,25 @@ class BudgetPenalty:
 
     def max_new_tokens(self, task_type: str) -> int:
         """The generation cap for a task type (what the rollout passes as SamplingParams.max_new_tokens)."""
-        if task_type in self.budget_by_task_type:
-            return self.budget_by_task_type[task_type]
+        family = task_type.split("/", 1)[0].split(":", 1)[0]
+        for key in (task_type, family):
+            if key in self.budget_by_task_type:
+                return self.budget_by_task_type[key]
         if self.default_budget is None:
             raise KeyError(f"no token budget for task type {task_type!r}; configured: "
                            f"{', '.join(sorted(self.budget_by_task_type))} (or set default_budget)")
         return self.default_budget
 
+    def over_budget(self, trajectory: Trajectory) -> bool:
+        return trajectory.status == "truncated" and trajectory.reward_info.get("truncated") != "env"
+
+    def score(self, trajectory: Trajectory) -> float:
+        """The penalty term: −penalty for a response over its budget, else 0."""
+        return -self.penalty if self.over_budget(trajectory) else 0.0
+
     async def __call__(self, trajectory: Trajectory, task: Any) -> dict[str, Any]:
-        budget = self.max_new_tokens(trajectory.task_type)
-        over = trajectory.status == "truncated" or trajectory.n_policy_tokens >= budget
-        # An aborted partial rollout is not over budget: it resumes next iteration.
-        over = over and trajectory.status != "aborted"
-        return {"score": -self.penalty if over else 0.0, "over_budget": over, "budget": budget}
+        return {"score": self.score(trajectory), "over_budget": self.over_budget(trajectory),
+                "budget": self.max_new_tokens(trajectory.task_type)}
 
 
 def k15_length_rewards(lengths: Sequence[int], correct: Sequence[bool]) -> list[float]:

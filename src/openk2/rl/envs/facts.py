@@ -1,0 +1,163 @@
+"""`facts`: questions about the pretraining world's people asked as a chat (no tools), a verifiable task family
+whose knowledge the model already holds from pretraining, so RL only has to elicit it.
+
+    tasks = fact_tasks(world, qa_fraction=0.5, split="train")     # deterministic in (world, qa_fraction, split)
+    env = FactsEnv(world); obs = await env.reset(tasks[0]); result = await env.step("Trevane")
+
+A task asks one attribute (`openk2.data.world.ATTRIBUTES`) of one person in the training documents, in the words of
+the world's Q/A templates ("In which city was Xyla Morven born?"). Splits are disjoint by person, by construction:
+
+- "train": the people whose Q/A documents are in pretraining (`qa_people`): they tie question to answer there;
+- "heldout": the other training people, whose facts the biographies state but whose questions occur in no
+  document (the `world-qa` probes' people). Pass@1 here measures knowledge extraction transferred to new people.
+
+Held-out people (in no document) are never asked: their answers are unknowable.
+
+Reward (`fact_reward`): 1.0 iff the response names the right value and no other value of that attribute (any city
+for birth_city, any date for birth_date, ...), case-insensitive, whole words: a response listing several
+candidates earns nothing, and the wording around the value ("She was born in Trevane.") does not matter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from openk2.data.world import ATTRIBUTES, QA_PROMPTS, World, qa_people
+from openk2.rl.types import Observation, StepResult
+
+SPLITS: tuple[str, ...] = ("train", "heldout")
+#: The system message of every question: asks for the bare value, so answers fit a short token budget.
+SYSTEM_PROMPT = "Answer the question with the name, date or word only."
+_DATE = re.compile(r"\b\d{1,2} (?:January|February|March|April|May|June|July|August|September|October|November"
+                   r"|December) \d{4}\b", re.IGNORECASE)
+
+
+@dataclass
+class FactTask:
+    id: str
+    person: str
+    attribute: str
+    question: str
+    answer: str
+    split: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_type(self) -> str:
+        return f"facts/{self.attribute}"
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": self.question}]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FactTask:
+        return cls(**d)
+
+
+def question_text(attribute: str, name: str) -> str:
+    """The chat question: the Q/A template's question without its "Q:" / "A:" scaffolding."""
+    return QA_PROMPTS[attribute].format(name=name).removeprefix("Q: ").split("\n", 1)[0]
+
+
+def split_people(world: World, qa_fraction: float) -> dict[str, list[str]]:
+    """Names per split: "train" = the Q/A-document people, "heldout" = the other training people."""
+    trained = [p.name for p in qa_people(world, qa_fraction)]
+    if not trained:
+        raise ValueError("the facts family needs a world pretrained with Q/A documents (world_qa_fraction > 0, "
+                         f"got {qa_fraction}): its training people are the Q/A-document people")
+    held = [p.name for p in world.train_people if p.name not in set(trained)]
+    return {"train": trained, "heldout": held}
+
+
+def fact_tasks(world: World, qa_fraction: float, split: str, n: int | None = None, seed: int = 0,
+               attributes: tuple[str, ...] | list[str] = ATTRIBUTES) -> list[FactTask]:
+    """Every (person, attribute) task of `split`, shuffled with `random.Random(f"facts/{seed}/{split}")`, the
+    first `n` (all if None). Raises ValueError for an unknown split or attribute."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    bad = [a for a in attributes if a not in ATTRIBUTES]
+    if bad or not attributes:
+        raise ValueError(f"unknown facts attributes {bad}; attributes: {', '.join(ATTRIBUTES)}")
+    people = {p.name: p for p in world.people}
+    tasks = [FactTask(f"facts-{split}-{hashlib.sha256(f'{name}/{a}'.encode()).hexdigest()[:10]}", name, a,
+                      question_text(a, name), people[name].answer(a), split)
+             for name in split_people(world, qa_fraction)[split] for a in attributes]
+    random.Random(f"facts/{seed}/{split}").shuffle(tasks)
+    return tasks[:n]
+
+
+@lru_cache(maxsize=64)
+def _value_patterns(values: frozenset[str]) -> tuple[re.Pattern[str], ...]:
+    return tuple(re.compile(r"(?<!\w)" + re.escape(v) + r"(?!\w)", re.IGNORECASE)
+                 for v in sorted(values, key=len, reverse=True))
+
+
+def _attribute_values(world: World, attribute: str) -> list[str]:
+    tables = {"birth_city": [c.name for c in world.cities], "university": [u.name for u in world.universities],
+              "employer": [c.name for c in world.companies], "field": world.fields, "hobby": world.hobbies}
+    return tables[attribute]
+
+
+def mentioned_values(world: World, attribute: str, text: str) -> set[str]:
+    """The values of `attribute` that `text` names (casefolded): dates by pattern, others from the world's
+    tables (longest first, so "Vel Works Labs" is not also read as "Vel Works")."""
+    if attribute == "birth_date":
+        return {" ".join(m.group(0).split()).casefold() for m in _DATE.finditer(text)}
+    found, rest = set(), text
+    for pattern in _value_patterns(frozenset(_attribute_values(world, attribute))):
+        if pattern.search(rest):
+            found.add(pattern.pattern)
+            rest = pattern.sub(" ", rest)
+    return found
+
+
+def fact_reward(world: World, task: FactTask, text: str) -> float:
+    """1.0 iff `text` names `task.answer` and no other value of the attribute, else 0.0."""
+    named = mentioned_values(world, task.attribute, text)
+    want = mentioned_values(world, task.attribute, task.answer)
+    return 1.0 if named and named == want else 0.0
+
+
+def sft_records(world: World, qa_fraction: float, n: int | None = None, seed: int = 0,
+                attributes: tuple[str, ...] | list[str] = ATTRIBUTES) -> list[dict[str, Any]]:
+    """Chat SFT records (question -> bare answer) of the first `n` train tasks (all if None): a warm start that
+    teaches the answer format on the train people only; held-out people are never in them, by construction."""
+    return [{"messages": [*t.messages(), {"role": "assistant", "content": t.answer}],
+             "metadata": {"source": "facts", "attribute": t.attribute}}
+            for t in fact_tasks(world, qa_fraction, "train", n, seed=seed + 10_000, attributes=attributes)]
+
+
+class FactsEnv:
+    """Single-turn: `reset` asks the question, the first `step` is the answer and ends the episode."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.task: FactTask | None = None
+        self.task_type = "facts"
+
+    async def reset(self, task: FactTask, seed: int | None = None) -> Observation:
+        self.task = task
+        self.task_type = task.task_type
+        return Observation(messages=task.messages(), info={"task_id": task.id})
+
+    async def step(self, action_text: str) -> StepResult:
+        if self.task is None:
+            raise RuntimeError("call reset(task) before step()")
+        reward = fact_reward(self.world, self.task, action_text)
+        return StepResult(None, reward, terminated=True, truncated=False,
+                          info={"correct": reward == 1.0, "expected": self.task.answer})
+
+    async def close(self) -> None:
+        self.task = None
+
+
+__all__ = ["FactTask", "FactsEnv", "fact_reward", "fact_tasks", "mentioned_values", "question_text", "sft_records",
+           "split_people"]
