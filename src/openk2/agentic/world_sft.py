@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -127,4 +128,24 @@ def sft_records(world: World, n_tasks: int, *, registry_worlds: int = 4, tasks_p
     return records
 
 
-__all__ = ["REGISTRY_SEED", "DialogExpert", "DialogUser", "expert_dialog", "sft_records"]
+def tokenizer_chat_texts(world: World, n_dialogs: int, *, tasks_per_dialog: int = 2,
+                         seed: int = 0) -> list[str]:
+    """`n_dialogs` expert dialogs about registry-world people (none of `world`'s), rendered as K2 chat text with
+    the tool declarations: extra training text for the *tokenizer* (`data.tokenizer_chat_dialogs`), so that it
+    learns merges for the chat and tool-call format. A tokenizer trained on `world`'s prose alone spends 762
+    tokens on the declarations and system prompt; with 20 such dialogs (+7% bytes) 275, for +3% tokens on the
+    prose itself (docs/experiments.md, "SFT stage: a tokenizer that knows the tool format")."""
+    from openk2.data.chat import render_chat
+    from openk2.data.tokenizer import SPECIAL_TOKENS
+
+    if n_dialogs <= 0:
+        return []
+    records = sft_records(world, n_dialogs * tasks_per_dialog, registry_worlds=2,
+                          tasks_per_dialog=tasks_per_dialog, own_fraction=0.0, seed=seed)
+    # Control tokens enter sequences as ids, never as text: the text between them is what the tokenizer sees.
+    control = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+    return [piece for r in records[:n_dialogs] for piece in control.split(render_chat(r["messages"], r["tools"]))
+            if piece]
+
+
+__all__ = ["REGISTRY_SEED", "DialogExpert", "DialogUser", "expert_dialog", "sft_records", "tokenizer_chat_texts"]
