@@ -11,10 +11,11 @@ run against their own real `WorldEnv`, so every tool result is true in its world
 (read the name from the request, copy the tool's value into the answer). People whose full name is also a held-out
 person of the pretraining world are dropped, so held-out people stay in no SFT dialog.
 
-Why several requests per dialog: every prompt starts with the same ~650 tokens of tool declarations (the nano
-tokenizer, trained on prose, spends ~1 token per 1.3 characters of JSON), so a one-request dialog is ~8% assistant
-tokens. The scripted user asks `tasks_per_dialog` requests in turn (the next after the agent's answer), on one
-database, as tau-bench users do; the first request of each dialog is exactly an evaluation episode's prompt.
+Why several requests per dialog: every prompt starts with the same tool declarations (~260 tokens with the
+speedrun's chat-aware tokenizer, `data.tokenizer_chat_dialogs`; ~710 with one trained on prose alone), so a
+one-request dialog is only ~15% assistant tokens (two requests: ~24%). The scripted user asks `tasks_per_dialog`
+requests in turn (the next after the agent's answer), on one database, as tau-bench users do; the first request
+of each dialog is exactly an evaluation episode's prompt.
 """
 
 from __future__ import annotations
