@@ -11,10 +11,11 @@ run against their own real `WorldEnv`, so every tool result is true in its world
 (read the name from the request, copy the tool's value into the answer). People whose full name is also a held-out
 person of the pretraining world are dropped, so held-out people stay in no SFT dialog.
 
-Why several requests per dialog: every prompt starts with the same ~650 tokens of tool declarations (the nano
-tokenizer, trained on prose, spends ~1 token per 1.3 characters of JSON), so a one-request dialog is ~8% assistant
-tokens. The scripted user asks `tasks_per_dialog` requests in turn (the next after the agent's answer), on one
-database, as tau-bench users do; the first request of each dialog is exactly an evaluation episode's prompt.
+Why several requests per dialog: every prompt starts with the same tool declarations (~260 tokens with the
+speedrun's chat-aware tokenizer, `data.tokenizer_chat_dialogs`; ~710 with one trained on prose alone), so a
+one-request dialog is only ~15% assistant tokens (two requests: ~24%). The scripted user asks `tasks_per_dialog`
+requests in turn (the next after the agent's answer), on one database, as tau-bench users do; the first request
+of each dialog is exactly an evaluation episode's prompt.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -127,4 +129,24 @@ def sft_records(world: World, n_tasks: int, *, registry_worlds: int = 4, tasks_p
     return records
 
 
-__all__ = ["REGISTRY_SEED", "DialogExpert", "DialogUser", "expert_dialog", "sft_records"]
+def tokenizer_chat_texts(world: World, n_dialogs: int, *, tasks_per_dialog: int = 2,
+                         seed: int = 0) -> list[str]:
+    """`n_dialogs` expert dialogs about registry-world people (none of `world`'s), rendered as K2 chat text with
+    the tool declarations: extra training text for the *tokenizer* (`data.tokenizer_chat_dialogs`), so that it
+    learns merges for the chat and tool-call format. A tokenizer trained on `world`'s prose alone spends 762
+    tokens on the declarations and system prompt; with 20 such dialogs (+7% bytes) 275, for +3% tokens on the
+    prose itself (docs/experiments.md, "SFT stage: a tokenizer that knows the tool format")."""
+    from openk2.data.chat import render_chat
+    from openk2.data.tokenizer import SPECIAL_TOKENS
+
+    if n_dialogs <= 0:
+        return []
+    records = sft_records(world, n_dialogs * tasks_per_dialog, registry_worlds=2,
+                          tasks_per_dialog=tasks_per_dialog, own_fraction=0.0, seed=seed)
+    # Control tokens enter sequences as ids, never as text: the text between them is what the tokenizer sees.
+    control = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+    return [piece for r in records[:n_dialogs] for piece in control.split(render_chat(r["messages"], r["tools"]))
+            if piece]
+
+
+__all__ = ["REGISTRY_SEED", "DialogExpert", "DialogUser", "expert_dialog", "sft_records", "tokenizer_chat_texts"]

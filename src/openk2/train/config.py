@@ -40,6 +40,10 @@ class DataSection:
     world_people: int = 100
     world_renderings: int = 20  # training biographies per person, cycling through the world's styles
     world_qa_fraction: float = 0.5  # fraction of people with Q/A documents too (teaches answering questions)
+    # K2-chat-rendered tool-use dialogs (tool declarations, calls, results) added to the *tokenizer's* training
+    # text only, never to the LM's: a tokenizer trained on prose alone has no merges for JSON, and the world
+    # domain's tool declarations cost ~3x more tokens (openk2.agentic.world_sft.tokenizer_chat_texts). 0 = none.
+    tokenizer_chat_dialogs: int = 20
     cache_dir: str = ""  # where tokenized shards and tokenizers are cached; empty = <run.dir>/../.cache
 
 
@@ -159,6 +163,7 @@ class TrainConfig:
             (t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}"),
             (t.dtype in ("auto", "float32", "bfloat16"), f"train.dtype must be auto, float32 or bfloat16: {t.dtype!r}"),
             (self.data.on_error in ("fail", "skip"), "data.on_error must be fail or skip"),
+            (self.data.tokenizer_chat_dialogs >= 0, "data.tokenizer_chat_dialogs must be >= 0"),
             (t.keep_last >= 1, "train.keep_last must be >= 1"),
             (self.sft.too_long in ("truncate", "skip"), "sft.too_long must be truncate or skip"),
             (0 <= self.sft.val_fraction < 1, "sft.val_fraction must lie in [0, 1)"),

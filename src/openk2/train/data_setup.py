@@ -7,6 +7,7 @@ second run, a resume or the speedrun reuses the tokenizer and shards.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -74,11 +75,17 @@ def get_tokenizer(cfg: TrainConfig, sources: list[Source], progress: bool = True
             raise TrainConfigError(f"data.tokenizer={path} has no tokenizer.json")
         return Tokenizer.load(path)
     train_sources = [s for s in sources if s.split != "val"]
-    key = _key([source_fingerprint(s) for s in train_sources], cfg.data.vocab_size)
+    n_chat = cfg.data.tokenizer_chat_dialogs
+    key = _key([source_fingerprint(s) for s in train_sources], cfg.data.vocab_size,
+               *([f"chat-dialogs-{n_chat}-seed-{cfg.data.world_seed}-{cfg.data.world_people}"] if n_chat else []))
     path = cache_dir(cfg) / f"tokenizer-{cfg.data.vocab_size}-{key}"
     if (path / "tokenizer.json").is_file():
         return Tokenizer.load(path)
     texts = (doc for s in train_sources for doc in iter_documents(s, on_error=cfg.data.on_error))
+    if n_chat:  # tokenizer-only text: the chat and tool-call format (see DataSection.tokenizer_chat_dialogs)
+        from openk2.agentic.world_sft import tokenizer_chat_texts
+
+        texts = itertools.chain(texts, tokenizer_chat_texts(world_for(cfg), n_chat))
     tokenizer = train_tokenizer(texts, cfg.data.vocab_size, show_progress=progress)
     tokenizer.save(path)
     return tokenizer

@@ -23,13 +23,14 @@ from typing import Any
 
 #: Requests in the SFT data, extra registry worlds, requests per dialog (see `openk2.agentic.world_sft`).
 N_TRAIN_TASKS, REGISTRY_WORLDS, TASKS_PER_DIALOG = 1920, 4, 2
-#: The stage's SFT settings (the same as recipes/sft-nano.toml, which documents them). YaRN (factor 4 over
-#: pretraining's 256 positions) because every world-agent prompt puts the dialog at positions ~650-1000.
+#: The stage's SFT settings (the same as recipes/sft-nano.toml, which documents them). With the chat-aware
+#: tokenizer (`data.tokenizer_chat_dialogs`) a two-request dialog is ~480 tokens, so rows of 512; YaRN (factor 2
+#: over pretraining's 256 positions) because a world-agent prompt puts the request at positions ~260-450.
 SFT_OVERRIDES = [
-    "train.max_steps=100", "train.batch_size=4", "train.seq_len=1024", "train.lr=1e-2", "train.warmup_steps=3",
-    "train.decay_fraction=0.5", "train.eval_every=50", "train.eval_batches=2", "train.checkpoint_every=50",
+    "train.max_steps=72", "train.batch_size=8", "train.seq_len=512", "train.lr=1e-2", "train.warmup_steps=3",
+    "train.decay_fraction=0.5", "train.eval_every=36", "train.eval_batches=2", "train.checkpoint_every=36",
     "train.keep_last=1", "run.tensorboard=false",
-    "init.rope_scaling={type='yarn', factor=4.0, original_max_position_embeddings=256}",
+    "init.rope_scaling={type='yarn', factor=2.0, original_max_position_embeddings=256}",
 ]
 
 
