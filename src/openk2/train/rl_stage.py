@@ -20,14 +20,15 @@ from typing import Any
 
 #: The stage's settings on top of openk2.rl.config's defaults (recipes/rl-nano.toml documents each knob).
 #: Training tasks are the `facts` family (chat questions about the pretraining world's people, no tools: knowledge
-#: the model holds from pretraining, so groups carry signal from step 1; docs/experiments.md, "RL stage of the
-#: speedrun"); evaluation is greedy pass@1 on all held-out facts tasks and on 20 world tool-domain tasks.
+#: the model holds after pretraining; but the SFT stage's model has lost it in chat form, ~0%, so groups carry little
+#: signal yet: docs/experiments.md, "RL stage of the speedrun"); evaluation is greedy pass@1 on all held-out facts tasks
+#: and on 20 world tool-domain tasks. 8 steps (~9 s each on 2 idle cores) keep `make demo` within its 20 minutes.
 RL_OVERRIDES = [
-    "train.steps=12", "rollout.group_size=8", "rollout.prompts_per_step=16", "rollout.temperature=1.0",
+    "train.steps=8", "rollout.group_size=8", "rollout.prompts_per_step=16", "rollout.temperature=1.0",
     "rollout.temperature_min=0.7", "rollout.temperature_decay_steps=40", "train.lr=5e-5", "train.optimizer='adamw'",
     "train.loss='kimi_k15'", "train.tau=0.05", "eval.every=0",
     "eval.n_heldout={default = 200, facts = 1000, world = 20}",
-    "tasks.mix={facts = 1.0}", "eval.families=['facts', 'world']", "run.checkpoint_every=6", "run.threads=1",
+    "tasks.mix={facts = 1.0}", "eval.families=['facts', 'world']", "run.checkpoint_every=4", "run.threads=1",
     "run.tensorboard=false", "sampler.curriculum=false", "train.minibatches=4",
 ]
 #: Facts SFT examples the SFT stage mixes in (every train-split question once, ~270 short records): they teach
