@@ -397,7 +397,11 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def run_rl(cfg: RLConfig, engine_factory: Any = None, log: Any = print) -> dict[str, Any]:
-    return RLController(cfg, engine_factory=engine_factory, log=log).run()
+    threads = torch.get_num_threads()  # `run.threads` is for this run only, not for the rest of the caller's process
+    try:
+        return RLController(cfg, engine_factory=engine_factory, log=log).run()
+    finally:
+        torch.set_num_threads(threads)
 
 
 __all__ = ["Group", "RLController", "default_engine", "run_rl"]
