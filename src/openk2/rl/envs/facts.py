@@ -23,11 +23,12 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 from openk2.data.world import ATTRIBUTES, QA_PROMPTS, World, qa_people
+from openk2.rl.envs.procedural import ChatQuestionTask
 from openk2.rl.types import Observation, StepResult
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
@@ -38,7 +39,7 @@ _DATE = re.compile(r"\b\d{1,2} (?:January|February|March|April|May|June|July|Aug
 
 
 @dataclass
-class FactTask:
+class FactTask(ChatQuestionTask):
     id: str
     person: str
     attribute: str
@@ -47,19 +48,11 @@ class FactTask:
     split: str
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    system_prompt: ClassVar[str] = SYSTEM_PROMPT
+
     @property
     def task_type(self) -> str:
         return f"facts/{self.attribute}"
-
-    def messages(self) -> list[dict[str, Any]]:
-        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": self.question}]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FactTask:
-        return cls(**d)
 
 
 def question_text(attribute: str, name: str) -> str:

@@ -20,7 +20,7 @@ import hashlib
 import random
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from openk2.rl.types import Observation, StepResult
 
@@ -31,8 +31,25 @@ SYSTEM_PROMPT = "Answer with the digits only."
 MAX_LEVEL = 3
 
 
+class ChatQuestionTask:
+    """A single-turn task: its system prompt + `question` as chat messages, and dict round-trips."""
+
+    system_prompt: ClassVar[str]
+    question: str
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": self.question}]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        return cls(**d)
+
+
 @dataclass
-class DigitTask:
+class DigitTask(ChatQuestionTask):
     id: str
     kind: str
     level: int
@@ -41,19 +58,11 @@ class DigitTask:
     split: str
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    system_prompt: ClassVar[str] = SYSTEM_PROMPT
+
     @property
     def task_type(self) -> str:
         return f"digits/{self.kind}"
-
-    def messages(self) -> list[dict[str, Any]]:
-        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": self.question}]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DigitTask:
-        return cls(**d)
 
 
 def _spaced(digits: list[int] | str) -> str:
