@@ -42,8 +42,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from openk2.data.chat_format import ChatFormat
@@ -393,23 +394,8 @@ class OpenAIService:
         """Chat completion chunks; the usage rides on the last one (or a final usage-only chunk)."""
         job.completion_tokens = [0] * job.n
         choices = [self._chat_choice(job, i) for i in range(job.n)]
-        pending: dict[str, Any] | None = None
-        try:
-            async for choice in _merge(choices):
-                if pending is not None:
-                    yield pending
-                pending = P.chat_chunk(job.id, job.created, self.model_name, [choice])
-        except APIError:
-            if pending is not None:  # what was generated before the error still reaches the client
-                yield pending
-            raise
-        if pending is not None:
-            if job.include_usage:
-                yield pending
-                yield P.chat_chunk(job.id, job.created, self.model_name, [], job.usage())
-            else:
-                pending["usage"] = job.usage()
-                yield pending
+        async for out in _chunks(job, choices, partial(P.chat_chunk, job.id, job.created, self.model_name)):
+            yield out
 
     async def run_chat(self, job: _Job) -> dict[str, Any]:
         job.completion_tokens = [0] * job.n
@@ -575,23 +561,9 @@ class OpenAIService:
         return [self._completion_choice(job, j, i) for j in range(len(job.prompts)) for i in range(job.n)]
 
     async def stream_completion(self, job: _Job) -> AsyncIterator[dict[str, Any]]:
-        pending: dict[str, Any] | None = None
-        try:
-            async for choice in _merge(self._completion_choices(job)):
-                if pending is not None:
-                    yield pending
-                pending = P.completion(job.id, job.created, self.model_name, [choice], None)
-        except APIError:
-            if pending is not None:  # what was generated before the error still reaches the client
-                yield pending
-            raise
-        if pending is not None:
-            if job.include_usage:
-                yield pending
-                yield P.completion(job.id, job.created, self.model_name, [], job.usage())
-            else:
-                pending["usage"] = job.usage()
-                yield pending
+        choices = self._completion_choices(job)
+        async for out in _chunks(job, choices, partial(P.completion, job.id, job.created, self.model_name)):
+            yield out
 
     async def run_completion(self, job: _Job) -> dict[str, Any]:
         n_choices = len(job.prompts) * job.n
@@ -622,6 +594,31 @@ class OpenAIService:
 def _overloaded(why: str) -> APIError:
     return APIError(503, f"server overloaded: {why}; retry later", type="server_error", code="overloaded",
                     headers={"Retry-After": "1"})
+
+
+async def _chunks(job: _Job, choices: list[AsyncIterator[dict[str, Any]]],
+                  chunk: Callable[..., dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """Stream chunks `chunk([choice], usage)` of the merged choices. Each chunk is held back by one so that the
+    usage rides on the last one (or, with `include_usage`, on a final chunk with no choices); on an error what was
+    generated before it still reaches the client."""
+    pending: dict[str, Any] | None = None
+    try:
+        async for choice in _merge(choices):
+            if pending is not None:
+                yield pending
+            pending = chunk([choice], None)
+    except APIError:
+        if pending is not None:
+            yield pending
+        raise
+    if pending is None:
+        return
+    if job.include_usage:
+        yield pending
+        yield chunk([], job.usage())
+    else:
+        pending["usage"] = job.usage()
+        yield pending
 
 
 async def _merge(gens: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[dict[str, Any]]:
