@@ -55,26 +55,15 @@ class Backend(ABC):
 
 
 @dataclass
-class ChatResponse:
+class _Response:
+    """An OpenAI-format response body; `cached` when it came from the response cache."""
+
     raw: dict[str, Any]
     cached: bool = False
 
     @property
     def choices(self) -> list[dict[str, Any]]:
         return self.raw["choices"]
-
-    @property
-    def message(self) -> Message:
-        """The first choice's assistant message, ready to append to the dialog."""
-        return self.choices[0]["message"]
-
-    @property
-    def content(self) -> str | None:
-        return self.message.get("content")
-
-    @property
-    def tool_calls(self) -> list[dict[str, Any]]:
-        return self.message.get("tool_calls") or []
 
     @property
     def finish_reason(self) -> str | None:
@@ -89,15 +78,22 @@ class ChatResponse:
         return self.raw.get("model", "")
 
 
-@dataclass
-class CompletionResponse:
-    raw: dict[str, Any]
-    cached: bool = False
+class ChatResponse(_Response):
+    @property
+    def message(self) -> Message:
+        """The first choice's assistant message, ready to append to the dialog."""
+        return self.choices[0]["message"]
 
     @property
-    def choices(self) -> list[dict[str, Any]]:
-        return self.raw["choices"]
+    def content(self) -> str | None:
+        return self.message.get("content")
 
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return self.message.get("tool_calls") or []
+
+
+class CompletionResponse(_Response):
     @property
     def text(self) -> str:
         return self.choices[0]["text"]
@@ -109,14 +105,6 @@ class CompletionResponse:
     @property
     def logprobs(self) -> dict[str, Any] | None:
         return self.choices[0].get("logprobs")
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.choices[0].get("finish_reason")
-
-    @property
-    def usage(self) -> Usage:
-        return Usage.from_openai(self.raw.get("usage"))
 
 
 @dataclass
