@@ -22,6 +22,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
+from openk2.data.tokenizer import bytes_to_unicode
+
 TIKTOKEN_FILE = "tiktoken.model"
 # tokenization_kimi.py's `num_reserved_special_tokens`: the ids after the BPE ranks that belong to specials.
 NUM_RESERVED_SPECIAL_TOKENS = 256
@@ -56,20 +58,7 @@ def write_tiktoken_file(ranks: Mapping[bytes, int], path: str | os.PathLike) -> 
     return path
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable-char table, the spelling of tokens in a byte-level `tokenizers` vocabulary."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
-
-
-_BYTE_ENCODER = _bytes_to_unicode()
+_BYTE_ENCODER = bytes_to_unicode()
 
 
 def _spell(token: bytes) -> str:

@@ -75,8 +75,9 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable-char table, which the ByteLevel pre-tokenizer uses to spell tokens."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable-char table, which the ByteLevel pre-tokenizer uses to spell tokens (also the
+    spelling of tokens in a `tokenizers` vocabulary written from a tiktoken file)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -88,7 +89,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
 
 
-_BYTE_DECODER: dict[str, int] = {c: b for b, c in _bytes_to_unicode().items()}
+_BYTE_DECODER: dict[str, int] = {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _build_backend() -> tokenizers.Tokenizer:
