@@ -19,7 +19,6 @@ the ids the server renumbers histories to anyway.
 
 from __future__ import annotations
 
-import json
 import re
 from abc import ABC, abstractmethod
 
@@ -30,7 +29,14 @@ from openk2.data.tokenizer import (
     TOOL_CALLS_SECTION_BEGIN,
     TOOL_CALLS_SECTION_END,
 )
-from openk2.data.toolcall import ParsedOutput, ToolCall, format_tool_call_id, parse_assistant_output
+from openk2.data.toolcall import (
+    ParsedOutput,
+    ToolCall,
+    arguments_ok,
+    format_tool_call_id,
+    parse_assistant_output,
+    short_repr,
+)
 
 
 class ToolCallParser(ABC):
@@ -76,10 +82,6 @@ _DSV3_CALL = re.compile(r"(?P<type>[^\n]*?)" + re.escape(DSV3_SEP) + r"(?P<name>
                         r"(?P<arguments>.*?)\n?```\s*$", re.DOTALL)
 
 
-def _short(s: str, n: int = 40) -> str:
-    return repr(s if len(s) <= n else s[:n] + "...")
-
-
 class DeepSeekV3ToolParser(ToolCallParser):
     name = "deepseek_v3"
     markers = (DSV3_CALLS_BEGIN, DSV3_CALLS_END, DSV3_CALL_BEGIN, DSV3_SEP, DSV3_CALL_END)
@@ -95,20 +97,11 @@ class DeepSeekV3ToolParser(ToolCallParser):
     def _call(self, body: str, index: int, errors: list[str]) -> ToolCall | None:
         m = _DSV3_CALL.match(body.strip("\n"))
         if m is None:
-            errors.append(f"malformed tool call (expected TYPE{DSV3_SEP}NAME, then ```json ARGS ```): {_short(body)}")
+            errors.append(f"malformed tool call (expected TYPE{DSV3_SEP}NAME, then ```json ARGS ```): "
+                          f"{short_repr(body)}")
             return None
         name, arguments = m["name"].strip(), m["arguments"].strip()
-        if any(marker in arguments for marker in self.markers):
-            errors.append(f"tool call {name} arguments contain a tool-call marker: {_short(arguments)}")
-            return None
-        try:
-            value = json.loads(arguments)
-        except json.JSONDecodeError as e:
-            errors.append(f"tool call {name} arguments are not valid JSON ({e.msg} at char {e.pos}): "
-                          f"{_short(arguments)}")
-            return None
-        if not isinstance(value, dict):
-            errors.append(f"tool call {name} arguments are JSON {type(value).__name__}, not an object")
+        if not arguments_ok(name, arguments, self.markers, errors):
             return None
         try:
             call_id = format_tool_call_id(name, index)
@@ -139,21 +132,21 @@ class DeepSeekV3ToolParser(ToolCallParser):
             errors.append(f"missing {DSV3_CALLS_END} (truncated output?)")
         else:
             if section[end + len(DSV3_CALLS_END):].strip():
-                errors.append(f"text after {DSV3_CALLS_END} ignored: {_short(section[end + len(DSV3_CALLS_END):])}")
+                errors.append(f"text after {DSV3_CALLS_END} ignored: {short_repr(section[end + len(DSV3_CALLS_END):])}")
             section = section[:end]
         chunks = section.split(DSV3_CALL_BEGIN)
         if chunks[0].strip():
-            errors.append(f"unexpected text in the tool-calls section: {_short(chunks[0].strip())}")
+            errors.append(f"unexpected text in the tool-calls section: {short_repr(chunks[0].strip())}")
         if len(chunks) == 1:
             errors.append("tool-calls section without any tool call")
         calls: list[ToolCall] = []
         for chunk in chunks[1:]:
             body, sep, rest = chunk.partition(DSV3_CALL_END)
             if not sep:
-                errors.append(f"unterminated tool call (truncated output?): {_short(chunk)}")
+                errors.append(f"unterminated tool call (truncated output?): {short_repr(chunk)}")
                 continue
             if rest.strip():
-                errors.append(f"unexpected text between tool calls: {_short(rest.strip())}")
+                errors.append(f"unexpected text between tool calls: {short_repr(rest.strip())}")
             call = self._call(body, first_index + len(calls), errors)
             if call is not None:
                 calls.append(call)

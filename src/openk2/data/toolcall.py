@@ -115,7 +115,8 @@ def render_tool_calls(calls: Iterable[ToolCall | Mapping[str, Any]]) -> str:
     return "".join(text for text, _ in tool_call_pieces(calls))
 
 
-def _short(s: str, n: int = 40) -> str:
+def short_repr(s: str, n: int = 40) -> str:
+    """`s` quoted for an error message, cut after `n` characters."""
     return repr(s if len(s) <= n else s[:n] + "...")
 
 
@@ -124,17 +125,17 @@ def _parse_call(chunk: str, errors: list[str]) -> ToolCall | None:
     m = TOOL_CALL_PATTERN.match(TOOL_CALL_BEGIN + chunk)
     if m is None:
         if TOOL_CALL_END not in chunk:
-            errors.append(f"unterminated tool call (truncated output?): {_short(chunk)}")
+            errors.append(f"unterminated tool call (truncated output?): {short_repr(chunk)}")
         elif TOOL_CALL_ARGUMENT_BEGIN not in chunk:
-            errors.append(f"tool call without <|tool_call_argument_begin|>: {_short(chunk)}")
+            errors.append(f"tool call without <|tool_call_argument_begin|>: {short_repr(chunk)}")
         else:
             bad_id = chunk.split(TOOL_CALL_ARGUMENT_BEGIN, 1)[0].strip()
-            errors.append(f"malformed tool call id {_short(bad_id)} (expected functions.NAME:IDX)")
+            errors.append(f"malformed tool call id {short_repr(bad_id)} (expected functions.NAME:IDX)")
         return None
     call_id, arguments = m["tool_call_id"], m["function_arguments"]
     rest = chunk[m.end() - len(TOOL_CALL_BEGIN):]
     if rest.strip():
-        errors.append(f"unexpected text after tool call {call_id}: {_short(rest.strip())}")
+        errors.append(f"unexpected text after tool call {call_id}: {short_repr(rest.strip())}")
     head = call_id.rsplit(":", 1)[0]
     if head.startswith(_ID_PREFIX):
         name = head[len(_ID_PREFIX):]
@@ -144,19 +145,27 @@ def _parse_call(chunk: str, errors: list[str]) -> ToolCall | None:
     if not name:
         errors.append(f"tool call id {call_id!r} has an empty function name")
         return None
-    if any(marker in arguments for marker in _MARKERS):
-        errors.append(f"tool call {call_id} arguments contain a tool-call marker: {_short(arguments)}")
+    if not arguments_ok(call_id, arguments, _MARKERS, errors):
         return None
+    return ToolCall(id=call_id, name=name, arguments=arguments)
+
+
+def arguments_ok(label: str, arguments: str, markers: Sequence[str], errors: list[str]) -> bool:
+    """Whether a parsed call's `arguments` text is one JSON object with no tool-call marker in it; if not, the
+    reason (naming the call by `label`) is appended to `errors`."""
+    if any(marker in arguments for marker in markers):
+        errors.append(f"tool call {label} arguments contain a tool-call marker: {short_repr(arguments)}")
+        return False
     try:
         value = json.loads(arguments)
     except json.JSONDecodeError as e:
-        errors.append(f"tool call {call_id} arguments are not valid JSON ({e.msg} at char {e.pos}): "
-                      f"{_short(arguments)}")
-        return None
+        errors.append(f"tool call {label} arguments are not valid JSON ({e.msg} at char {e.pos}): "
+                      f"{short_repr(arguments)}")
+        return False
     if not isinstance(value, dict):
-        errors.append(f"tool call {call_id} arguments are JSON {type(value).__name__}, not an object")
-        return None
-    return ToolCall(id=call_id, name=name, arguments=arguments)
+        errors.append(f"tool call {label} arguments are JSON {type(value).__name__}, not an object")
+        return False
+    return True
 
 
 def parse_assistant_output(text: str) -> ParsedOutput:
@@ -172,7 +181,7 @@ def parse_assistant_output(text: str) -> ParsedOutput:
     end = text.find(IM_END)
     if end >= 0:
         if text[end + len(IM_END):].strip():
-            errors.append(f"text after <|im_end|> ignored: {_short(text[end + len(IM_END):].strip())}")
+            errors.append(f"text after <|im_end|> ignored: {short_repr(text[end + len(IM_END):].strip())}")
         text = text[:end]
 
     begin = text.find(TOOL_CALLS_SECTION_BEGIN)
@@ -196,7 +205,7 @@ def parse_assistant_output(text: str) -> ParsedOutput:
     else:
         trailing = section[section_end + len(TOOL_CALLS_SECTION_END):]
         if trailing.strip():
-            errors.append(f"text after <|tool_calls_section_end|> ignored: {_short(trailing.strip())}")
+            errors.append(f"text after <|tool_calls_section_end|> ignored: {short_repr(trailing.strip())}")
         section = section[:section_end]
     if TOOL_CALLS_SECTION_BEGIN in section:
         errors.append("nested <|tool_calls_section_begin|>")
@@ -204,7 +213,7 @@ def parse_assistant_output(text: str) -> ParsedOutput:
 
     chunks = section.split(TOOL_CALL_BEGIN)
     if chunks[0].strip():
-        errors.append(f"unexpected text in the tool-calls section: {_short(chunks[0].strip())}")
+        errors.append(f"unexpected text in the tool-calls section: {short_repr(chunks[0].strip())}")
     calls = [c for c in (_parse_call(chunk, errors) for chunk in chunks[1:]) if c is not None]
     if len(chunks) == 1:
         errors.append("tool-calls section without any <|tool_call_begin|>")
