@@ -120,3 +120,28 @@ def test_config_accepts_split_and_rejects_other_modes():
     assert load_config(None, ["sft.too_long='split'"]).sft.too_long == "split"
     with pytest.raises(TrainConfigError, match="split"):
         load_config(None, ["sft.too_long='cut'"])
+
+
+def test_copy_friendly_names_are_the_request_tokens(run_and_format):
+    """In the copy-friendly format the tokens of a name in a tool call are exactly its tokens in the request, and a
+    quoted value in the answer has exactly the tool result's tokens; the plain format needs a re-spelling."""
+    from openk2.agentic.world_sft import expert_dialog
+    from openk2.agentic.world_tasks import make_tasks
+
+    _, tok, _ = run_and_format
+    world = World.generate(seed=0, n_people=60)
+
+    def contains(hay: list[int], needle: list[int]) -> bool:
+        return any(hay[i: i + len(needle)] == needle for i in range(len(hay) - len(needle) + 1))
+
+    task = next(t for t in make_tasks(world, "train", 40, seed=1) if t.kind == "lookup" and
+                not t.instruction.startswith(t.person))
+    for copy_format in (True, False):
+        msgs = expert_dialog(world, [task], copy_format=copy_format)["messages"]
+        name = json.loads(msgs[2]["tool_calls"][0]["function"]["arguments"])["name"]
+        call_tokens = tok.encode(json.dumps({"name": name}))
+        name_tokens = tok.encode(f" {task.person}")
+        assert contains(tok.encode(msgs[1]["content"]), name_tokens)
+        assert contains(call_tokens, name_tokens) == copy_format
+        value_tokens = tok.encode(msgs[3]["content"])  # the tool result
+        assert contains(tok.encode(msgs[4]["content"]), value_tokens) == copy_format
