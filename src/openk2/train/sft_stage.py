@@ -7,9 +7,9 @@
    training people, the rest about the people of `registry_worlds` other generated worlds (so the model learns to
    copy names rather than memorise ~90 of them); plus `extra_records` (the RL stage's facts warm start) repeated
    `extra_repeats` times and `ptx_documents` pretraining documents as plain text (`ptx_records`: K2's PTX loss, so
-   SFT keeps what pretraining stored), written as chat JSONL to `<run>/sft/data/`. Dialogs longer than a row are
-   split at request boundaries (`sft.too_long = "split"`), so each row holds one copy of the tool declarations
-   followed by as many whole requests as fit.
+   SFT keeps what pretraining stored), written as chat JSONL to `<run>/sft/data/`. The expert dialogs are written
+   copy-friendly (`openk2.agentic.world_sft.copy_friendly`: every name or value the model must copy has the same
+   tokens where it is copied from and where it is written).
 2. SFT: `recipes/sft-nano.toml` settings (built in as `SFT_OVERRIDES`) from the pretraining run's latest checkpoint
    into `<run>/sft`, a run directory that `openk2 eval --model`, `openk2 serve` and `load_model_dir` accept.
 3. Evaluation: the `world-agent` benchmark's episodes on `n_eval` held-out tasks (people in no pretraining document
@@ -34,11 +34,13 @@ N_TRAIN_TASKS, REGISTRY_WORLDS, TASKS_PER_DIALOG = 1920, 4, 2
 SFT_OVERRIDES = [
     "train.max_steps=72", "train.batch_size=8", "train.seq_len=512", "train.lr=1e-2", "train.warmup_steps=3",
     "train.decay_fraction=0.5", "train.eval_every=36", "train.eval_batches=2", "train.checkpoint_every=36",
-    "train.keep_last=1", "run.tensorboard=false", "sft.too_long='split'",
+    "train.keep_last=1", "run.tensorboard=false",
     "init.rope_scaling={type='yarn', factor=2.0, original_max_position_embeddings=256}",
 ]
-#: Knowledge kept through SFT: pretraining documents mixed in as PTX text, and repeats of `extra_records`.
-N_PTX_DOCUMENTS, EXTRA_REPEATS = 0, 1
+#: Knowledge kept through SFT: 600 pretraining documents mixed in as PTX text (~41k tokens) and the RL stage's facts
+#: warm start (`extra_records`, 270 chat Q/A about the Q/A-document people) 4 times (~56k tokens): ~18% of the SFT
+#: data's tokens, at the same SFT compute (docs/experiments.md, "SFT stage: copying names and keeping knowledge").
+N_PTX_DOCUMENTS, EXTRA_REPEATS = 600, 4
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -130,7 +132,8 @@ def sft_stage(run_dir: str | Path, *, world_seed: int = 0, world_people: int = 1
     result = {
         "n_train_trajectories": len(records), "n_train_tasks": n_tasks, "registry_worlds": registry_worlds,
         "tasks_per_dialog": tasks_per_dialog, "n_eval_tasks": n_eval, "eval_seed": eval_seed,
-        "n_extra_records": len(extra_records) * extra_repeats, "n_ptx_documents": ptx_documents,
+        "n_extra_records": len(extra_records) * extra_repeats,
+        "n_ptx_documents": len(everything) - len(records) - len(extra_records) * extra_repeats,
         "before": {k: v for k, v in before.items() if k != "episodes"},
         "after": {k: v for k, v in after.items() if k != "episodes"},
         "sft": {"steps": last["step"], "final_loss": last.get("loss"), "data": last.get("data", {}),
@@ -181,7 +184,10 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     lines = ["", "## SFT stage: world-domain tool use", "",
              f"{result['n_train_trajectories']} expert dialogs of {result.get('tasks_per_dialog', 1)} requests each "
              f"(scripted user, programmatic expert, real tools) about people of the pretraining world and of "
-             f"{result.get('registry_worlds', 0)} other generated worlds; SFT {result['sft']['steps']} steps; "
+             f"{result.get('registry_worlds', 0)} other generated worlds (copy-friendly: names and values copied as "
+             f"the same tokens), plus {result.get('n_extra_records', 0)} chat Q/A records about the pretraining "
+             f"world's Q/A people and {result.get('n_ptx_documents', 0)} pretraining documents as plain text (PTX); "
+             f"SFT {result['sft']['steps']} steps; "
              f"`world-agent` on {result['n_eval_tasks']} held-out tasks about people in no document "
              f"(seed {result['eval_seed']}).", "",
              "| | pretrained | after SFT |", "|---|---:|---:|",
