@@ -1,12 +1,15 @@
 """One arm of the SFT stage's ablation (docs/experiments.md, "SFT stage: looking for the gain"): the stage's own
-functions (`sft_records`, `sft_config` with `SFT_OVERRIDES` + the arm's overrides, `run_sft`, `evaluate_model`) on a
-copy of a finished pretraining run, with single-thread CPU seconds per phase (wall time means little on shared
-cores) and `world-agent` success at every kept checkpoint.
+functions (`stage_records`, `sft_config` with `SFT_OVERRIDES` + the arm's overrides, `run_sft`, `evaluate_model`)
+on a copy of a finished pretraining run, with single-thread CPU seconds per phase (wall time means little on shared
+cores), `world-agent` success at every kept checkpoint and, with `--facts`, greedy pass@1 on the RL stage's
+held-out `facts` questions (the `world-facts` benchmark's tasks and scorer) after SFT.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python bench/sft_stage_ablation.py y100 --base /tmp/nano --n-train 1920 \\
         train.max_steps=100 train.batch_size=4 train.lr=1e-2 train.keep_last=2
 
-Writes <out>/<name>/result.json and episodes.json (the final checkpoint's transcripts).
+`--warm-start` mixes in the RL stage's facts warm-start records as the speedrun does (`--extra-repeats` times);
+`--ptx N` adds N pretraining documents as plain text. Writes <out>/<name>/result.json and episodes.json (the final
+checkpoint's transcripts).
 """
 
 from __future__ import annotations
@@ -25,6 +28,38 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def facts_heldout(model_dir: Path, world_dir: Path, batch: int = 64) -> dict:
+    """Greedy pass@1 on every held-out `facts` task of the run's world, as `openk2 eval --bench world-facts`."""
+    import asyncio
+    from collections import defaultdict
+
+    from openk2.eval.benchmarks.world import resolve_world
+    from openk2.llm import LLMClient
+    from openk2.llm.local import LocalBackend
+    from openk2.rl.envs.facts import fact_reward, fact_tasks
+
+    src = resolve_world(world_dir, None)
+    tasks = fact_tasks(src.world, src.qa_fraction, "heldout")
+
+    async def run_all() -> list[str]:
+        backend = LocalBackend.from_model_dir(model_dir, max_batch=batch, compile=False)
+        client = LLMClient(backend, model=backend.model_name)
+        try:
+            replies = await asyncio.gather(*(client.chat(t.messages(), temperature=0.0, max_tokens=16) for t in tasks))
+        finally:
+            await client.aclose()
+        return [str(r.message.get("content") or "") for r in replies]
+
+    texts = asyncio.run(run_all())
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    for t, text in zip(tasks, texts, strict=True):
+        by_kind[t.attribute].append(fact_reward(src.world, t, text))
+    scores = [v for vs in by_kind.values() for v in vs]
+    return {"n": len(scores), "pass@1": sum(scores) / len(scores),
+            "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+            "examples": [(t.question, t.answer, x) for t, x in list(zip(tasks, texts, strict=True))[:6]]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("name")
@@ -37,18 +72,21 @@ def main() -> None:
     p.add_argument("--n-eval", type=int, default=40)
     p.add_argument("--eval-seed", type=int, default=0)
     p.add_argument("--before", action="store_true", help="also evaluate the pretrained model")
+    p.add_argument("--warm-start", action="store_true", help="mix in the RL stage's facts warm start (as speedrun)")
+    p.add_argument("--extra-repeats", type=int, default=None, help="copies of the warm start (default: the stage's)")
+    p.add_argument("--ptx", type=int, default=None, help="pretraining documents as PTX text (default: the stage's)")
+    p.add_argument("--facts", action="store_true", help="evaluate facts held-out pass@1 (greedy) after SFT")
     p.add_argument("overrides", nargs="*", help="SFT config overrides after the stage's own (key=value)")
     a = p.parse_intermixed_args()
 
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    from openk2.agentic.world_sft import sft_records
-    from openk2.data.world import World
     from openk2.eval.benchmarks.world_agent import evaluate_model
+    from openk2.train import sft_stage
     from openk2.train.metrics import read_metrics
+    from openk2.train.rl_stage import warm_start_records
     from openk2.train.sft import run_sft, sft_config
-    from openk2.train.sft_stage import SFT_OVERRIDES, write_jsonl
 
     base, run = Path(a.base), Path(a.out) / a.name
     shutil.rmtree(run, ignore_errors=True)
@@ -61,15 +99,19 @@ def main() -> None:
                 "wall_s": time.perf_counter() - t0, "cpu_s": cpu_s() - c0, "episodes": r["episodes"]}
 
     t0, c0 = time.perf_counter(), cpu_s()
-    records = sft_records(World.generate(seed=0, n_people=100), a.n_train, registry_worlds=a.registry_worlds,
-                          tasks_per_dialog=a.tasks_per_dialog, own_fraction=a.own_fraction)
-    write_jsonl(run / "data" / "train.jsonl", records)
-    out["synthesis"] = {"dialogs": len(records), "wall_s": time.perf_counter() - t0, "cpu_s": cpu_s() - c0}
+    extra = warm_start_records(0, 100, 0.5) if a.warm_start else []
+    dialogs, records = sft_stage.stage_records(
+        base, n_train=a.n_train, registry_worlds=a.registry_worlds, tasks_per_dialog=a.tasks_per_dialog,
+        extra_records=extra, extra_repeats=sft_stage.EXTRA_REPEATS if a.extra_repeats is None else a.extra_repeats,
+        ptx_documents=sft_stage.N_PTX_DOCUMENTS if a.ptx is None else a.ptx)
+    sft_stage.write_jsonl(run / "data" / "train.jsonl", records)
+    out["synthesis"] = {"dialogs": len(dialogs), "records": len(records), "wall_s": time.perf_counter() - t0,
+                        "cpu_s": cpu_s() - c0}
     if a.before:
         out["before"] = {k: v for k, v in evaluate(base).items() if k != "episodes"}
     t0, c0 = time.perf_counter(), cpu_s()
     cfg = sft_config(base, [run / "data" / "train.jsonl"], run_dir=run / "sft",
-                     overrides=[*SFT_OVERRIDES, "run.progress=false", *a.overrides])
+                     overrides=[*sft_stage.SFT_OVERRIDES, "run.progress=false", *a.overrides])
     last = run_sft(cfg)
     out["sft"] = {"wall_s": time.perf_counter() - t0, "cpu_s": cpu_s() - c0, "loss": last.get("loss"),
                   "data": last["data"]["train"],
@@ -86,6 +128,10 @@ def main() -> None:
     final = evaluate(run / "sft")
     (run / "episodes.json").write_text(json.dumps(final.pop("episodes"), indent=1, default=str))
     out["after"] = final
+    if a.facts:
+        t0, c0 = time.perf_counter(), cpu_s()
+        facts = facts_heldout(run / "sft", base)
+        out["facts_after"] = {**facts, "wall_s": time.perf_counter() - t0, "cpu_s": cpu_s() - c0}
     (run / "result.json").write_text(json.dumps(out, indent=1, default=str))
     print(json.dumps(out, default=str))
 

@@ -48,3 +48,33 @@ def test_sft_records_mix_worlds_and_never_mention_heldout_people(world):
     assert len(only_own) == 6 and {r["metadata"]["world_seed"] for r in only_own} == {0}
     with pytest.raises(ValueError, match="tasks_per_dialog"):
         sft_records(world, 4, tasks_per_dialog=0)
+
+
+def test_copy_friendly_dialogs_copy_whole_words_and_still_score(world):
+    """Expert dialogs in the copy-friendly format: a free-text argument copied from the request keeps the request's
+    leading space, a value copied from a tool result is quoted in the answer; the tools strip the space, so every
+    one-request dialog still scores 1.0 (end state and answer) and the plain format differs only in that text."""
+    from openk2.agentic.world_sft import COPIED_ARGUMENTS
+    from openk2.agentic.world_tasks import score_episode
+
+    tasks = make_tasks(world, "train", 60, seed=5)
+    spaced = quoted = 0
+    for task in tasks:
+        rec, plain = expert_dialog(world, [task]), expert_dialog(world, [task], copy_format=False)
+        assert score_episode(world, task, rec["messages"])[0] == 1.0
+        request = rec["messages"][1]["content"]
+        results = [m["content"] for m in rec["messages"] if m["role"] == "tool"]
+        for m, p in zip(rec["messages"], plain["messages"], strict=True):
+            for call, pcall in zip(m.get("tool_calls") or [], p.get("tool_calls") or [], strict=True):
+                args, pargs = json.loads(call["function"]["arguments"]), json.loads(pcall["function"]["arguments"])
+                for k, v in args.items():
+                    assert v.strip() == pargs[k]
+                    if k in COPIED_ARGUMENTS and f" {pargs[k]}" in request and pargs[k] not in results:
+                        assert v == " " + pargs[k]
+                        spaced += 1
+                    else:
+                        assert v == pargs[k]
+        answer, plain_answer = rec["messages"][-1]["content"], plain["messages"][-1]["content"]
+        assert answer.replace('"', "") == plain_answer.replace('"', "")
+        quoted += any(f'"{r}"' in answer for r in results)
+    assert spaced > 20 and quoted > 5

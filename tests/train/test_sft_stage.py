@@ -16,8 +16,11 @@ def test_sft_stage_synthesizes_trains_and_measures(tmp_path):
     result = sft_stage(run, world_people=60, n_train=12, n_eval=3, progress=False, log=lambda s: None,
                        overrides=["train.max_steps=2", "train.batch_size=2", "train.seq_len=1536",
                                   "train.eval_every=2", "train.checkpoint_every=2", "train.warmup_steps=1"])
-    lines = (run / "sft" / "data" / "train.jsonl").read_text().count("\n")
-    assert lines == result["n_train_trajectories"] and result["n_train_tasks"] == 12  # two requests per dialog
+    lines = (run / "sft" / "data" / "train.jsonl").read_text().splitlines()
+    assert result["n_train_tasks"] == 12  # two requests per dialog
+    ptx = [json.loads(line) for line in lines if "text" in json.loads(line)]
+    assert len(ptx) == result["n_ptx_documents"] > 0  # the PTX slice of pretraining documents
+    assert len(lines) == result["n_train_trajectories"] + result["n_ptx_documents"]
     assert result["sft"]["steps"] == 2 and (run / "sft" / "tokenizer" / "tokenizer.json").is_file()
     for key in ("before", "after"):
         assert result[key]["n"] == 3 and 0.0 <= result[key]["success"] <= 1.0

@@ -114,7 +114,9 @@ class SFTSection:
     train_files: list[str] = field(default_factory=list)
     val_files: list[str] = field(default_factory=list)  # empty: hold out val_fraction of the training conversations
     val_fraction: float = 0.05
-    too_long: str = "truncate"  # a conversation longer than a row: "truncate" (keep its start) or "skip"
+    # a conversation longer than a row: "truncate" (keep its start), "skip", or "split" at user turns into pieces
+    # that each repeat the system prompt and tools and hold as many whole requests as fit (sft_data.split_requests)
+    too_long: str = "truncate"
 
 
 @dataclass
@@ -165,7 +167,7 @@ class TrainConfig:
             (self.data.on_error in ("fail", "skip"), "data.on_error must be fail or skip"),
             (self.data.tokenizer_chat_dialogs >= 0, "data.tokenizer_chat_dialogs must be >= 0"),
             (t.keep_last >= 1, "train.keep_last must be >= 1"),
-            (self.sft.too_long in ("truncate", "skip"), "sft.too_long must be truncate or skip"),
+            (self.sft.too_long in ("truncate", "skip", "split"), "sft.too_long must be truncate, skip or split"),
             (0 <= self.sft.val_fraction < 1, "sft.val_fraction must lie in [0, 1)"),
         ]
         for ok, msg in checks:

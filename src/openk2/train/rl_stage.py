@@ -20,9 +20,10 @@ from typing import Any
 
 #: The stage's settings on top of openk2.rl.config's defaults (recipes/rl-nano.toml documents each knob).
 #: Training tasks are the `facts` family (chat questions about the pretraining world's people, no tools: knowledge
-#: the model holds after pretraining; but the SFT stage's model has lost it in chat form, ~0%, so groups carry little
-#: signal yet: docs/experiments.md, "RL stage of the speedrun"); evaluation is greedy pass@1 on all held-out facts tasks
-#: and on 20 world tool-domain tasks. 8 steps (~9 s each on 2 idle cores) keep `make demo` within its 20 minutes.
+#: the model holds after pretraining, and that the SFT stage keeps in chat form since its PTX mix and space-led
+#: answers: ~71% held-out, docs/experiments.md, "SFT stage: copying names and keeping knowledge"); evaluation is
+#: greedy pass@1 on all held-out facts tasks and on 20 world tool-domain tasks. 8 steps (~9 s each on 2 idle cores)
+#: keep `make demo` within its 20 minutes.
 RL_OVERRIDES = [
     "train.steps=8", "rollout.group_size=8", "rollout.prompts_per_step=16", "rollout.temperature=1.0",
     "rollout.temperature_min=0.7", "rollout.temperature_decay_steps=40", "train.lr=5e-5", "train.optimizer='adamw'",
@@ -31,8 +32,9 @@ RL_OVERRIDES = [
     "tasks.mix={facts = 1.0}", "eval.families=['facts', 'world']", "run.checkpoint_every=4", "run.threads=1",
     "run.tensorboard=false", "sampler.curriculum=false", "train.minibatches=4",
 ]
-#: Facts SFT examples the SFT stage mixes in (every train-split question once, ~270 short records): they teach
-#: the chat answer format on the train people, so RL starts from a policy that sometimes succeeds (rl-design §7).
+#: Facts SFT examples the SFT stage mixes in (every train-split question, ~270 short records, repeated
+#: `sft_stage.EXTRA_REPEATS` times): they teach the chat answer format on the train people, so RL starts from a policy
+#: that sometimes succeeds (rl-design §7).
 N_WARM_START: int | None = None
 
 

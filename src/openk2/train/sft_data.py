@@ -8,13 +8,17 @@ Format: one JSON object per line, `{"messages": [...], "tools": [...]}` in the O
 optional; extra keys such as "metadata" are ignored). Each conversation is rendered by the starting checkpoint's
 chat format (`ChatFormat.render_ids_and_mask`: K2's template for openk2 runs, the checkpoint's own Jinja template
 otherwise); the mask is 1 on what each assistant turn writes (content, tool calls, its end-of-turn token) and 0 on
-system, user and tool turns and every role header.
+system, user and tool turns and every role header. A line `{"text": "..."}` is plain pretraining text (K2's PTX
+loss): `[bos] + encode(text)` as pretraining stores a document, with the loss on every token.
 
 Targets: position t predicts token t+1 and counts only when token t+1 is an assistant token (else -100).
 
 Packing: conversations are packed whole into rows of `seq_len + 1` tokens (first fit over a window of open rows,
 in a per-epoch permutation of the conversations), padded with the pad token (target -100); a conversation longer
-than a row is truncated (`sft.too_long = "truncate"`, keeping its beginning) or skipped. Attention is not masked
+than a row is truncated (`sft.too_long = "truncate"`, keeping its beginning), skipped, or split (`"split"`) at its
+user turns into pieces that each repeat the messages before the first user turn (system prompt, tool declarations)
+and hold as many whole requests (user turn -> tool calls -> results -> answer) as fit: no request is cut unless it
+alone is longer than a row (then it is truncated); plain text is cut into row-sized pieces. Attention is not masked
 between conversations of a row, as in pretraining. The row order of an epoch depends only on the seed and the
 epoch, so `state_dict` is two integers and resume is exact on any layout (every rank reads the same global batch).
 """
@@ -48,6 +52,7 @@ class Conversation:
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None
     where: str  # "file:line"
+    text: str | None = None  # a plain-text (PTX) record instead of messages: loss on every token
 
 
 @dataclass
@@ -60,6 +65,10 @@ class TokenizedConversation:
 def _check_record(obj: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "text" in obj and "messages" not in obj:
+        if not isinstance(obj["text"], str) or not obj["text"]:
+            raise ValueError("'text' must be a non-empty string")
+        return [], None
     messages = obj.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ValueError("needs a non-empty 'messages' list")
@@ -96,43 +105,83 @@ def read_chat_jsonl(paths: Sequence[str | Path], on_error: str = "fail") -> tupl
                     continue
                 where = f"{path}:{lineno}"
                 try:
-                    messages, tools = _check_record(json.loads(line))
+                    obj = json.loads(line)
+                    messages, tools = _check_record(obj)
                 except json.JSONDecodeError as e:
                     _handle(f"{where}: invalid JSON ({e.msg} at column {e.colno})", on_error, skipped)
                     continue
                 except ValueError as e:
                     _handle(f"{where}: {e}", on_error, skipped)
                     continue
-                out.append(Conversation(messages, tools, where))
+                out.append(Conversation(messages, tools, where, None if messages else obj["text"]))
     return out, skipped
+
+
+def _render(chat_format: Any, c: Conversation) -> tuple[list[int], list[int]]:
+    if c.text is not None:  # PTX: a pretraining document, every token trained on
+        ids = chat_format.tokenizer.encode(c.text, add_bos=True)
+        return ids, [1] * len(ids)
+    return chat_format.render_ids_and_mask(c.messages, c.tools)
+
+
+def split_requests(chat_format: Any, c: Conversation, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(ids, mask) pieces of `c`, each at most `max_len` tokens unless one request alone is longer (then that
+    piece is longer and the caller truncates it): the messages before the first user turn (system prompt; the
+    tools are rendered with every piece) followed by as many whole requests as fit, a request being a user turn
+    and everything up to the next user turn. Plain text is cut into consecutive `max_len`-token pieces."""
+    ids, mask = _render(chat_format, c)
+    if len(ids) <= max_len:
+        return [(ids, mask)]
+    if c.text is not None:
+        return [(ids[i: i + max_len], mask[i: i + max_len]) for i in range(0, len(ids) - 1, max_len - 1)]
+    users = [i for i, m in enumerate(c.messages) if m["role"] == "user"]
+    if len(users) < 2:
+        return [(ids, mask)]
+    prefix = c.messages[: users[0]]
+    requests = [c.messages[a:b] for a, b in zip(users, [*users[1:], len(c.messages)], strict=True)]
+    pieces: list[tuple[list[int], list[int]]] = []
+    held: list[dict[str, Any]] = []
+    held_render: tuple[list[int], list[int]] | None = None
+    for request in requests:
+        trial = chat_format.render_ids_and_mask([*prefix, *held, *request], c.tools)
+        if len(trial[0]) <= max_len or held_render is None:
+            held, held_render = [*held, *request], trial
+            continue
+        pieces.append(held_render)
+        held, held_render = list(request), chat_format.render_ids_and_mask([*prefix, *request], c.tools)
+    pieces.append(held_render)
+    return pieces
 
 
 def tokenize_conversations(convs: Sequence[Conversation], chat_format: Any, max_len: int, on_error: str = "fail",
                            too_long: str = "truncate") -> tuple[list[TokenizedConversation], dict[str, Any]]:
-    """Ids and masks through `chat_format.render_ids_and_mask`; (conversations, stats). Render errors are file:line
-    errors (fail or skip by `on_error`)."""
+    """Ids and masks through `chat_format.render_ids_and_mask` (plain text: `[bos] + encode(text)`, all trained);
+    (conversations, stats). Render errors are file:line errors (fail or skip by `on_error`). `too_long`:
+    "truncate", "skip" or "split" (`split_requests`)."""
     out: list[TokenizedConversation] = []
-    stats = {"conversations": 0, "skipped": [], "truncated": 0, "too_long_skipped": 0, "tokens": 0,
+    stats = {"conversations": 0, "skipped": [], "truncated": 0, "too_long_skipped": 0, "split": 0, "tokens": 0,
              "assistant_tokens": 0}
     for c in convs:
         try:
-            ids, mask = chat_format.render_ids_and_mask(c.messages, c.tools)
+            pieces = split_requests(chat_format, c, max_len) if too_long == "split" else [_render(chat_format, c)]
         except (ValueError, TypeError, KeyError) as e:
             _handle(f"{c.where}: cannot render with the chat format: {e}", on_error, stats["skipped"])
             continue
-        if len(ids) > max_len:
-            if too_long == "skip":
+        stats["split"] += len(pieces) > 1
+        for ids, mask in pieces:
+            if len(ids) > max_len:
+                if too_long == "skip":
+                    stats["too_long_skipped"] += 1
+                    continue
+                ids, mask = ids[:max_len], mask[:max_len]
+                stats["truncated"] += 1
+            if sum(mask[1:]) == 0:  # nothing left to learn (truncated before the first assistant token)
                 stats["too_long_skipped"] += 1
                 continue
-            ids, mask = ids[:max_len], mask[:max_len]
-            stats["truncated"] += 1
-        if sum(mask[1:]) == 0:  # nothing left to learn (truncated before the first assistant token)
-            stats["too_long_skipped"] += 1
-            continue
-        out.append(TokenizedConversation(np.asarray(ids, np.int64), np.asarray(mask, np.int8), c.where))
-        stats["conversations"] += 1
-        stats["tokens"] += len(ids)
-        stats["assistant_tokens"] += int(sum(mask))
+            out.append(TokenizedConversation(np.asarray(ids, np.int64), np.asarray(mask, np.int8), c.where))
+            stats["conversations"] += 1
+            stats["tokens"] += len(ids)
+            stats["assistant_tokens"] += int(sum(mask))
     return out, stats
 
 
@@ -297,4 +346,5 @@ def prepare_sft_data(cfg: TrainConfig):  # -> PreparedData
 
 
 __all__ = ["Conversation", "SFTDataError", "SFTLoader", "TokenizedConversation", "pack_rows", "prepare_sft_data",
-           "read_chat_jsonl", "row_tensors", "split_validation", "starting_model_dir", "tokenize_conversations"]
+           "read_chat_jsonl", "row_tensors", "split_requests", "split_validation", "starting_model_dir",
+           "tokenize_conversations"]

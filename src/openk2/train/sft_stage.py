@@ -5,7 +5,11 @@
 1. Synthesis: `n_train` requests, `tasks_per_dialog` per dialog, solved by the programmatic expert against the real
    tools with a scripted user (`openk2.agentic.world_sft.sft_records`): a quarter about the pretraining world's
    training people, the rest about the people of `registry_worlds` other generated worlds (so the model learns to
-   copy names rather than memorise ~90 of them), written as chat JSONL to `<run>/sft/data/`.
+   copy names rather than memorise ~90 of them); plus `extra_records` (the RL stage's facts warm start) repeated
+   `extra_repeats` times and `ptx_documents` pretraining documents as plain text (`ptx_records`: K2's PTX loss, so
+   SFT keeps what pretraining stored), written as chat JSONL to `<run>/sft/data/`. The expert dialogs are written
+   copy-friendly (`openk2.agentic.world_sft.copy_friendly`: every name or value the model must copy has the same
+   tokens where it is copied from and where it is written).
 2. SFT: `recipes/sft-nano.toml` settings (built in as `SFT_OVERRIDES`) from the pretraining run's latest checkpoint
    into `<run>/sft`, a run directory that `openk2 eval --model`, `openk2 serve` and `load_model_dir` accept.
 3. Evaluation: the `world-agent` benchmark's episodes on `n_eval` held-out tasks (people in no pretraining document
@@ -17,6 +21,7 @@ Results go to `<run>/sft_stage.json` and a plot `<run>/sft_stage.png`; `speedrun
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,10 @@ SFT_OVERRIDES = [
     "train.keep_last=1", "run.tensorboard=false",
     "init.rope_scaling={type='yarn', factor=2.0, original_max_position_embeddings=256}",
 ]
+#: Knowledge kept through SFT: 600 pretraining documents mixed in as PTX text (~41k tokens) and the RL stage's facts
+#: warm start (`extra_records`, 270 chat Q/A about the Q/A-document people) 4 times (~56k tokens): ~18% of the SFT
+#: data's tokens, at the same SFT compute (docs/experiments.md, "SFT stage: copying names and keeping knowledge").
+N_PTX_DOCUMENTS, EXTRA_REPEATS = 600, 4
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -41,28 +50,59 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+def ptx_records(run_dir: str | Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` of the pretraining run's world documents (biographies, Q/A documents, gazetteer; drawn without
+    replacement with `seed`) as `{"text": ...}` SFT records: trained on every token, as K2's PTX loss. They are
+    regenerated from the run's `train_config.json` data section (`openk2.data.world.world_documents`)."""
+    from openk2.data.world import World, world_documents
+
+    data = json.loads((Path(run_dir) / "train_config.json").read_text())["data"]
+    world = World.generate(seed=data.get("world_seed", 0), n_people=data.get("world_people", 100))
+    docs = world_documents(world, "train", renderings_per_person=data.get("world_renderings", 20),
+                           qa_fraction=data.get("world_qa_fraction", 0.0))
+    return [{"text": d, "metadata": {"source": "ptx"}} for d in random.Random(seed).sample(docs, min(n, len(docs)))]
+
+
+def stage_records(run_dir: str | Path, *, world_seed: int = 0, world_people: int = 100, n_train: int = N_TRAIN_TASKS,
+                  registry_worlds: int = REGISTRY_WORLDS, tasks_per_dialog: int = TASKS_PER_DIALOG,
+                  extra_records: list[dict[str, Any]] = (), extra_repeats: int = EXTRA_REPEATS,
+                  ptx_documents: int = N_PTX_DOCUMENTS) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(world-domain expert dialogs, all SFT records): the dialogs, `extra_records` x `extra_repeats` and
+    `ptx_documents` PTX records (the SFT loader shuffles them together)."""
+    from openk2.agentic.world_sft import sft_records
+    from openk2.data.world import World
+
+    world = World.generate(seed=world_seed, n_people=world_people)
+    dialogs = sft_records(world, n_train, registry_worlds=registry_worlds, tasks_per_dialog=tasks_per_dialog, seed=0)
+    ptx = ptx_records(run_dir, ptx_documents) if ptx_documents else []
+    return dialogs, [*dialogs, *list(extra_records) * extra_repeats, *ptx]
+
+
 def sft_stage(run_dir: str | Path, *, world_seed: int = 0, world_people: int = 100, n_train: int = N_TRAIN_TASKS,
               n_eval: int = 40, eval_seed: int = 0, overrides: list[str] = (), progress: bool = True,
               log: Any = print, registry_worlds: int = REGISTRY_WORLDS, tasks_per_dialog: int = TASKS_PER_DIALOG,
-              extra_records: list[dict[str, Any]] = ()) -> dict[str, Any]:
-    """`extra_records`: more chat records mixed into the SFT data (the RL stage's warm-start examples)."""
-    from openk2.agentic.world_sft import sft_records
-    from openk2.data.world import World
+              extra_records: list[dict[str, Any]] = (), extra_repeats: int = EXTRA_REPEATS,
+              ptx_documents: int = N_PTX_DOCUMENTS) -> dict[str, Any]:
+    """`extra_records`: more chat records mixed into the SFT data (the RL stage's warm-start examples), repeated
+    `extra_repeats` times; `ptx_documents`: pretraining documents mixed in as plain text (`ptx_records`)."""
     from openk2.eval.benchmarks.world_agent import evaluate_model
     from openk2.train.sft import run_sft, sft_config
 
     run_dir = Path(run_dir)
     sft_dir = run_dir / "sft"
     timings: dict[str, float] = {}
-    world = World.generate(seed=world_seed, n_people=world_people)
 
     t0 = time.perf_counter()
     data_dir = sft_dir / "data"
-    records = sft_records(world, n_train, registry_worlds=registry_worlds, tasks_per_dialog=tasks_per_dialog, seed=0)
-    write_jsonl(data_dir / "train.jsonl", [*records, *extra_records])
+    records, everything = stage_records(run_dir, world_seed=world_seed, world_people=world_people, n_train=n_train,
+                                        registry_worlds=registry_worlds, tasks_per_dialog=tasks_per_dialog,
+                                        extra_records=extra_records, extra_repeats=extra_repeats,
+                                        ptx_documents=ptx_documents)
+    write_jsonl(data_dir / "train.jsonl", everything)
     timings["synthesis"] = time.perf_counter() - t0
     n_tasks = sum(len(r["metadata"]["tasks"]) for r in records)
-    log(f"sft stage: {len(records)} expert dialogs ({n_tasks} requests) -> {data_dir / 'train.jsonl'}")
+    log(f"sft stage: {len(records)} expert dialogs ({n_tasks} requests), {len(everything) - len(records)} other "
+        f"records -> {data_dir / 'train.jsonl'}")
 
     def evaluate(model_dir: Path) -> dict[str, Any]:
         # All episodes in one decode batch: 1/3 less CPU than batches of 16 (24.5 -> 16.6 CPU-s for the base model)
@@ -92,6 +132,8 @@ def sft_stage(run_dir: str | Path, *, world_seed: int = 0, world_people: int = 1
     result = {
         "n_train_trajectories": len(records), "n_train_tasks": n_tasks, "registry_worlds": registry_worlds,
         "tasks_per_dialog": tasks_per_dialog, "n_eval_tasks": n_eval, "eval_seed": eval_seed,
+        "n_extra_records": len(extra_records) * extra_repeats,
+        "n_ptx_documents": len(everything) - len(records) - len(extra_records) * extra_repeats,
         "before": {k: v for k, v in before.items() if k != "episodes"},
         "after": {k: v for k, v in after.items() if k != "episodes"},
         "sft": {"steps": last["step"], "final_loss": last.get("loss"), "data": last.get("data", {}),
@@ -142,7 +184,10 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     lines = ["", "## SFT stage: world-domain tool use", "",
              f"{result['n_train_trajectories']} expert dialogs of {result.get('tasks_per_dialog', 1)} requests each "
              f"(scripted user, programmatic expert, real tools) about people of the pretraining world and of "
-             f"{result.get('registry_worlds', 0)} other generated worlds; SFT {result['sft']['steps']} steps; "
+             f"{result.get('registry_worlds', 0)} other generated worlds (copy-friendly: names and values copied as "
+             f"the same tokens), plus {result.get('n_extra_records', 0)} chat Q/A records about the pretraining "
+             f"world's Q/A people and {result.get('n_ptx_documents', 0)} pretraining documents as plain text (PTX); "
+             f"SFT {result['sft']['steps']} steps; "
              f"`world-agent` on {result['n_eval_tasks']} held-out tasks about people in no document "
              f"(seed {result['eval_seed']}).", "",
              "| | pretrained | after SFT |", "|---|---:|---:|",
@@ -155,4 +200,4 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["SFT_OVERRIDES", "report_lines", "sft_stage", "write_jsonl"]
+__all__ = ["SFT_OVERRIDES", "ptx_records", "report_lines", "sft_stage", "stage_records", "write_jsonl"]

@@ -122,8 +122,10 @@ def fact_reward(world: World, task: FactTask, text: str) -> float:
 def sft_records(world: World, qa_fraction: float, n: int | None = None, seed: int = 0,
                 attributes: tuple[str, ...] | list[str] = ATTRIBUTES) -> list[dict[str, Any]]:
     """Chat SFT records (question -> bare answer) of the first `n` train tasks (all if None): a warm start that
-    teaches the answer format on the train people only; held-out people are never in them, by construction."""
-    return [{"messages": [*t.messages(), {"role": "assistant", "content": t.answer}],
+    teaches the answer format on the train people only; held-out people are never in them, by construction.
+    The answer starts with a space: the BPE glues a word to the space before it, and pretraining stored the value
+    as the word after a space ("A: Treikraev" -> " Treikraev"), not as the start of a text ("T", "reikraev")."""
+    return [{"messages": [*t.messages(), {"role": "assistant", "content": " " + t.answer}],
              "metadata": {"source": "facts", "attribute": t.attribute}}
             for t in fact_tasks(world, qa_fraction, "train", n, seed=seed + 10_000, attributes=attributes)]
 
