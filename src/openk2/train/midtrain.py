@@ -7,7 +7,10 @@ SFT, which then has a few dozen steps to learn the format, to copy names from th
 to answer knowledge questions in chat form, all at once; at the speedrun's scale it learns the format but not the
 copying, and it loses the pretraining knowledge in chat form (docs/experiments.md, "Midtraining"). Mixing chat rows
 into pretraining's last steps, at the same steps and tokens per step, gives the model the format while the
-learning rate decays, tied to the knowledge it holds.
+learning rate decays, tied to the knowledge it holds. Measured at the speedrun's scale (docs/experiments.md,
+"Midtraining"): the format is learned (the SFT stage starts lower and every world-agent prompt gets a well-formed
+tool call), but neither the copying of new names nor chat answers about people outside the chat data, so SFT and
+RL end where they do without it; hence `data.midtrain_weight = 0` by default.
 
 What the chat rows hold (`midtrain_records`), rendered with the K2 chat format's real token ids (control tokens as
 ids, exactly as SFT and the evaluation render them, `openk2.data.chat.render_chat_ids`), loss on assistant tokens
