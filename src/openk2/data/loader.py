@@ -213,14 +213,16 @@ class PackedLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.next_batch()
 
-    def next_batch(self, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next batch of `batch_size` rows, or only its `rows` (a data-parallel rank's share of a global
-        batch): the stream advances by the whole batch either way, but only the kept rows are copied."""
-        keep = range(self.batch_size)[rows] if rows is not None else range(self.batch_size)
+    def next_batch(self, rows: slice | None = None, n_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch of `batch_size` rows (`n_rows` if given: midtraining fills the rest with chat rows), or
+        only its `rows` (a data-parallel rank's share of a global batch): the stream advances by the whole batch
+        either way, but only the kept rows are copied."""
+        n = self.batch_size if n_rows is None else n_rows
+        keep = range(n)[rows] if rows is not None else range(n)
         if keep.step != 1:
             raise ValueError(f"rows must be a contiguous slice, got {rows}")
         rows_BR = np.empty((len(keep), self.seq_len + 1), dtype=np.int64)
-        for b in range(self.batch_size):
+        for b in range(n):
             self._fill_row(rows_BR[b - keep.start] if b in keep else None)
         return _to_batch(rows_BR, self.device)
 

@@ -44,6 +44,14 @@ class DataSection:
     # text only, never to the LM's: a tokenizer trained on prose alone has no merges for JSON, and the world
     # domain's tool declarations cost ~3x more tokens (openk2.agentic.world_sft.tokenizer_chat_texts). 0 = none.
     tokenizer_chat_dialogs: int = 20
+    # Midtraining (openk2.train.midtrain): from step round(midtrain_start * train.max_steps) on, midtrain_weight of
+    # every batch's rows are K2-chat conversations (world-domain expert dialogs about registry worlds' and training
+    # people, and chat-form facts questions about the Q/A-document people) instead of pretraining text, at the same
+    # tokens per step; 0.7 = the LR-decay phase. midtrain_weight = 0 switches it off. World embedded corpus only.
+    midtrain_weight: float = 0.0
+    midtrain_start: float = 0.7
+    midtrain_world_requests: int = 960  # one-request dialogs in the chat pool (no tool declarations: see midtrain.py)
+    midtrain_facts_copies: int = 2  # copies of the facts family's 270 train-split questions in the chat pool
     cache_dir: str = ""  # where tokenized shards and tokenizers are cached; empty = <run.dir>/../.cache
 
 
@@ -166,6 +174,12 @@ class TrainConfig:
             (t.dtype in ("auto", "float32", "bfloat16"), f"train.dtype must be auto, float32 or bfloat16: {t.dtype!r}"),
             (self.data.on_error in ("fail", "skip"), "data.on_error must be fail or skip"),
             (self.data.tokenizer_chat_dialogs >= 0, "data.tokenizer_chat_dialogs must be >= 0"),
+            (0 <= self.data.midtrain_weight <= 1, "data.midtrain_weight must lie in [0, 1]"),
+            (0 <= self.data.midtrain_start < 1, "data.midtrain_start must lie in [0, 1)"),
+            (self.data.midtrain_world_requests >= 0 and self.data.midtrain_facts_copies >= 0,
+             "data.midtrain_world_requests and data.midtrain_facts_copies must be >= 0"),
+            (self.data.midtrain_weight == 0 or self.data.midtrain_world_requests + self.data.midtrain_facts_copies > 0,
+             "data.midtrain_weight > 0 needs chat data: data.midtrain_world_requests or data.midtrain_facts_copies"),
             (t.keep_last >= 1, "train.keep_last must be >= 1"),
             (self.sft.too_long in ("truncate", "skip", "split"), "sft.too_long must be truncate, skip or split"),
             (0 <= self.sft.val_fraction < 1, "sft.val_fraction must lie in [0, 1)"),

@@ -21,13 +21,14 @@ from openk2.data.sources import Source, SourceSpec, TextListSource, iter_documen
 from openk2.data.tokenizer import Tokenizer, train_tokenizer
 from openk2.data.world import World, world_documents
 from openk2.train.config import TrainConfig, TrainConfigError
+from openk2.train.midtrain import MidtrainLoader, chat_conversations, midtrain_records
 
 
 @dataclass
 class PreparedData:
     tokenizer: Tokenizer
     shards_dir: Path
-    loader: PackedLoader
+    loader: PackedLoader | MidtrainLoader
     # Held-out batches of one source; `val_sources` lists the sources that have held-out documents.
     val_batches: Callable[[str], Iterator[tuple[torch.Tensor, torch.Tensor]]]
     token_bytes: torch.Tensor  # UTF-8 bytes per token id, for bits per byte
@@ -107,11 +108,26 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     build_shards(sources, shards_dir, tokenizer, val_fraction=cfg.data.val_fraction, on_error=cfg.data.on_error,
                  progress=cfg.run.progress)
     loader = PackedLoader(shards_dir, t.batch_size, t.seq_len, seed=t.seed)
+    ds = loader.data
+    if cfg.data.midtrain_weight > 0:
+        loader = midtrain_loader(cfg, loader, tokenizer, world)
 
     def val(source: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return validation_batches(shards_dir, t.batch_size, t.seq_len, sources=[source], max_batches=t.eval_batches)
 
-    ds = loader.data
     val_sources = [n for i, n in enumerate(ds.names) if ds.num_docs(i, "val") > 0]
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.long)
     return PreparedData(tokenizer, shards_dir, loader, val, token_bytes, world, val_sources)
+
+
+def midtrain_loader(cfg: TrainConfig, loader: PackedLoader, tokenizer: Tokenizer, world: World | None
+                    ) -> MidtrainLoader:
+    """The pretraining stream with midtraining's chat rows (`DataSection.midtrain_*`, `openk2.train.midtrain`)."""
+    if world is None:
+        raise TrainConfigError("data.midtrain_weight > 0 needs the embedded world corpus (data.sources = []): its "
+                               "chat data is about the world's people")
+    d, t = cfg.data, cfg.train
+    records = midtrain_records(world, d.world_qa_fraction, d.midtrain_world_requests, d.midtrain_facts_copies)
+    convs, _ = chat_conversations(tokenizer, records, t.seq_len)
+    return MidtrainLoader(loader, convs, start_step=int(round(d.midtrain_start * t.max_steps)),
+                          weight=d.midtrain_weight, pad_id=tokenizer.pad_id, seed=t.seed)

@@ -1,6 +1,7 @@
 """`openk2 speedrun`: the whole recipe on a laptop, each stage measured, ending in `runs/<name>/report.md`.
 
-Stages today: world corpus -> tokenizer -> shards -> pretraining with MuonClip -> evaluation (validation loss
+Stages today: world corpus -> tokenizer -> shards -> pretraining with MuonClip (optionally ending in a midtraining
+phase of chat rows, `data.midtrain_*`, off by default: `openk2.train.midtrain`) -> evaluation (validation loss
 and bits per byte, knowledge probes, samples) -> report with plots -> SFT stage (world-domain tool-use
 trajectories -> `openk2 sft` into runs/<name>/sft -> `world-agent` success before and after, `sft_stage.py`)
 -> RL stage (`openk2 rl` from the SFT model into runs/<name>/rl -> held-out greedy pass@1 before and after, the
