@@ -99,6 +99,10 @@ class TrainSection:
     grad_clip: float = 1.0
     micro_batch: int = 64            # sequences per forward/backward (gradient accumulation)
     minibatches: int = 1             # optimizer steps per rollout batch (K1.5: off-policy within an iteration)
+    # Leave groups whose rewards are all equal out of the update: no cost for them. Exact for the PPO-style losses
+    # (A = 0 contributes nothing) and for kimi_k15 with one minibatch; with several minibatches kimi_k15 loses their
+    # τΔ² anchor on the later minibatches (openk2 choice, a CPU saving when most groups carry no signal)
+    drop_zero_advantage_groups: bool = False
     ptx_coef: float = 0.0            # λ_ptx: weight of the LM loss on held-out SFT data (openk2 choice)
     ptx_files: list[str] = field(default_factory=list)  # chat JSONL (assistant tokens are the targets)
     ptx_batch: int = 8
