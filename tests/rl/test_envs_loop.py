@@ -353,10 +353,12 @@ def test_world_partial_credit_rewards_gold_calls_but_never_passes():
         result = run(env.step(as_text(call)))
         return run(env.step(answer)).reward if not result.terminated else result.reward
 
-    assert play(True, "Done.") == 0.25            # the gold lookup (1 of 2 gold calls), no update, answer lacks value
+    assert play(True, "Done.") == 0.25            # the gold lookup (1 of 2 gold calls, all its arguments), no update
     assert play(False, "Done.") == 0.0            # exact task success only
-    assert play(True, "Done.", wrong_name=True) == 0.0
+    assert play(True, "Done.", wrong_name=True) == 0.125  # the lookup's attribute (1 of its 2 arguments)
     assert gold_call_credit(task, [{"role": "assistant", "tool_calls": [
         {"function": {"name": a["name"], "arguments": a["arguments"]}} for a in task.gold_actions]}]) == 1.0
+    garbled = [{"role": "assistant", "tool_calls": [{"function": {"name": "lookup", "arguments": "{oops"}}]}]
+    assert gold_call_credit(task, garbled) == 0.0
     refuse = next(t for t in make_tasks(world, "train", 40, seed=0) if t.kind == "refuse")
     assert gold_call_credit(refuse, []) == 0.0

@@ -15,9 +15,9 @@ them can only be served by copying the name from the request and the value from 
 skill the held-out tasks test (the SFT model names a memorised person instead). Such a task is a `RegistryTask`,
 and the env runs it on its own world's tools and checker.
 
-`partial_credit` (training only; pass@1 stays exact task success): a failed episode earns 0.5 x the fraction of
-the task's gold tool calls it made with exactly the gold arguments (`gold_call_credit`), so a group whose samples
-all fail still ranks the one that named the right person and attribute above the one that invented a name.
+`partial_credit` (training only; pass@1 stays exact task success): a failed episode earns 0.5 x the share of the
+task's gold tool-call arguments it got right (`gold_call_credit`), so a group whose samples all fail still ranks
+the one that copied the request's name into its call above the one that invented a name.
 """
 
 from __future__ import annotations
@@ -82,18 +82,20 @@ def _arguments(raw: Any) -> Any:
 
 
 def gold_call_credit(task: WorldTask, messages: Sequence[dict[str, Any]]) -> float:
-    """The fraction of `task`'s gold tool calls that the transcript made with exactly the gold name and arguments
-    (each gold call matched at most once, in any order); 0 for a task without tool calls (refuse)."""
+    """How much of `task`'s gold tool calls the transcript made: for each gold call, the largest fraction of its
+    arguments (name, attribute, value, ...) that one call of the same tool got exactly right, averaged over the gold
+    calls; 0 for a task without tool calls (refuse). Per argument, so that copying the request's name into an
+    otherwise wrong call already counts (the SFT model picks the tool and attribute but invents the name)."""
     if not task.gold_actions:
         return 0.0
     made = [(str((c.get("function") or {}).get("name")), _arguments((c.get("function") or {}).get("arguments")))
             for m in messages if m.get("role") == "assistant" for c in (m.get("tool_calls") or [])]
-    hits = 0
+    total = 0.0
     for gold in task.gold_actions:
-        if (gold["name"], gold["arguments"]) in made:
-            made.remove((gold["name"], gold["arguments"]))
-            hits += 1
-    return hits / len(task.gold_actions)
+        want = gold["arguments"]
+        total += max((sum(isinstance(args, dict) and args.get(k) == v for k, v in want.items()) / max(len(want), 1)
+                      for tool, args in made if tool == gold["name"]), default=0.0)
+    return total / len(task.gold_actions)
 
 
 class WorldToolEnv:
