@@ -315,6 +315,7 @@ def test_world_train_tasks_mix_registry_worlds_and_run_on_their_own_tools():
     again = world_train_tasks(world, 30, seed=0, registry_worlds=2)
     assert [t.id for t in tasks] == [t.id for t in again] and len({t.id for t in tasks}) == 30
     assert [t.id for t in world_train_tasks(world, 5, seed=0)] == [t.id for t in make_tasks(world, "train", 5, 0)]
+    assert {t.kind for t in world_train_tasks(world, 20, seed=0, registry_worlds=1, kinds={"count": 1.0})} == {"count"}
     others = [t for t in tasks if isinstance(t, RegistryTask)]
     assert {t.world.seed for t in others} == {2000, 2001} and len(others) == 20
     heldout = {p.name for p in world.heldout_people}

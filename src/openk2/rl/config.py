@@ -54,6 +54,7 @@ class TasksSection:
     # world: train tasks also about the people of this many registry worlds (unseen names: the model must copy them
     # from the request, as on held-out people), evenly mixed with the world's own training people
     world_registry_worlds: int = 0
+    world_kinds: dict[str, float] = field(default_factory=dict)  # train task-kind weights; {} = world_tasks' mix
     world_partial_credit: bool = False   # failed episodes earn 0.5 x the fraction of gold tool calls made (training)
     bench_data_dir: str = "../shared/data"
     tau2_user_model: str = ""        # "URL#model" of an OpenAI-compatible endpoint: τ²'s user simulator

@@ -130,6 +130,7 @@ class WorldFamily:
     chat_format: ChatFormat | None
     registry_worlds: int = 0
     partial_credit: bool = False
+    kinds: dict[str, float] | None = None
     name: str = "world"
 
     def _world(self) -> Any:
@@ -140,7 +141,7 @@ class WorldFamily:
     def train_tasks(self, n: int, seed: int) -> list[Any]:
         from openk2.rl.envs.world import world_train_tasks
 
-        return world_train_tasks(self._world(), n, seed=seed, registry_worlds=self.registry_worlds)
+        return world_train_tasks(self._world(), n, seed=seed, registry_worlds=self.registry_worlds, kinds=self.kinds)
 
     def heldout_tasks(self, n: int, seed: int) -> list[Any]:
         from openk2.agentic.world_tasks import make_tasks
@@ -263,7 +264,8 @@ def make_family(name: str, tasks_cfg: Any, chat_format: ChatFormat | None) -> Ta
                            tuple(tasks_cfg.facts_attributes))
     if name == "world":
         return WorldFamily(tasks_cfg.world_seed, tasks_cfg.world_people, tasks_cfg.world_max_turns, chat_format,
-                           tasks_cfg.world_registry_worlds, tasks_cfg.world_partial_credit)
+                           tasks_cfg.world_registry_worlds, tasks_cfg.world_partial_credit,
+                           dict(tasks_cfg.world_kinds))
     if kind == "bench":
         return BenchFamily(arg, tasks_cfg.bench_data_dir)
     return Tau2Family(arg, tasks_cfg.tau2_user_model, chat_format)

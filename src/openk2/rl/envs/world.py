@@ -54,21 +54,24 @@ class RegistryTask:
         return self.task.kind
 
 
-def world_train_tasks(world: World, n: int, seed: int = 0, registry_worlds: int = 0
-                      ) -> list[WorldTask | RegistryTask]:
+def world_train_tasks(world: World, n: int, seed: int = 0, registry_worlds: int = 0,
+                      kinds: dict[str, float] | None = None) -> list[WorldTask | RegistryTask]:
     """`n` train tasks: about `world`'s training people only (registry_worlds = 0), or spread evenly over `world`
     and `registry_worlds` registry worlds of the same size, interleaved so that any prefix mixes them. Tasks that
-    name a held-out person of `world` (a registry person may share the name) are dropped, so none is trained on."""
+    name a held-out person of `world` (a registry person may share the name) are dropped, so none is trained on.
+    `kinds`: task-kind weights (`world_tasks.KIND_WEIGHTS` when None or empty)."""
     if registry_worlds < 0:
         raise ValueError(f"registry_worlds must be >= 0, got {registry_worlds}")
     if registry_worlds == 0:
-        return list(make_tasks(world, "train", n, seed=seed))
+        return list(make_tasks(world, "train", n, seed=seed, kinds=kinds or None))
     heldout = {p.name for p in world.heldout_people}
     per_world = -(-n // (1 + registry_worlds))
-    columns: list[list[WorldTask | RegistryTask]] = [list(make_tasks(world, "train", per_world, seed=seed))]
+    columns: list[list[WorldTask | RegistryTask]] = [list(make_tasks(world, "train", per_world, seed=seed,
+                                                                     kinds=kinds or None))]
     for k in range(registry_worlds):
         other = World.generate(seed=RL_REGISTRY_SEED + k, n_people=len(world.people))
-        columns.append([RegistryTask(other, t) for t in make_tasks(other, "train", per_world, seed=seed)
+        columns.append([RegistryTask(other, t) for t in make_tasks(other, "train", per_world, seed=seed,
+                                                                   kinds=kinds or None)
                         if not any(h in t.instruction for h in heldout)])
     mixed = [col[i] for i in range(per_world) for col in columns if i < len(col)]
     return mixed[:n]
