@@ -139,13 +139,14 @@ def test_speedrun_rl_stage_writes_results_plot_and_report(tiny_dir, tmp_path):
 
     shutil.copytree(tiny_dir, tmp_path / "sft")
     result = rl_stage(tmp_path, progress=False, log=lambda *_: None,
-                      overrides=[*BASE, "train.steps=2", "eval.families=['facts']", "eval.n_heldout={default = 8}"])
-    assert result["steps"] == 2 and result["families"] == ["facts"]
+                      overrides=[*BASE, "train.steps=2", "tasks.mix={digits = 1.0}", "eval.families=['facts']",
+                                 "eval.n_heldout={default = 8}"])
+    assert result["steps"] == 2 and result["families"] == ["digits"] and result["n_heldout"] == {"facts": 8}
     assert {"eval/facts/pass@1"} <= result["before"].keys() & result["after"].keys()
     assert (tmp_path / "rl_stage.json").is_file() and (tmp_path / "rl_stage.png").is_file()
     assert (tmp_path / "rl" / "checkpoints").is_dir()
     lines = "\n".join(report_lines(result))
-    assert "## RL stage" in lines and "| facts |" in lines
+    assert "## RL stage" in lines and "| facts |" in lines and "Held-out tasks: facts 8." in lines
     records = warm_start_records(n=5)
     assert len(records) == 5 and records[0]["messages"][-1]["role"] == "assistant"
 

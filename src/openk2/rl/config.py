@@ -69,7 +69,7 @@ class RolloutSection:
     temperature_decay_steps: int = 0
     top_p: float = 1.0
     # Budget control (K2): max new tokens per task type (family name or family/kind); truncation is penalised.
-    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"digits": 12, "facts": 16, "world": 48,
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"digits": 12, "facts": 16, "world": 128,
                                                                      "bench": 256, "tau2": 128})
     default_max_new_tokens: int = 64
     truncation_penalty: float = 0.5  # subtracted from a truncated response's reward (openk2 choice)
