@@ -6,7 +6,7 @@ greedy pass@1 before and after, with the reward curve.
 Training tasks are the world tool domain's (`openk2.rl.envs.world`: multi-turn episodes on the real tools, the
 SFT stage's skill), about the pretraining world's training people and two registry worlds' people (names no
 training step has seen, as the held-out people's); evaluation is greedy pass@1 on the held-out people's tasks
-(`world-agent`'s tasks and scoring, the stage's own 40 of them plus 60 more).
+(`world-agent`'s tasks and scoring: the SFT stage's 40 tasks and the next 20 of the same draw).
 Settings are `recipes/rl-nano.toml`'s with the stage's shorter budget (`RL_OVERRIDES`). Results go to
 `<run>/rl_stage.json` and `<run>/rl_stage.png`; `speedrun.write_report` adds a section (`report_lines`).
 """
@@ -24,9 +24,10 @@ from typing import Any
 #: samples all score alike are left out of the update (most groups: no cost for them). Token budget 128 per world
 #: episode (the expert's episodes take 31-102 policy tokens; the old 48 made update and company_city tasks
 #: impossible). Evaluation: greedy pass@1 on 60 held-out world tasks (the SFT stage's 40 and 20 more).
-#: docs/experiments.md, "RL stage on the world tool domain": +15 points (refusals) from an SFT model that had not
-#: learnt to refuse yet, no change from one that refuses already (the remaining tasks need names copied from the
-#: request, which the SFT models do in ~1% of samples). 8 steps keep `make demo` within its 20 minutes.
+#: docs/experiments.md, "RL stage on the world tool domain": +13 points (`grpo`: +17; refusals learnt) on 60
+#: held-out tasks from an SFT model that had not learnt to refuse yet, no change from one that refuses already (the
+#: other tasks need names copied from the request, which the SFT models do in ~1% of samples). 8 steps: ~110-130
+#: CPU-s at one thread, ~60 s more than the facts stage took.
 RL_OVERRIDES = [
     "train.steps=8", "rollout.group_size=8", "rollout.prompts_per_step=8", "rollout.temperature=1.0",
     "rollout.temperature_min=0.7", "rollout.temperature_decay_steps=40", "train.lr=5e-5", "train.optimizer='adamw'",
