@@ -24,10 +24,10 @@ from typing import Any
 #: samples all score alike are left out of the update (most groups: no cost for them). Token budget 128 per world
 #: episode (the expert's episodes take 31-102 policy tokens; the old 48 made update and company_city tasks
 #: impossible). Evaluation: greedy pass@1 on 60 held-out world tasks (the SFT stage's 40 and 20 more).
-#: docs/experiments.md, "RL stage on the world tool domain": +13 points (`grpo`: +17; refusals learnt) on 60
-#: held-out tasks from an SFT model that had not learnt to refuse yet, no change from one that refuses already (the
-#: other tasks need names copied from the request, which the SFT models do in ~1% of samples). 8 steps: ~110-130
-#: CPU-s at one thread, ~60 s more than the facts stage took.
+#: docs/experiments.md, "RL stage on the world tool domain": +13 to +17 points (2 seeds x kimi_k15/grpo; the
+#: refusals learnt) on 60 held-out tasks from an SFT model that had not learnt to refuse yet, no change from one
+#: that refuses already (the other tasks need names copied from the request, which the SFT models do in ~1% of
+#: samples). 8 steps: ~100-130 CPU-s at one thread, ~60 s more than the facts stage took.
 RL_OVERRIDES = [
     "train.steps=8", "rollout.group_size=8", "rollout.prompts_per_step=8", "rollout.temperature=1.0",
     "rollout.temperature_min=0.7", "rollout.temperature_decay_steps=40", "train.lr=5e-5", "train.optimizer='adamw'",
