@@ -75,6 +75,29 @@ def test_controller_steps_checkpoint_and_resume(tiny_dir, tmp_path):
     assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in again.model.state_dict().items())
 
 
+def test_zero_advantage_groups_can_be_left_out_of_the_update(tiny_dir, tmp_path):
+    from openk2.rl.controller import Group
+    from openk2.rl.types import Trajectory
+
+    def batch(drop: bool):
+        c = RLController(config(tiny_dir, tmp_path / f"rl{drop}", "train.minibatches=2",
+                                f"train.drop_zero_advantage_groups={str(drop).lower()}"))
+        groups = []
+        for gi, rewards in enumerate([(1.0, 0.0), (0.0, 0.0), (1.0, 1.0)]):
+            trajs = [Trajectory(f"g{gi}", [1, 2], [3], [1], [-0.1], [0], reward=r, task_type="digits/reverse")
+                     for r in rewards]
+            groups.append(Group(f"g{gi}", "digits", gi, trajs))
+        out = c._train_batch(groups)
+        c.close()
+        return out
+
+    kept, adv, stats = batch(False)
+    assert len(kept) == 6 and stats["zero_adv_groups"] == 2 / 3
+    kept, adv, stats = batch(True)
+    assert [t.group_id for t in kept] == ["g0", "g0"] and adv.tolist() == [0.5, -0.5]
+    assert stats["zero_adv_groups"] == 2 / 3 and stats["pass_rate"] == 3 / 6
+
+
 def test_nan_loss_skips_the_update(tiny_dir, tmp_path, monkeypatch):
     cfg = config(tiny_dir, tmp_path / "rl", "train.steps=1", "rollout.temperature=1.5")
     c = RLController(cfg)
@@ -116,13 +139,14 @@ def test_speedrun_rl_stage_writes_results_plot_and_report(tiny_dir, tmp_path):
 
     shutil.copytree(tiny_dir, tmp_path / "sft")
     result = rl_stage(tmp_path, progress=False, log=lambda *_: None,
-                      overrides=[*BASE, "train.steps=2", "eval.families=['facts']", "eval.n_heldout={default = 8}"])
-    assert result["steps"] == 2 and result["families"] == ["facts"]
+                      overrides=[*BASE, "train.steps=2", "tasks.mix={digits = 1.0}", "eval.families=['facts']",
+                                 "eval.n_heldout={default = 8}"])
+    assert result["steps"] == 2 and result["families"] == ["digits"] and result["n_heldout"] == {"facts": 8}
     assert {"eval/facts/pass@1"} <= result["before"].keys() & result["after"].keys()
     assert (tmp_path / "rl_stage.json").is_file() and (tmp_path / "rl_stage.png").is_file()
     assert (tmp_path / "rl" / "checkpoints").is_dir()
     lines = "\n".join(report_lines(result))
-    assert "## RL stage" in lines and "| facts |" in lines
+    assert "## RL stage" in lines and "| facts |" in lines and "Held-out tasks: facts 8." in lines
     records = warm_start_records(n=5)
     assert len(records) == 5 and records[0]["messages"][-1]["role"] == "assistant"
 

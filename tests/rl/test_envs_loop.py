@@ -304,3 +304,62 @@ def test_facts_family_from_config_matches_the_world_facts_benchmark():
 
     with pytest.raises(BenchmarkDataError, match="no world here"):  # a model directory without a world
         replace(bench, options={"run_dir": str(Path(__file__).parent)}).load(Path("."))
+
+
+def test_world_train_tasks_mix_registry_worlds_and_run_on_their_own_tools():
+    from openk2.data.tool_parsers import get_tool_parser
+    from openk2.rl.envs.world import RegistryTask, world_train_tasks
+
+    world = _world()
+    tasks = world_train_tasks(world, 30, seed=0, registry_worlds=2)
+    again = world_train_tasks(world, 30, seed=0, registry_worlds=2)
+    assert [t.id for t in tasks] == [t.id for t in again] and len({t.id for t in tasks}) == 30
+    assert [t.id for t in world_train_tasks(world, 5, seed=0)] == [t.id for t in make_tasks(world, "train", 5, 0)]
+    assert {t.kind for t in world_train_tasks(world, 20, seed=0, registry_worlds=1, kinds={"count": 1.0})} == {"count"}
+    others = [t for t in tasks if isinstance(t, RegistryTask)]
+    assert {t.world.seed for t in others} == {2000, 2001} and len(others) == 20
+    heldout = {p.name for p in world.heldout_people}
+    assert not any(h in t.task.instruction for t in others for h in heldout)
+    own_names = {p.name for p in world.people}
+    rt = next(t for t in others if t.kind == "lookup" and t.task.person not in own_names)
+    env = WorldToolEnv(world, get_tool_parser("kimi_k2"))
+    obs = run(env.reset(rt))
+    assert rt.task.person in obs.messages[-1]["content"]
+    call = ExpertAgent(rt.task).act(obs.messages)
+    result = run(env.step(as_text(call)))
+    assert not result.observation.messages[0]["content"].startswith("Error"), result.observation.messages
+    answer = {"role": "assistant", "content": f"It is {result.observation.messages[0]['content']}."}
+    assert run(env.step(as_text(answer))).reward == 1.0
+    # the same request on the pretraining world's tools fails: the person is not in its registry
+    run(env.reset(rt.task))
+    assert run(env.step(as_text(call))).observation.messages[0]["content"].startswith("Error")
+
+
+def test_world_partial_credit_rewards_gold_calls_but_never_passes():
+    from openk2.data.tool_parsers import get_tool_parser
+    from openk2.rl.envs.world import gold_call_credit
+
+    world = _world()
+    task = next(t for t in make_tasks(world, "train", 40, seed=0) if t.kind == "update")
+    parser = get_tool_parser("kimi_k2")
+    expert = ExpertAgent(task)
+
+    def play(partial: bool, answer: str, wrong_name: bool = False) -> float:
+        env = WorldToolEnv(world, parser, partial_credit=partial)
+        messages = list(run(env.reset(task)).messages)
+        call = expert.act(messages)
+        if wrong_name:
+            call["tool_calls"][0]["function"]["arguments"] = call["tool_calls"][0]["function"]["arguments"].replace(
+                task.person, "Nobody Atall")
+        result = run(env.step(as_text(call)))
+        return run(env.step(answer)).reward if not result.terminated else result.reward
+
+    assert play(True, "Done.") == 0.25            # the gold lookup (1 of 2 gold calls, all its arguments), no update
+    assert play(False, "Done.") == 0.0            # exact task success only
+    assert play(True, "Done.", wrong_name=True) == 0.125  # the lookup's attribute (1 of its 2 arguments)
+    assert gold_call_credit(task, [{"role": "assistant", "tool_calls": [
+        {"function": {"name": a["name"], "arguments": a["arguments"]}} for a in task.gold_actions]}]) == 1.0
+    garbled = [{"role": "assistant", "tool_calls": [{"function": {"name": "lookup", "arguments": "{oops"}}]}]
+    assert gold_call_credit(task, garbled) == 0.0
+    refuse = next(t for t in make_tasks(world, "train", 40, seed=0) if t.kind == "refuse")
+    assert gold_call_credit(refuse, []) == 0.0

@@ -51,6 +51,11 @@ class TasksSection:
     facts_attributes: list[str] = field(default_factory=lambda: ["birth_city", "birth_date", "university", "field",
                                                                  "employer", "hobby"])
     world_max_turns: int = 4         # model turns per world episode
+    # world: train tasks also about the people of this many registry worlds (unseen names: the model must copy them
+    # from the request, as on held-out people), evenly mixed with the world's own training people
+    world_registry_worlds: int = 0
+    world_kinds: dict[str, float] = field(default_factory=dict)  # train task-kind weights; {} = world_tasks' mix
+    world_partial_credit: bool = False   # failed episodes earn 0.5 x the fraction of gold tool calls made (training)
     bench_data_dir: str = "../shared/data"
     tau2_user_model: str = ""        # "URL#model" of an OpenAI-compatible endpoint: τ²'s user simulator
 
@@ -64,7 +69,7 @@ class RolloutSection:
     temperature_decay_steps: int = 0
     top_p: float = 1.0
     # Budget control (K2): max new tokens per task type (family name or family/kind); truncation is penalised.
-    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"digits": 12, "facts": 16, "world": 48,
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: {"digits": 12, "facts": 16, "world": 128,
                                                                      "bench": 256, "tau2": 128})
     default_max_new_tokens: int = 64
     truncation_penalty: float = 0.5  # subtracted from a truncated response's reward (openk2 choice)
@@ -95,6 +100,10 @@ class TrainSection:
     grad_clip: float = 1.0
     micro_batch: int = 64            # sequences per forward/backward (gradient accumulation)
     minibatches: int = 1             # optimizer steps per rollout batch (K1.5: off-policy within an iteration)
+    # Leave groups whose rewards are all equal out of the update: no cost for them. Exact for the PPO-style losses
+    # (A = 0 contributes nothing) and for kimi_k15 with one minibatch; with several minibatches kimi_k15 loses their
+    # τΔ² anchor on the later minibatches (openk2 choice, a CPU saving when most groups carry no signal)
+    drop_zero_advantage_groups: bool = False
     ptx_coef: float = 0.0            # λ_ptx: weight of the LM loss on held-out SFT data (openk2 choice)
     ptx_files: list[str] = field(default_factory=list)  # chat JSONL (assistant tokens are the targets)
     ptx_batch: int = 8

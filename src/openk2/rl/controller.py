@@ -248,7 +248,10 @@ class RLController:
                 self.sampler.update(g.family, g.index, sum(float((t.reward or 0) >= 1.0) for t in valid) / len(valid))
             if len(valid) < 2:
                 continue
-            zero_adv += max(shaped) - min(shaped) < 1e-9
+            no_signal = max(shaped) - min(shaped) < 1e-9
+            zero_adv += no_signal
+            if no_signal and self.cfg.train.drop_zero_advantage_groups:
+                continue
             trajs += valid
             gids += [gi] * len(valid)
             rewards += shaped

@@ -9,7 +9,8 @@ a disjoint held-out set:
 - `digits` (procedural, `procedural.py`): reverse / sort / add with short answers; levels for the curriculum.
 - `facts` (`facts.py`): chat questions about the pretraining world's people (no tools); held-out people are those
   whose Q/A documents were never in pretraining.
-- `world` (`world.py`): the world tool domain, multi-turn with real tools; held-out people for evaluation.
+- `world` (`world.py`): the world tool domain, multi-turn with real tools; held-out people for evaluation; train
+  tasks about the world's training people and, with `tasks.world_registry_worlds`, about other worlds' people.
 - `bench:<name>`: an evaluation-harness benchmark's samples + scorer as single-turn tasks (`bench.py`); only
   generated (`seeded`) benchmarks may be trained on, so no evaluation set leaks into training.
 - `tau2:<domain>`: τ²-bench's train split through its gym env (`tau2.py`); needs `tasks.tau2_user_model`.
@@ -127,6 +128,9 @@ class WorldFamily:
     world_people: int
     max_turns: int
     chat_format: ChatFormat | None
+    registry_worlds: int = 0
+    partial_credit: bool = False
+    kinds: dict[str, float] | None = None
     name: str = "world"
 
     def _world(self) -> Any:
@@ -135,9 +139,9 @@ class WorldFamily:
         return _world(self.world_seed, self.world_people)
 
     def train_tasks(self, n: int, seed: int) -> list[Any]:
-        from openk2.agentic.world_tasks import make_tasks
+        from openk2.rl.envs.world import world_train_tasks
 
-        return make_tasks(self._world(), "train", n, seed=seed)
+        return world_train_tasks(self._world(), n, seed=seed, registry_worlds=self.registry_worlds, kinds=self.kinds)
 
     def heldout_tasks(self, n: int, seed: int) -> list[Any]:
         from openk2.agentic.world_tasks import make_tasks
@@ -148,7 +152,7 @@ class WorldFamily:
         from openk2.rl.envs.world import WorldToolEnv
 
         return WorldToolEnv(self._world(), self.chat_format.tool_parser if self.chat_format else None,
-                            max_turns=self.max_turns)
+                            max_turns=self.max_turns, partial_credit=self.partial_credit)
 
     def task_id(self, task: Any) -> str:
         return task.id
@@ -259,7 +263,9 @@ def make_family(name: str, tasks_cfg: Any, chat_format: ChatFormat | None) -> Ta
         return FactsFamily(tasks_cfg.world_seed, tasks_cfg.world_people, tasks_cfg.world_qa_fraction,
                            tuple(tasks_cfg.facts_attributes))
     if name == "world":
-        return WorldFamily(tasks_cfg.world_seed, tasks_cfg.world_people, tasks_cfg.world_max_turns, chat_format)
+        return WorldFamily(tasks_cfg.world_seed, tasks_cfg.world_people, tasks_cfg.world_max_turns, chat_format,
+                           tasks_cfg.world_registry_worlds, tasks_cfg.world_partial_credit,
+                           dict(tasks_cfg.world_kinds))
     if kind == "bench":
         return BenchFamily(arg, tasks_cfg.bench_data_dir)
     return Tau2Family(arg, tasks_cfg.tau2_user_model, chat_format)
