@@ -193,7 +193,7 @@ def test_tsne_map_separates_domains():
     groups = [["stock", "order", "price", "trade", "market"], ["arm", "joint", "gripper", "motor", "sensor"]]
     rng = np.random.default_rng(0)
     x = np.array([text_vector(list(rng.choice(g, 3, replace=False))) for g in groups for _ in range(15)])
-    y = tsne_2d(x, iters=300)
+    y = tsne_2d(x)  # the default 500 iterations (300 left 4 of 30 points beside the other domain on numpy 2.4)
     d = np.linalg.norm(y[:, None] - y[None], axis=-1) + np.eye(30) * 1e9
     label = np.arange(30) >= 15
     assert (label[d.argmin(1)] == label).mean() >= 0.9  # nearest neighbours on the map share the domain

@@ -89,7 +89,9 @@ def test_every_layout_trains_validates_and_checkpoints_like_one_process(root, na
     out = _pretrain(root, name, nproc, *overrides)
     assert f"global batch {BATCH} =" in out.stdout
     losses, val = _curves(root / name)
-    rtol = FP8_RTOL if "fp8" in name else 1e-5
+    # AdamW divides by sqrt(v): gradients that differ in the last bits (another all-reduce order) move the
+    # validation loss after 6 steps by up to ~1.1e-5 relative (hsdp_adamw with numpy 2.4 / this venv), Muon by less.
+    rtol = FP8_RTOL if "fp8" in name else 3e-5 if "adamw" in name else 1e-5
     assert _rel(losses, ref_losses) <= rtol, (losses, ref_losses)
     assert _rel(val, ref_val) <= rtol, (val, ref_val)
     assert len(val) == 2  # validated at steps 3 and 6
