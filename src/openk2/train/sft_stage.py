@@ -51,15 +51,19 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def ptx_records(run_dir: str | Path, n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """`n` of the pretraining run's world documents (biographies, Q/A documents, gazetteer; drawn without
-    replacement with `seed`) as `{"text": ...}` SFT records: trained on every token, as K2's PTX loss. They are
-    regenerated from the run's `train_config.json` data section (`openk2.data.world.world_documents`)."""
-    from openk2.data.world import World, world_documents
+    """`n` of the pretraining run's training documents (drawn without replacement with `seed`) as `{"text": ...}`
+    SFT records: trained on every token, as K2's PTX loss. The documents are the run's own training sources, rebuilt
+    from its `train_config.json` by `openk2.train.data_setup.build_sources` (the embedded world corpus only)."""
+    from openk2.data.sources import iter_documents
+    from openk2.train.config import TrainConfig
+    from openk2.train.data_setup import build_sources
 
-    data = json.loads((Path(run_dir) / "train_config.json").read_text())["data"]
-    world = World.generate(seed=data.get("world_seed", 0), n_people=data.get("world_people", 100))
-    docs = world_documents(world, "train", renderings_per_person=data.get("world_renderings", 20),
-                           qa_fraction=data.get("world_qa_fraction", 0.0))
+    cfg = TrainConfig.from_dict(json.loads((Path(run_dir) / "train_config.json").read_text()))
+    sources, world = build_sources(cfg)
+    if world is None:
+        raise ValueError(f"{run_dir}: PTX records need a run on the embedded world corpus (data.sources = []); "
+                         "pass ptx_documents=0 for other runs")
+    docs = [d for src in sources if src.split != "val" for d in iter_documents(src)]
     return [{"text": d, "metadata": {"source": "ptx"}} for d in random.Random(seed).sample(docs, min(n, len(docs)))]
 
 
