@@ -103,7 +103,7 @@ def main() -> None:
     dialogs, records = sft_stage.stage_records(
         base, n_train=a.n_train, registry_worlds=a.registry_worlds, tasks_per_dialog=a.tasks_per_dialog,
         extra_records=extra, extra_repeats=sft_stage.EXTRA_REPEATS if a.extra_repeats is None else a.extra_repeats,
-        ptx_documents=sft_stage.N_PTX_DOCUMENTS if a.ptx is None else a.ptx)
+        ptx_documents=sft_stage.N_PTX_DOCUMENTS if a.ptx is None else a.ptx, own_fraction=a.own_fraction)
     sft_stage.write_jsonl(run / "data" / "train.jsonl", records)
     out["synthesis"] = {"dialogs": len(dialogs), "records": len(records), "wall_s": time.perf_counter() - t0,
                         "cpu_s": cpu_s() - c0}

@@ -70,14 +70,17 @@ def ptx_records(run_dir: str | Path, n: int, seed: int = 0) -> list[dict[str, An
 def stage_records(run_dir: str | Path, *, world_seed: int = 0, world_people: int = 100, n_train: int = N_TRAIN_TASKS,
                   registry_worlds: int = REGISTRY_WORLDS, tasks_per_dialog: int = TASKS_PER_DIALOG,
                   extra_records: list[dict[str, Any]] = (), extra_repeats: int = EXTRA_REPEATS,
-                  ptx_documents: int = N_PTX_DOCUMENTS) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(world-domain expert dialogs, all SFT records): the dialogs, `extra_records` x `extra_repeats` and
-    `ptx_documents` PTX records (the SFT loader shuffles them together)."""
+                  ptx_documents: int = N_PTX_DOCUMENTS, own_fraction: float = 0.25
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(world-domain expert dialogs, all SFT records): the dialogs (`own_fraction` of the requests about the
+    pretraining world's training people, `sft_records`), `extra_records` x `extra_repeats` and `ptx_documents` PTX
+    records (the SFT loader shuffles them together)."""
     from openk2.agentic.world_sft import sft_records
     from openk2.data.world import World
 
     world = World.generate(seed=world_seed, n_people=world_people)
-    dialogs = sft_records(world, n_train, registry_worlds=registry_worlds, tasks_per_dialog=tasks_per_dialog, seed=0)
+    dialogs = sft_records(world, n_train, registry_worlds=registry_worlds, tasks_per_dialog=tasks_per_dialog,
+                          own_fraction=own_fraction, seed=0)
     ptx = ptx_records(run_dir, ptx_documents) if ptx_documents else []
     return dialogs, [*dialogs, *list(extra_records) * extra_repeats, *ptx]
 
