@@ -280,9 +280,12 @@ class SFTLoader:
 
 
 def split_validation(convs: list[Conversation], fraction: float) -> tuple[list[Conversation], list[Conversation]]:
-    """(train, val): a conversation is held out when the hash of its file:line falls under `fraction`."""
+    """(train, val): a conversation is held out when the hash of its content (messages, tools or text) falls under
+    `fraction`. Not its file:line: the split (and with it the training set and every batch) must not depend on
+    where the file lies, and repeated records (a warm start mixed in k times) fall on one side together."""
     def held(c: Conversation) -> bool:
-        h = int(hashlib.sha256(c.where.encode()).hexdigest()[:8], 16) / 16**8
+        content = json.dumps([c.messages, c.tools, c.text], sort_keys=True, ensure_ascii=False)
+        h = int(hashlib.sha256(content.encode()).hexdigest()[:8], 16) / 16**8
         return h < fraction
 
     return [c for c in convs if not held(c)], [c for c in convs if held(c)]
