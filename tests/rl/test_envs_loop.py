@@ -285,6 +285,23 @@ def test_fact_tasks_are_deterministic_disjoint_by_person_and_rewarded_by_value()
         fact_tasks(world, 0.5, "train", attributes=("shoe_size",))
 
 
+def test_facts_warm_start_per_person_holds_every_train_question_once():
+    from openk2.rl.envs.facts import SYSTEM_PROMPT, fact_tasks, sft_records
+
+    world = _world()
+    single, grouped = sft_records(world, 0.5), sft_records(world, 0.5, per_person=True)
+    pairs = {(r["messages"][1]["content"], r["messages"][2]["content"]) for r in single}
+    got = [(m["content"], r["messages"][2 * i + 2]["content"]) for r in grouped
+           for i, m in enumerate(r["messages"][1::2])]
+    assert len(got) == len(single) and set(got) == pairs  # the same question -> answer pairs, each once
+    assert all(a.startswith(" ") for _, a in got)
+    train = {t.question: t.person for t in fact_tasks(world, 0.5, "train")}
+    for r in grouped:  # one person per record, every attribute, behind one system prompt
+        assert r["messages"][0] == {"role": "system", "content": SYSTEM_PROMPT}
+        assert [m["role"] for m in r["messages"][1:]] == ["user", "assistant"] * 6
+        assert len({train[m["content"]] for m in r["messages"][1::2]}) == 1
+
+
 def test_facts_family_from_config_matches_the_world_facts_benchmark():
     from openk2.eval.benchmarks.world_facts import WorldFacts
     from openk2.eval.task import Completion

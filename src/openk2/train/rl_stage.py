@@ -48,13 +48,16 @@ N_WARM_START: int | None = None
 
 
 def warm_start_records(world_seed: int = 0, world_people: int = 100, qa_fraction: float = 0.5,
-                       n: int | None = N_WARM_START, seed: int = 0) -> list[dict[str, Any]]:
+                       n: int | None = N_WARM_START, seed: int = 0, per_person: bool = False
+                       ) -> list[dict[str, Any]]:
     """The RL stage's warm-start SFT records for the world of `openk2.data.world.World.generate(world_seed,
-    world_people)` pretrained with Q/A documents for `qa_fraction` of its people (the speedrun's data.world_*)."""
+    world_people)` pretrained with Q/A documents for `qa_fraction` of its people (the speedrun's data.world_*);
+    `per_person`: one multi-turn record per person (`openk2.rl.envs.facts.sft_records`)."""
     from openk2.data.world import World
     from openk2.rl.envs.facts import sft_records
 
-    return sft_records(World.generate(seed=world_seed, n_people=world_people), qa_fraction, n, seed=seed)
+    return sft_records(World.generate(seed=world_seed, n_people=world_people), qa_fraction, n, seed=seed,
+                       per_person=per_person)
 
 
 def world_overrides(run_dir: Path) -> list[str]:

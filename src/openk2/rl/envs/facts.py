@@ -120,14 +120,25 @@ def fact_reward(world: World, task: FactTask, text: str) -> float:
 
 
 def sft_records(world: World, qa_fraction: float, n: int | None = None, seed: int = 0,
-                attributes: tuple[str, ...] | list[str] = ATTRIBUTES) -> list[dict[str, Any]]:
+                attributes: tuple[str, ...] | list[str] = ATTRIBUTES, per_person: bool = False
+                ) -> list[dict[str, Any]]:
     """Chat SFT records (question -> bare answer) of the first `n` train tasks (all if None): a warm start that
     teaches the answer format on the train people only; held-out people are never in them, by construction.
     The answer starts with a space: the BPE glues a word to the space before it, and pretraining stored the value
-    as the word after a space ("A: Treikraev" -> " Treikraev"), not as the start of a text ("T", "reikraev")."""
-    return [{"messages": [*t.messages(), {"role": "assistant", "content": " " + t.answer}],
-             "metadata": {"source": "facts", "attribute": t.attribute}}
-            for t in fact_tasks(world, qa_fraction, "train", n, seed=seed + 10_000, attributes=attributes)]
+    as the word after a space ("A: Treikraev" -> " Treikraev"), not as the start of a text ("T", "reikraev").
+    `per_person`: one multi-turn record per person holding all of that person's questions (in the tasks' shuffled
+    order) instead of one record per question: the same name asked for different attributes side by side, and
+    half the tokens per trained answer (one system prompt per person)."""
+    tasks = fact_tasks(world, qa_fraction, "train", n, seed=seed + 10_000, attributes=attributes)
+    if not per_person:
+        return [{"messages": [*t.messages(), {"role": "assistant", "content": " " + t.answer}],
+                 "metadata": {"source": "facts", "attribute": t.attribute}} for t in tasks]
+    by_person: dict[str, list[FactTask]] = {}
+    for t in tasks:
+        by_person.setdefault(t.person, []).append(t)
+    return [{"messages": [ts[0].messages()[0], *(m for t in ts for m in (
+                {"role": "user", "content": t.question}, {"role": "assistant", "content": " " + t.answer}))],
+             "metadata": {"source": "facts", "attributes": [t.attribute for t in ts]}} for ts in by_person.values()]
 
 
 class FactsEnv:
