@@ -74,8 +74,8 @@ def main() -> None:
     p.add_argument("--before", action="store_true", help="also evaluate the pretrained model")
     p.add_argument("--warm-start", action="store_true", help="mix in the RL stage's facts warm start (as speedrun)")
     p.add_argument("--extra-repeats", type=int, default=None, help="copies of the warm start (default: the stage's)")
-    p.add_argument("--facts-per-person", action="store_true",
-                   help="the warm start as one multi-turn record per person (facts.sft_records(per_person=True))")
+    p.add_argument("--facts-per-question", action="store_true",
+                   help="the warm start as one record per question (the stage's default: one per person)")
     p.add_argument("--ptx", type=int, default=None, help="pretraining documents as PTX text (default: the stage's)")
     p.add_argument("--facts", action="store_true", help="evaluate facts held-out pass@1 (greedy) after SFT")
     p.add_argument("overrides", nargs="*", help="SFT config overrides after the stage's own (key=value)")
@@ -101,7 +101,7 @@ def main() -> None:
                 "wall_s": time.perf_counter() - t0, "cpu_s": cpu_s() - c0, "episodes": r["episodes"]}
 
     t0, c0 = time.perf_counter(), cpu_s()
-    extra = warm_start_records(0, 100, 0.5, per_person=a.facts_per_person) if a.warm_start else []
+    extra = warm_start_records(0, 100, 0.5, per_person=not a.facts_per_question) if a.warm_start else []
     dialogs, records = sft_stage.stage_records(
         base, n_train=a.n_train, registry_worlds=a.registry_worlds, tasks_per_dialog=a.tasks_per_dialog,
         extra_records=extra, extra_repeats=sft_stage.EXTRA_REPEATS if a.extra_repeats is None else a.extra_repeats,

@@ -300,6 +300,10 @@ def test_facts_warm_start_per_person_holds_every_train_question_once():
         assert r["messages"][0] == {"role": "system", "content": SYSTEM_PROMPT}
         assert [m["role"] for m in r["messages"][1:]] == ["user", "assistant"] * 6
         assert len({train[m["content"]] for m in r["messages"][1::2]}) == 1
+    from openk2.train.rl_stage import warm_start_records
+
+    assert warm_start_records(0, 100, 0.5) == grouped  # what the speedrun's SFT stage mixes in
+    assert warm_start_records(0, 100, 0.5, per_person=False) == single
 
 
 def test_facts_family_from_config_matches_the_world_facts_benchmark():

@@ -41,18 +41,19 @@ RL_OVERRIDES = [
     "rollout.max_new_tokens={world = 128}", "train.drop_zero_advantage_groups=true", "run.checkpoint_every=4",
     "run.threads=1", "run.tensorboard=false", "sampler.curriculum=false", "train.minibatches=4",
 ]
-#: Facts SFT examples the SFT stage mixes in (every train-split question, ~270 short records, repeated
-#: `sft_stage.EXTRA_REPEATS` times): they teach the chat answer format on the train people, and keep the
-#: knowledge in chat form that the RL stage's `facts` evaluation measures.
+#: Facts SFT examples the SFT stage mixes in (every train-split question, 270 questions in one multi-turn record
+#: per person, repeated `sft_stage.EXTRA_REPEATS` times): they teach the chat answer format on the train people,
+#: and keep the knowledge in chat form that the RL stage's `facts` evaluation measures.
 N_WARM_START: int | None = None
 
 
 def warm_start_records(world_seed: int = 0, world_people: int = 100, qa_fraction: float = 0.5,
-                       n: int | None = N_WARM_START, seed: int = 0, per_person: bool = False
+                       n: int | None = N_WARM_START, seed: int = 0, per_person: bool = True
                        ) -> list[dict[str, Any]]:
     """The RL stage's warm-start SFT records for the world of `openk2.data.world.World.generate(world_seed,
     world_people)` pretrained with Q/A documents for `qa_fraction` of its people (the speedrun's data.world_*);
-    `per_person`: one multi-turn record per person (`openk2.rl.envs.facts.sft_records`)."""
+    `per_person` (the default): one multi-turn record per person holding all its questions, else one record per
+    question (`openk2.rl.envs.facts.sft_records`; docs/experiments.md, "SFT stage: held-out facts ...")."""
     from openk2.data.world import World
     from openk2.rl.envs.facts import sft_records
 

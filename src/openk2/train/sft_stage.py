@@ -38,9 +38,12 @@ SFT_OVERRIDES = [
     "init.rope_scaling={type='yarn', factor=2.0, original_max_position_embeddings=256}",
 ]
 #: Knowledge kept through SFT: 600 pretraining documents mixed in as PTX text (~41k tokens) and the RL stage's facts
-#: warm start (`extra_records`, 270 chat Q/A about the Q/A-document people) 4 times (~56k tokens): ~18% of the SFT
-#: data's tokens, at the same SFT compute (docs/experiments.md, "SFT stage: copying names and keeping knowledge").
-N_PTX_DOCUMENTS, EXTRA_REPEATS = 600, 4
+#: warm start (`extra_records`: 270 chat Q/A about the Q/A-document people, one 6-question record per person) 8 times
+#: (~56k tokens, 7.9k trained answer tokens): ~18% of the SFT data's tokens, at the same SFT compute. One record per
+#: question 4 times (the same tokens, half the answers) kept the held-out facts in chat form in some data orders
+#: (71%) and not in others (15-16%); per person x8 in every order measured (docs/experiments.md, "SFT stage:
+#: held-out facts ...").
+N_PTX_DOCUMENTS, EXTRA_REPEATS = 600, 8
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
