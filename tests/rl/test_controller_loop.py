@@ -147,8 +147,10 @@ def test_speedrun_rl_stage_writes_results_plot_and_report(tiny_dir, tmp_path):
     assert (tmp_path / "rl" / "checkpoints").is_dir()
     lines = "\n".join(report_lines(result))
     assert "## RL stage" in lines and "| facts |" in lines and "Held-out tasks: facts 8." in lines
-    records = warm_start_records(n=5)
+    records = warm_start_records(n=5, per_person=False)
     assert len(records) == 5 and records[0]["messages"][-1]["role"] == "assistant"
+    grouped = warm_start_records(n=5)  # the same 5 questions, one record per person
+    assert sum(m["role"] == "assistant" for r in grouped for m in r["messages"]) == 5
 
 
 def test_minibatches_anchor_later_steps_to_the_pre_update_policy(tiny_dir):
