@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import openk2.model.decode as decode_module
-from openk2.model import K2Model, build_model, get_preset
+from openk2.model import K2Model, build_model, get_preset, matmul
 from openk2.model.decode import DecodeStep, decode_forward, window_size
 from openk2.serve.engine import Engine, SamplingParams
 
@@ -39,12 +39,12 @@ def _clean_compile_state():
 
 
 def test_onednn_linear_matches_aten_linear():
-    if not decode_module._HAS_ONEDNN:
+    if not matmul.ENABLED:
         pytest.skip("torch built without oneDNN")
     g = torch.Generator().manual_seed(0)
     for rows in (1, 8):
         x_BK, w_NK = torch.randn(rows, 512, generator=g), torch.randn(1024, 512, generator=g)
-        torch.testing.assert_close(decode_module.onednn_linear(x_BK, w_NK), x_BK @ w_NK.T, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(decode_module._linear(x_BK, w_NK), x_BK @ w_NK.T, atol=1e-4, rtol=1e-5)
 
 
 def test_window_sizes():

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from openk2.model import matmul
 from openk2.model.attention import MLA
 from openk2.model.moe import MLP, MoE
 from openk2.model.rope import apply_rope
@@ -66,11 +67,10 @@ DEFAULT_MAX_GRAPHS = 8
 # fewer FLOPs; on config A (16 experts, top-2, 1 thread) gathering was 1.47x / 1.56x / 1.22x the dense path's
 # tokens/s at batch 8 / 16 / 32 (docs/benchmarks.md).
 _DENSE_ROUTING_MIN_FRACTION = 4.0
-# CPU fp32 weights with at least this many elements go through oneDNN's matmul (`mkldnn._linear_pointwise` on
-# the plain weight), the rest through aten's (MKL) `linear`. At decode's M = 1-8 rows oneDNN streams a large
-# matrix 1.5-3x faster than MKL's GEMV on the AMD EPYC hosts we measure on and splits it over both threads
-# (MKL's does not); for small matrices MKL's lower per-call cost wins (docs/benchmarks.md, "oneDNN linear").
-_ONEDNN_MIN_ELEMENTS = 1 << 18
+# CPU fp32 weights with at least this many elements go through oneDNN (`openk2.model.matmul`), the rest through
+# aten's (MKL) `linear`: at decode's 1-8 rows oneDNN streams a large matrix 1.5-3x faster than MKL's GEMV on the
+# AMD EPYC hosts we measure on and splits it over both threads; for small ones MKL's lower per-call cost wins.
+_ONEDNN_MIN_ELEMENTS = matmul.MIN_ELEMENTS
 
 CompileSwitch = bool | str  # True, False or "auto"
 
@@ -91,27 +91,12 @@ def compile_enabled(compile: CompileSwitch) -> bool:
 
 # ---------------------------------------------------------------------------------------------- the step
 def _linear(x_BK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-    """x @ w.T through oneDNN for a large fp32 CPU weight (see `_ONEDNN_MIN_ELEMENTS`), else aten's linear."""
+    """x @ w.T through oneDNN for a large fp32 CPU weight (see `_ONEDNN_MIN_ELEMENTS`), else aten's linear.
+    (Not `matmul.linear`: its plain-tensor check is about eager tensors; here Dynamo traces fake ones.)"""
     if (w_NK.numel() >= _ONEDNN_MIN_ELEMENTS and w_NK.device.type == "cpu" and w_NK.dtype == torch.float32
-            and _HAS_ONEDNN):
-        return onednn_linear(x_BK, w_NK)
+            and matmul.ENABLED):
+        return matmul.onednn_mm(x_BK, w_NK.t())
     return F.linear(x_BK, w_NK)
-
-
-_HAS_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-@torch.library.custom_op("openk2::onednn_linear", mutates_args=())
-def onednn_linear(x_BK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-    """oneDNN's matmul on the plain (live) weight. An op of our own, because Inductor lowers
-    `mkldnn._linear_pointwise` only for frozen graphs (it asserts a constant, prepacked weight), and ours read
-    the weights at each call (RL updates them in place); Inductor calls this one as an extern kernel."""
-    return torch.ops.mkldnn._linear_pointwise(x_BK, w_NK, None, "none", [], "")
-
-
-@onednn_linear.register_fake
-def _(x_BK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-    return x_BK.new_empty(*x_BK.shape[:-1], w_NK.shape[0])
 
 
 def _queries(attn: MLA, x_BD: torch.Tensor) -> torch.Tensor:
@@ -324,7 +309,7 @@ class DecodeStep:
         # weight changes) ~1.3-2.8x faster than MKL through the [V, D] weight (docs/benchmarks.md); the biggest
         # matrix of a token. oneDNN on the plain weight is faster still, and needs no copy.
         if transposed_lm_head is None:
-            transposed_lm_head = device.type == "cpu" and not _HAS_ONEDNN
+            transposed_lm_head = device.type == "cpu" and not matmul.ENABLED
         self.transposed_lm_head = transposed_lm_head
         self._lm_head_DV: torch.Tensor | None = None
         self._lm_head_version: tuple[int, int] | None = None
