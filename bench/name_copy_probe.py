@@ -1,9 +1,10 @@
 """Does a model copy from its context? Two teacher-forced measurements, a few CPU-seconds per model
 (docs/experiments.md, "Name copying: the model has no copy circuit"):
 
-1. Induction: 8 sequences of 40 random BPE tokens, each repeated once after itself; mean loss (nats/token) on the
-   first pass and on the repeat. A model with induction heads predicts the repeat almost perfectly (~0-1 nats);
-   one without scores the repeat like the first pass.
+1. Induction: (a) 8 sequences of 40 random BPE tokens, each repeated once after itself; mean loss (nats/token) on
+   the first pass and on the repeat. A model with induction heads predicts the repeat almost perfectly (~0-1 nats);
+   one without scores the repeat like the first pass. (b) A fresh name (`openk2.data.copy_text.fresh_name`)
+   mentioned twice in one sentence: loss on each mention, and the share of second mentions greedy would write.
 2. Name copy in a tool call: for lookup / company_city tasks whose person is named after a space in the request,
    the expert's first tool call (copy-friendly, `openk2.agentic.world_sft`) teacher-forced after the request;
    loss on the call's name tokens, the share of calls whose first name piece is the model's argmax, and of calls
@@ -36,6 +37,29 @@ def induction(model, tokenizer, n: int = 8, length: int = 40, seed: int = 0) -> 
         first.append(statistics.mean(nll[1:length]))
         repeat.append(statistics.mean(nll[length + 1:]))
     return {"first_pass_nats": statistics.mean(first), "repeat_nats": statistics.mean(repeat)}
+
+
+def prose_copy(model, tokenizer, n: int = 30, seed: int = 12345) -> dict[str, float]:
+    """A fresh name (`openk2.data.copy_text.fresh_name`) mentioned twice in a sentence: nats/token on its first and
+    second mention, and the share of second mentions that greedy decoding would write in full."""
+    from openk2.data.copy_text import fresh_name
+
+    rng = random.Random(seed)
+    first, second, full = [], [], 0
+    for _ in range(n):
+        name = fresh_name(rng)
+        head, mid = tokenizer.encode("Visitor log."), tokenizer.encode(" arrived at the library. The guard asked")
+        name_ids = tokenizer.encode(" " + name)
+        ids = [tokenizer.bos_id, *head, *name_ids, *mid, *name_ids, *tokenizer.encode(" to sign.")]
+        at1 = 1 + len(head)
+        at2 = at1 + len(name_ids) + len(mid)
+        with torch.no_grad():
+            lp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        first.append(statistics.mean(-float(lp[at1 + j - 1, x]) for j, x in enumerate(name_ids)))
+        second.append(statistics.mean(-float(lp[at2 + j - 1, x]) for j, x in enumerate(name_ids)))
+        full += all(int(lp[at2 + j - 1].argmax()) == x for j, x in enumerate(name_ids))
+    return {"first_mention_nats": statistics.mean(first), "second_mention_nats": statistics.mean(second),
+            "second_mention_greedy": full / n}
 
 
 def name_copy(model, tokenizer, world, split: str, n_people: int) -> dict[str, float]:
@@ -88,7 +112,8 @@ def main() -> None:
                    "unused world": (World.generate(seed=5000, n_people=100), "train")}
     for d in a.models:
         loaded = load_model_dir(d)
-        out = {"model": d, "induction": induction(loaded.model, loaded.tokenizer)}
+        out = {"model": d, "induction": induction(loaded.model, loaded.tokenizer),
+               "prose": prose_copy(loaded.model, loaded.tokenizer)}
         for label, (w, split) in populations.items():
             out[label] = name_copy(loaded.model, loaded.tokenizer, w, split, a.people)
         print(json.dumps(out), flush=True)
