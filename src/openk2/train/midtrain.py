@@ -27,7 +27,7 @@ only (SFT's mask: the model learns what the assistant writes, not the users' ran
 - optionally (`data.midtrain_copy_documents`, default 0) plain-text *copy documents* (`openk2.data.copy_text`:
   fresh made-up names that recur within a document, loss on every token), which reward copying a name from the
   context. Measured (docs/experiments.md, "Name copying: the model has no copy circuit"): 25% of the rows of steps
-  181-360 (or all rows of 30+ steps) teach the model what names look like but not to copy one, so it stays off.
+  181-360 (or all rows of 90 steps) teach the model what names look like but not to copy one, so it stays off.
 
 Schedule. Steps `start_step` (0-based) onward carry `weight` of each global batch's rows as chat rows (the last
 rows of the batch; `floor((n+1) * weight * B) - floor(n * weight * B)` of them at the n-th midtraining step, so the
