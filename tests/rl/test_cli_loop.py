@@ -15,7 +15,8 @@ import torch
 from .loop_helpers import tiny_digits_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-ARGS = ["--set", "tasks.digits_kinds=['reverse']", "--set", "tasks.digits_levels=[1]", "--set", "tasks.train_pool=40",
+ARGS = ["--set", "tasks.mix={digits = 1.0}", "--set", "eval.families=['digits']",
+        "--set", "tasks.digits_kinds=['reverse']", "--set", "tasks.digits_levels=[1]", "--set", "tasks.train_pool=40",
         "--set", "rollout.group_size=4", "--set", "rollout.prompts_per_step=4", "--set", "eval.n_heldout={default = 8}",
         "--set", "eval.every=2", "--set", "run.tensorboard=false", "--set", "run.progress=false",
         "--set", "run.checkpoint_every=1", "--set", "train.lr=1e-3", "--set", "rollout.segment_tokens=4"]

@@ -90,6 +90,7 @@ class FactsFamily:
     world_people: int
     qa_fraction: float
     attributes: tuple[str, ...]
+    partial_credit: bool = False
     name: str = "facts"
 
     def _world(self) -> Any:
@@ -110,7 +111,7 @@ class FactsFamily:
     def make_env(self) -> Env:
         from openk2.rl.envs.facts import FactsEnv
 
-        return FactsEnv(self._world())
+        return FactsEnv(self._world(), self.partial_credit)
 
     def task_id(self, task: Any) -> str:
         return task.id
@@ -261,7 +262,7 @@ def make_family(name: str, tasks_cfg: Any, chat_format: ChatFormat | None) -> Ta
                             tasks_cfg.digits_partial_credit)
     if name == "facts":
         return FactsFamily(tasks_cfg.world_seed, tasks_cfg.world_people, tasks_cfg.world_qa_fraction,
-                           tuple(tasks_cfg.facts_attributes))
+                           tuple(tasks_cfg.facts_attributes), tasks_cfg.facts_partial_credit)
     if name == "world":
         return WorldFamily(tasks_cfg.world_seed, tasks_cfg.world_people, tasks_cfg.world_max_turns, chat_format,
                            tasks_cfg.world_registry_worlds, tasks_cfg.world_partial_credit,
