@@ -133,17 +133,30 @@ def write_plot(run_dir: Path, result: dict[str, Any]) -> str:
     return "rl_stage.png"
 
 
+#: What the report says each training family is, and each evaluation family's held-out tasks.
+TRAINED_ON = {
+    "facts": "the `facts` questions (chat questions about the pretraining world's people whose Q/A documents "
+             "pretraining saw, no tools), rewarded 1 for the right value and no other value of its kind",
+    "world": "the world tool domain's tasks (multi-turn episodes on the real tools, about the pretraining world's "
+             "training people and registry worlds' people), rewarded 1 when the end state and the final answer are "
+             "right (`world-agent`'s check)",
+}
+HELDOUT = {
+    "facts": "`facts` questions about the other people in the documents, whose questions no document, SFT record or "
+             "RL task contains (`openk2 eval --model <run>/rl --bench world-facts` scores the same way)",
+    "world": "world tasks about people in no pretraining document, no SFT dialog and no RL task (`--bench "
+             "world-agent` scores the same way)",
+}
+
+
 def report_lines(result: dict[str, Any]) -> list[str]:
     b, a = result["before"], result["after"]
     lines = ["", "## RL stage: verifiable rewards", "",
              f"{result['steps']} RL steps of `{result['loss']}` (K = {result['group_size']} samples for each of "
-             f"{result['prompts_per_step']} prompts per step) from the SFT model on the world tool domain's tasks "
-             "(multi-turn episodes on the real tools, about the pretraining world's training people and registry "
-             "worlds' people), rewarded 1 when the end state and the final answer are right (`world-agent`'s "
-             "check). Greedy pass@1 on the held-out people's tasks (in no pretraining document, no SFT dialog and "
-             "no RL task; `openk2 eval --model <run>/rl --bench world-agent` scores the same way), and on the held-out "
-             "`facts` questions, not trained here (`--bench world-facts`). Held-out tasks: "
-             + ", ".join(f"{f} {n}" for f, n in result.get("n_heldout", {}).items()) + ".", "",
+             f"{result['prompts_per_step']} prompts per step) from the SFT model on "
+             + " and ".join(TRAINED_ON.get(f, f"`{f}` tasks") for f in result["families"]) + ". Greedy pass@1 on "
+             "held-out tasks: " + "; ".join(HELDOUT.get(f, f"`{f}`") + f" ({n} tasks)"
+                                            for f, n in result.get("n_heldout", {}).items()) + ".", "",
              "| held-out tasks | after SFT | after RL |", "|---|---:|---:|"]
     for k in sorted(b, key=lambda k: (k.split("/")[1], k.count("/"), k)):  # each family's total, then its kinds
         lines.append(f"| {k.removeprefix('eval/').removesuffix('/pass@1')} | {b[k]:.1%} | {a.get(k, 0):.1%} |")
@@ -153,4 +166,4 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["N_WARM_START", "RL_OVERRIDES", "report_lines", "rl_stage", "warm_start_records"]
+__all__ = ["HELDOUT", "N_WARM_START", "RL_OVERRIDES", "TRAINED_ON", "report_lines", "rl_stage", "warm_start_records"]
