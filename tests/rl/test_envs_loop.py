@@ -311,6 +311,25 @@ def test_facts_partial_credit_rewards_a_wrong_answer_of_the_right_kind_only():
     assert isinstance(env, FactsEnv) and step.reward == KIND_CREDIT and step.info["correct"] is False
 
 
+def test_facts_biography_split_trains_on_half_the_biography_only_people_and_holds_out_the_rest():
+    from openk2.data.world import qa_people
+    from openk2.rl.config import TasksSection
+    from openk2.rl.envs.facts import fact_tasks, split_people
+
+    world = _world()
+    qa = {p.name for p in qa_people(world, 0.5)}
+    default, bio = split_people(world, 0.5), split_people(world, 0.5, "biography")
+    assert set(bio["train"]) | set(bio["heldout"]) == set(default["heldout"])  # the biography-only people
+    assert not set(bio["train"]) & set(bio["heldout"]) and not set(bio["train"]) & qa
+    assert abs(len(bio["train"]) - len(bio["heldout"])) <= 1
+    fam = make_family("facts", TasksSection(facts_train_people="biography"), None)
+    train, held = fam.train_tasks(1000, seed=0), fam.heldout_tasks(1000, seed=0)
+    assert {t.person for t in train} == set(bio["train"]) and {t.person for t in held} == set(bio["heldout"])
+    assert [t.id for t in held] == [t.id for t in fact_tasks(world, 0.5, "heldout", train_people="biography")]
+    with pytest.raises(ValueError, match="train people"):
+        split_people(world, 0.5, "everyone")
+
+
 def test_facts_family_from_config_matches_the_world_facts_benchmark():
     from openk2.eval.benchmarks.world_facts import WorldFacts
     from openk2.eval.task import Completion
