@@ -31,13 +31,13 @@ from typing import Any
 #: docs/experiments.md, "RL to a 15-point gain": the recipe's run from the demo's SFT model went 14.4% -> 22.2%
 #: (step 30) -> 30.7% (step 40) on 270 held-out facts questions, ~3.9 CPU-s per step at one thread.
 RL_OVERRIDES = [
-    "train.steps=36", "rollout.group_size=8", "rollout.prompts_per_step=16", "rollout.temperature=1.0",
+    "train.steps=30", "rollout.group_size=8", "rollout.prompts_per_step=16", "rollout.temperature=1.0",
     "rollout.temperature_min=0.7", "rollout.temperature_decay_steps=40", "train.lr=2e-4", "train.optimizer='adamw'",
-    "train.loss='kimi_k15'", "train.tau=0.05", "eval.every=0",
+    "train.loss='grpo'", "train.advantage='grpo'", "train.tau=0.05", "eval.every=0",
     "eval.n_heldout={default = 200, facts = 1000, world = 60}",
     "tasks.mix={facts = 1.0}", "tasks.facts_partial_credit=true", "eval.families=['facts', 'world']",
     "rollout.max_new_tokens={facts = 16, world = 128}", "train.drop_zero_advantage_groups=true",
-    "run.checkpoint_every=12", "run.threads=1", "run.tensorboard=false", "sampler.curriculum=false",
+    "run.checkpoint_every=10", "run.threads=1", "run.tensorboard=false", "sampler.curriculum=false",
     "train.minibatches=4",
 ]
 #: Facts SFT examples the SFT stage mixes in (every train-split question, ~270 short records, repeated
