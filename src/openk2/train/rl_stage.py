@@ -1,14 +1,14 @@
-"""The speedrun's RL stage: the SFT model -> `openk2 rl` (the K1.5/K2 loss on verifiable tasks) -> held-out
+"""The speedrun's RL stage: the SFT model -> `openk2 rl` (RL with verifiable rewards, `grpo` loss) -> held-out
 greedy pass@1 before and after, with the reward curve.
 
     result = rl_stage(run_dir="runs/nano")      # <run>/sft -> <run>/rl (a run directory eval/serve accept)
 
-Training tasks are the world tool domain's (`openk2.rl.envs.world`: multi-turn episodes on the real tools, the
-SFT stage's skill), about the pretraining world's training people and two registry worlds' people (names no
-training step has seen, as the held-out people's); evaluation is greedy pass@1 on the held-out people's tasks
-(`world-agent`'s tasks and scoring: the SFT stage's 40 tasks and the next 20 of the same draw), and on the held-out
-`facts` questions (chat questions about people whose Q/A documents pretraining never saw; `world-facts`), which RL
-does not train on: they show what the SFT stage kept of pretraining's knowledge and that RL keeps it.
+Training tasks are the `facts` questions about the pretraining world's Q/A-document people (`openk2.rl.envs.facts`:
+chat questions, no tools; the SFT stage's warm start taught their chat form on these people); evaluation is greedy
+pass@1 on the held-out `facts` questions (people whose facts pretraining stated in biographies only and whose
+questions no document, SFT record or RL task holds; `world-facts`) and on 60 held-out world tool-domain tasks
+(`world-agent`'s tasks and scoring: the SFT stage's 40 tasks and the next 20 of the same draw), which RL does not
+train on: they show whether RL keeps the SFT stage's tool use.
 Settings are `recipes/rl-nano.toml`'s with the stage's shorter budget (`RL_OVERRIDES`). Results go to
 `<run>/rl_stage.json` and `<run>/rl_stage.png`; `speedrun.write_report` adds a section (`report_lines`).
 """
