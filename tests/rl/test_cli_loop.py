@@ -87,9 +87,9 @@ def test_rl_cli_bad_key_lists_valid_keys(tmp_path):
 
 def test_rl_cli_on_the_facts_family_and_eval_world_facts_score_alike(tiny_dir, tmp_path):
     out = tmp_path / "rl"
-    r = openk2("rl", "--init", str(tiny_dir), "--out", str(out), "--set", "train.steps=1",
+    r = openk2("rl", "--init", str(tiny_dir), "--out", str(out), *ARGS, "--set", "train.steps=1",  # later --set wins
                "--set", "tasks.mix={facts = 1.0}", "--set", "eval.families=['facts']",
-               "--set", "tasks.facts_attributes=['hobby']", *ARGS)
+               "--set", "tasks.facts_attributes=['hobby']")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "facts held-out greedy pass@1" in r.stdout
     ev = openk2("eval", "--model", str(out), "--bench", "world-facts", "--world", "recipes/nano.toml",
