@@ -30,8 +30,8 @@ from typing import Any
 #: trained: on SFT models that already refuse, 8 world steps moved nothing beyond noise, because the remaining
 #: world tasks need names copied from the request).
 #: docs/experiments.md, "RL to a 15-point gain": on the demo's SFT model facts 14.4% -> 33.3% (270 questions; 24.1%
-#: at run.seed=1), world 18.3% -> 13.3% (60 tasks, within noise); 168 CPU-s at one thread, ~60 s more than the
-#: world stage it replaces.
+#: at run.seed=1), world 18.3% -> 13.3% (60 tasks, within noise); 166 CPU-s at one thread (~151 s idle), ~43 s
+#: more than the world stage it replaces.
 RL_OVERRIDES = [
     "train.steps=30", "rollout.group_size=8", "rollout.prompts_per_step=16", "rollout.temperature=1.0",
     "rollout.temperature_min=0.7", "rollout.temperature_decay_steps=40", "train.lr=2e-4", "train.optimizer='adamw'",
