@@ -27,14 +27,18 @@ from openk2.model.decode import DecodeStep
 sys.path.insert(0, str(Path(__file__).parent))
 from common import bench_config, machine_info  # noqa: E402
 
-# name -> (DecodeStep keyword arguments, gathered-routing threshold in multiples of the expert count)
-VARIANTS: dict[str, tuple[dict, float]] = {
-    "default": ({}, decode_module._DENSE_ROUTING_MIN_FRACTION),
-    "no-lm-head-t": ({"transposed_lm_head": False}, decode_module._DENSE_ROUTING_MIN_FRACTION),
-    "python-wrapper": ({"cpp_wrapper": False}, decode_module._DENSE_ROUTING_MIN_FRACTION),
-    "gathered": ({}, float("inf")),
-    "dense": ({}, 0.0),
-    "eager": ({"compile": False}, decode_module._DENSE_ROUTING_MIN_FRACTION),
+ROUTING, ONEDNN = decode_module._DENSE_ROUTING_MIN_FRACTION, decode_module._ONEDNN_MIN_ELEMENTS
+# name -> (DecodeStep keyword arguments, gathered-routing threshold in multiples of the expert count,
+#          smallest weight (elements) that goes through oneDNN)
+VARIANTS: dict[str, tuple[dict, float, float]] = {
+    "default": ({}, ROUTING, ONEDNN),
+    "lm-head-t": ({"transposed_lm_head": True}, ROUTING, ONEDNN),
+    "no-onednn": ({}, ROUTING, float("inf")),
+    "onednn-all": ({}, ROUTING, 0),
+    "python-wrapper": ({"cpp_wrapper": False}, ROUTING, ONEDNN),
+    "gathered": ({}, float("inf"), ONEDNN),
+    "dense": ({}, 0.0, ONEDNN),
+    "eager": ({"compile": False}, ROUTING, ONEDNN),
 }
 
 
@@ -55,8 +59,9 @@ def main() -> None:
     ref = model.generate(ids, args.tokens, compile=False)
     steps: dict[str, DecodeStep] = {}
     for name in args.variants:
-        kwargs, fraction = VARIANTS[name]
-        decode_module._DENSE_ROUTING_MIN_FRACTION = fraction  # read when the graph is traced
+        kwargs, fraction, onednn = VARIANTS[name]
+        decode_module._DENSE_ROUTING_MIN_FRACTION = fraction  # both read when the graph is traced
+        decode_module._ONEDNN_MIN_ELEMENTS = onednn
         step = DecodeStep(model, **{"compile": True, **kwargs})
         model.__dict__.setdefault("_decode_steps", {})[True] = step
         t0 = time.perf_counter()

@@ -8,7 +8,8 @@ held-out `facts` questions (the `world-facts` benchmark's tasks and scorer) afte
         train.max_steps=100 train.batch_size=4 train.lr=1e-2 train.keep_last=2
 
 `--warm-start` mixes in the RL stage's facts warm-start records as the speedrun does (`--extra-repeats` times);
-`--ptx N` adds N pretraining documents as plain text. Writes <out>/<name>/result.json and episodes.json (the final
+`--ptx N` adds N pretraining documents as plain text, `--copy-docs N` N copy documents
+(`openk2.data.copy_text`). Writes <out>/<name>/result.json and episodes.json (the final
 checkpoint's transcripts).
 """
 
@@ -77,6 +78,8 @@ def main() -> None:
     p.add_argument("--facts-per-question", action="store_true",
                    help="the warm start as one record per question (the stage's default: one per person)")
     p.add_argument("--ptx", type=int, default=None, help="pretraining documents as PTX text (default: the stage's)")
+    p.add_argument("--copy-docs", type=int, default=0,
+                   help="copy documents (openk2.data.copy_text) mixed in as plain text, trained on every token")
     p.add_argument("--facts", action="store_true", help="evaluate facts held-out pass@1 (greedy) after SFT")
     p.add_argument("overrides", nargs="*", help="SFT config overrides after the stage's own (key=value)")
     a = p.parse_intermixed_args()
@@ -106,6 +109,13 @@ def main() -> None:
         base, n_train=a.n_train, registry_worlds=a.registry_worlds, tasks_per_dialog=a.tasks_per_dialog,
         extra_records=extra, extra_repeats=sft_stage.EXTRA_REPEATS if a.extra_repeats is None else a.extra_repeats,
         ptx_documents=sft_stage.N_PTX_DOCUMENTS if a.ptx is None else a.ptx, own_fraction=a.own_fraction)
+    if a.copy_docs:
+        from openk2.data.copy_text import copy_documents
+        from openk2.data.world import World
+
+        people = {p.name for p in World.generate(seed=0, n_people=100).people}
+        records += [{"text": t, "metadata": {"source": "copy_text"}} for t in copy_documents(a.copy_docs,
+                                                                                             exclude=people)]
     sft_stage.write_jsonl(run / "data" / "train.jsonl", records)
     out["synthesis"] = {"dialogs": len(dialogs), "records": len(records), "wall_s": time.perf_counter() - t0,
                         "cpu_s": cpu_s() - c0}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import openk2.model.decode as decode_module
-from openk2.model import K2Model, build_model, get_preset
+from openk2.model import K2Model, build_model, get_preset, matmul
 from openk2.model.decode import DecodeStep, decode_forward, window_size
 from openk2.serve.engine import Engine, SamplingParams
 
@@ -38,14 +38,27 @@ def _clean_compile_state():
     decode_module.reset_compile_failure()
 
 
+def test_onednn_linear_matches_aten_linear():
+    if not matmul.ENABLED:
+        pytest.skip("torch built without oneDNN")
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 8):
+        x_BK, w_NK = torch.randn(rows, 512, generator=g), torch.randn(1024, 512, generator=g)
+        torch.testing.assert_close(decode_module._linear(x_BK, w_NK), x_BK @ w_NK.T, atol=1e-4, rtol=1e-5)
+
+
 def test_window_sizes():
     assert [window_size(n) for n in (0, 1, 64, 65, 128, 129, 1000)] == [64, 64, 64, 128, 128, 256, 1024]
 
 
-@pytest.mark.parametrize(("batch", "dense"), [(1, False), (5, False), (5, True)])  # gathered experts / every expert
-def test_decode_forward_matches_reference_step(batch, dense, monkeypatch):
+# gathered experts / every expert; every matmul through oneDNN (where built in) instead of only the large ones
+@pytest.mark.parametrize(("batch", "dense", "onednn"), [(1, False, False), (5, False, False), (5, True, False),
+                                                         (5, True, True)])
+def test_decode_forward_matches_reference_step(batch, dense, onednn, monkeypatch):
     if dense:
         monkeypatch.setattr(decode_module, "_DENSE_ROUTING_MIN_FRACTION", 0.0)
+    if onednn:
+        monkeypatch.setattr(decode_module, "_ONEDNN_MIN_ELEMENTS", 0)
     model = _model(n_routed_experts=8, num_experts_per_tok=2)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (7, 3, 9, 1, 5)[:batch]]
@@ -133,8 +146,11 @@ def test_compile_switch():
 
 
 @pytest.mark.slow
-def test_inductor_step_equals_eager():
-    """One real Inductor compile (C++ kernels on CPU), on a 1-layer MoE model to keep compile time down."""
+@pytest.mark.parametrize("onednn", [False, True])
+def test_inductor_step_equals_eager(onednn, monkeypatch):
+    """One real Inductor compile (C++ kernels on CPU), on a 1-layer MoE model to keep compile time down; with
+    every matmul through our oneDNN op (an extern kernel of the graph, on the live weights) or none."""
+    monkeypatch.setattr(decode_module, "_ONEDNN_MIN_ELEMENTS", 0 if onednn else float("inf"))
     model = _model(num_hidden_layers=2, first_k_dense_replace=1)
     step = _install(model, DecodeStep(model, compile=True))
     prompts = [[1, 2, 3, 4], [5, 6]]

@@ -15,7 +15,8 @@ import torch
 from .loop_helpers import tiny_digits_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-ARGS = ["--set", "tasks.digits_kinds=['reverse']", "--set", "tasks.digits_levels=[1]", "--set", "tasks.train_pool=40",
+ARGS = ["--set", "tasks.mix={digits = 1.0}", "--set", "eval.families=['digits']",
+        "--set", "tasks.digits_kinds=['reverse']", "--set", "tasks.digits_levels=[1]", "--set", "tasks.train_pool=40",
         "--set", "rollout.group_size=4", "--set", "rollout.prompts_per_step=4", "--set", "eval.n_heldout={default = 8}",
         "--set", "eval.every=2", "--set", "run.tensorboard=false", "--set", "run.progress=false",
         "--set", "run.checkpoint_every=1", "--set", "train.lr=1e-3", "--set", "rollout.segment_tokens=4"]
@@ -86,9 +87,9 @@ def test_rl_cli_bad_key_lists_valid_keys(tmp_path):
 
 def test_rl_cli_on_the_facts_family_and_eval_world_facts_score_alike(tiny_dir, tmp_path):
     out = tmp_path / "rl"
-    r = openk2("rl", "--init", str(tiny_dir), "--out", str(out), "--set", "train.steps=1",
+    r = openk2("rl", "--init", str(tiny_dir), "--out", str(out), *ARGS, "--set", "train.steps=1",  # later --set wins
                "--set", "tasks.mix={facts = 1.0}", "--set", "eval.families=['facts']",
-               "--set", "tasks.facts_attributes=['hobby']", *ARGS)
+               "--set", "tasks.facts_attributes=['hobby']")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "facts held-out greedy pass@1" in r.stdout
     ev = openk2("eval", "--model", str(out), "--bench", "world-facts", "--world", "recipes/nano.toml",

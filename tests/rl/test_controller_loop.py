@@ -146,7 +146,8 @@ def test_speedrun_rl_stage_writes_results_plot_and_report(tiny_dir, tmp_path):
     assert (tmp_path / "rl_stage.json").is_file() and (tmp_path / "rl_stage.png").is_file()
     assert (tmp_path / "rl" / "checkpoints").is_dir()
     lines = "\n".join(report_lines(result))
-    assert "## RL stage" in lines and "| facts |" in lines and "Held-out tasks: facts 8." in lines
+    assert "## RL stage" in lines and "| facts |" in lines and "`digits` tasks" in lines
+    assert "held-out tasks: `facts` questions about the other people" in lines and "(8 tasks)." in lines
     records = warm_start_records(n=5, per_person=False)
     assert len(records) == 5 and records[0]["messages"][-1]["role"] == "assistant"
     grouped = warm_start_records(n=5)  # the same 5 questions, one record per person

@@ -306,6 +306,51 @@ def test_facts_warm_start_per_person_holds_every_train_question_once():
     assert warm_start_records(0, 100, 0.5, per_person=False) == single
 
 
+def test_facts_partial_credit_rewards_a_wrong_answer_of_the_right_kind_only():
+    from openk2.rl.config import TasksSection
+    from openk2.rl.envs.facts import KIND_CREDIT, FactsEnv, fact_reward, fact_tasks
+
+    world = _world()
+    held = fact_tasks(world, 0.5, "heldout")
+    city = next(t for t in held if t.attribute == "birth_city")
+    uni = next(t for t in held if t.attribute == "university")
+    other_city = next(c.name for c in world.cities if c.name != city.answer)
+    other_uni = next(u.name for u in world.universities if u.name != uni.answer and "University of" in u.name)
+    date = next(t for t in held if t.attribute == "birth_date").answer
+    assert fact_reward(world, city, other_city, partial_credit=True) == KIND_CREDIT < 1.0
+    assert fact_reward(world, city, other_city) == 0.0  # exact reward unless asked for
+    assert fact_reward(world, city, city.answer, partial_credit=True) == 1.0
+    assert fact_reward(world, city, date, partial_credit=True) == 0.0  # a date for a city question
+    assert fact_reward(world, city, f"{other_city} on {date}", partial_credit=True) == 0.0  # two kinds
+    assert fact_reward(world, city, f"{other_city} or {city.answer}", partial_credit=True) == 0.0  # two cities
+    assert fact_reward(world, city, "", partial_credit=True) == 0.0
+    # a university named after a city is one answer of the university kind, not also a city
+    assert fact_reward(world, uni, other_uni, partial_credit=True) == KIND_CREDIT
+    env = make_family("facts", TasksSection(facts_partial_credit=True), None).make_env()
+    run(env.reset(city))
+    step = run(env.step(other_city))
+    assert isinstance(env, FactsEnv) and step.reward == KIND_CREDIT and step.info["correct"] is False
+
+
+def test_facts_biography_split_trains_on_half_the_biography_only_people_and_holds_out_the_rest():
+    from openk2.data.world import qa_people
+    from openk2.rl.config import TasksSection
+    from openk2.rl.envs.facts import fact_tasks, split_people
+
+    world = _world()
+    qa = {p.name for p in qa_people(world, 0.5)}
+    default, bio = split_people(world, 0.5), split_people(world, 0.5, "biography")
+    assert set(bio["train"]) | set(bio["heldout"]) == set(default["heldout"])  # the biography-only people
+    assert not set(bio["train"]) & set(bio["heldout"]) and not set(bio["train"]) & qa
+    assert abs(len(bio["train"]) - len(bio["heldout"])) <= 1
+    fam = make_family("facts", TasksSection(facts_train_people="biography"), None)
+    train, held = fam.train_tasks(1000, seed=0), fam.heldout_tasks(1000, seed=0)
+    assert {t.person for t in train} == set(bio["train"]) and {t.person for t in held} == set(bio["heldout"])
+    assert [t.id for t in held] == [t.id for t in fact_tasks(world, 0.5, "heldout", train_people="biography")]
+    with pytest.raises(ValueError, match="train people"):
+        split_people(world, 0.5, "everyone")
+
+
 def test_facts_family_from_config_matches_the_world_facts_benchmark():
     from openk2.eval.benchmarks.world_facts import WorldFacts
     from openk2.eval.task import Completion

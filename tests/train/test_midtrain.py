@@ -106,11 +106,28 @@ def test_records_hold_no_heldout_person_or_evaluation_task():
     assert len(facts) == 270 and not any(name in t for t in facts for name in facts_held)
 
 
+def test_copy_documents_join_the_pool_as_plain_text_trained_on_every_token(tmp_path):
+    world = World.generate(seed=0, n_people=100)
+    records = midtrain_records(world, 0.5, world_requests=0, facts_copies=0, copy_documents=50)
+    assert len(records) == 50 and all("text" in r and "messages" not in r for r in records)
+    assert not any(p.name in r["text"] for r in records for p in world.people)
+    cfg = _cfg(tmp_path, "data.midtrain_weight=0.5", "data.midtrain_start=0.5", "data.midtrain_world_requests=0",
+               "data.midtrain_facts_copies=0", "data.midtrain_copy_documents=50")
+    data = prepare_data(cfg)
+    for _ in range(4):
+        x_BT, y_BT = data.loader.next_batch()
+    assert (x_BT[2:, 0] == data.tokenizer.bos_id).all()  # a copy document opens each mixed row
+    assert (y_BT[2:] != -100).all()  # every token trained on (rows packed full of documents)
+    text = data.tokenizer.decode(x_BT[2:].flatten().tolist())
+    assert any(opener in text for opener in ("Request:", "Visitor log.", "In the square,", "Roster:"))
+
+
 def test_bad_knobs_are_config_errors():
-    for bad in ("data.midtrain_weight=1.5", "data.midtrain_start=1.0", "data.midtrain_facts_copies=-1"):
+    for bad in ("data.midtrain_weight=1.5", "data.midtrain_start=1.0", "data.midtrain_facts_copies=-1",
+                "data.midtrain_copy_documents=-1"):
         with pytest.raises(TrainConfigError, match="midtrain"):
             load_config(None, [bad])
-    with pytest.raises(TrainConfigError, match="needs chat data"):
+    with pytest.raises(TrainConfigError, match="needs data"):
         load_config(None, ["data.midtrain_weight=0.2", "data.midtrain_world_requests=0",
                            "data.midtrain_facts_copies=0"])
 

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from openk2.model import matmul
 from openk2.model.attention import MLA
 from openk2.model.moe import MLP, MoE
 from openk2.model.rope import apply_rope
@@ -66,6 +67,10 @@ DEFAULT_MAX_GRAPHS = 8
 # fewer FLOPs; on config A (16 experts, top-2, 1 thread) gathering was 1.47x / 1.56x / 1.22x the dense path's
 # tokens/s at batch 8 / 16 / 32 (docs/benchmarks.md).
 _DENSE_ROUTING_MIN_FRACTION = 4.0
+# CPU fp32 weights with at least this many elements go through oneDNN (`openk2.model.matmul`), the rest through
+# aten's (MKL) `linear`: at decode's 1-8 rows oneDNN streams a large matrix 1.5-3x faster than MKL's GEMV on the
+# AMD EPYC hosts we measure on and splits it over both threads; for small ones MKL's lower per-call cost wins.
+_ONEDNN_MIN_ELEMENTS = matmul.MIN_ELEMENTS
 
 CompileSwitch = bool | str  # True, False or "auto"
 
@@ -85,6 +90,26 @@ def compile_enabled(compile: CompileSwitch) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- the step
+def _linear(x_BK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    """x @ w.T through oneDNN for a large fp32 CPU weight (see `_ONEDNN_MIN_ELEMENTS`), else aten's linear.
+    (Not `matmul.linear`: its plain-tensor check is about eager tensors; here Dynamo traces fake ones.)"""
+    if (w_NK.numel() >= _ONEDNN_MIN_ELEMENTS and w_NK.device.type == "cpu" and w_NK.dtype == torch.float32
+            and matmul.ENABLED):
+        return matmul.onednn_mm(x_BK, w_NK.t())
+    return F.linear(x_BK, w_NK)
+
+
+def _queries(attn: MLA, x_BD: torch.Tensor) -> torch.Tensor:
+    if hasattr(attn, "q_proj"):
+        return _linear(x_BD, attn.q_proj.weight)
+    return _linear(attn.q_a_layernorm(_linear(x_BD, attn.q_a_proj.weight)), attn.q_b_proj.weight)
+
+
+def _mlp(mlp: MLP, x_BD: torch.Tensor) -> torch.Tensor:
+    h_BF = F.silu(_linear(x_BD, mlp.gate_proj.weight)) * _linear(x_BD, mlp.up_proj.weight)
+    return _linear(h_BF, mlp.down_proj.weight)
+
+
 def _attention_step(
     attn: MLA, x_BD: torch.Tensor, cos_BR: torch.Tensor, sin_BR: torch.Tensor,
     latent_BSL: torch.Tensor, key_valid_BS: torch.Tensor,
@@ -95,8 +120,8 @@ def _attention_step(
     input mutation. Returns (attention output [B, D], the new latent [B, L] for the caller to store)."""
     B = x_BD.shape[0]
     H, N, C, V = attn.n_heads, attn.nope_dim, attn.kv_lora_rank, attn.v_dim
-    q_BHQ = attn._queries(x_BD).view(B, H, attn.qk_dim)
-    ckv_BC, k_pe_BR = attn.kv_a_proj_with_mqa(x_BD).split([C, attn.rope_dim], dim=-1)
+    q_BHQ = _queries(attn, x_BD).view(B, H, attn.qk_dim)
+    ckv_BC, k_pe_BR = _linear(x_BD, attn.kv_a_proj_with_mqa.weight).split([C, attn.rope_dim], dim=-1)
     ckv_BC = attn.kv_a_layernorm(ckv_BC)
     # The shared rope key rotates as one more head.
     pe_BXR = apply_rope(torch.cat((q_BHQ[..., N:], k_pe_BR.unsqueeze(1)), dim=1), cos_BR[:, None], sin_BR[:, None])
@@ -113,7 +138,7 @@ def _attention_step(
     o_lat_BHC = torch.bmm(probs_BHX[..., :S], latent_BSL[..., :C]) + probs_BHX[..., S:] * ckv_BC[:, None, :]
     # W_uv folded into the output: per head [B, C] @ [C, V].
     out_HBV = torch.bmm(o_lat_BHC.transpose(0, 1), w_HXC[:, N:].transpose(1, 2))
-    return attn.o_proj(out_HBV.transpose(0, 1).reshape(B, H * V)), new_BL
+    return _linear(out_HBV.transpose(0, 1).reshape(B, H * V), attn.o_proj.weight), new_BL
 
 
 def _moe_step(moe: MoE, x_BD: torch.Tensor) -> torch.Tensor:
@@ -127,13 +152,13 @@ def _moe_step(moe: MoE, x_BD: torch.Tensor) -> torch.Tensor:
     else:
         # Every expert on every token, gates zero for the unchosen: each expert's weights are read once.
         Fd, D = ex.gate_proj.shape[1], ex.gate_proj.shape[2]
-        gate_BEF = F.linear(x_BD, ex.gate_proj.reshape(E * Fd, D)).view(B, E, Fd)
-        up_BEF = F.linear(x_BD, ex.up_proj.reshape(E * Fd, D)).view(B, E, Fd)
+        gate_BEF = _linear(x_BD, ex.gate_proj.reshape(E * Fd, D)).view(B, E, Fd)
+        up_BEF = _linear(x_BD, ex.up_proj.reshape(E * Fd, D)).view(B, E, Fd)
         gates_BE = torch.zeros(B, E, dtype=weights_BK.dtype, device=x_BD.device).scatter(1, expert_ids_BK, weights_BK)
         h_EBF = (F.silu(gate_BEF) * up_BEF * gates_BE[..., None]).to(x_BD.dtype).transpose(0, 1)
         y_BD = torch.bmm(h_EBF, ex.down_proj.transpose(1, 2)).sum(dim=0)
     if moe.shared_experts is not None:
-        y_BD = y_BD + moe.shared_experts(x_BD)
+        y_BD = y_BD + _mlp(moe.shared_experts, x_BD)
     return y_BD
 
 
@@ -158,9 +183,9 @@ def decode_forward(
         x_BD = x_BD + a_BD
         h_BD = layer.post_attention_layernorm(x_BD)
         mlp = layer.mlp
-        x_BD = x_BD + (_moe_step(mlp, h_BD) if isinstance(mlp, MoE) else MLP.forward(mlp, h_BD))
+        x_BD = x_BD + (_moe_step(mlp, h_BD) if isinstance(mlp, MoE) else _mlp(mlp, h_BD))
     h_BD = model.model.norm(x_BD)
-    logits_BV = model.lm_head(h_BD) if lm_head_DV is None else h_BD @ lm_head_DV
+    logits_BV = _linear(h_BD, model.lm_head.weight) if lm_head_DV is None else h_BD @ lm_head_DV
     return logits_BV, torch.stack(new).to(latent_NBSL.dtype)
 
 
@@ -280,9 +305,12 @@ class DecodeStep:
         device = model.lm_head.weight.device
         # A graph that writes the cache cannot be replayed as a CUDA graph: there the caller writes it.
         self.writes_cache = device.type != "cuda"
-        # CPU: the LM head's GEMV reads its weight as [D, V] rows (a copy, refreshed when the weight changes)
-        # ~1.3-2.8x faster than through the [V, D] weight (docs/benchmarks.md); the biggest matrix of a token.
-        self.transposed_lm_head = device.type == "cpu" if transposed_lm_head is None else transposed_lm_head
+        # CPU without oneDNN: the LM head's GEMV reads its weight as [D, V] rows (a copy, refreshed when the
+        # weight changes) ~1.3-2.8x faster than MKL through the [V, D] weight (docs/benchmarks.md); the biggest
+        # matrix of a token. oneDNN on the plain weight is faster still, and needs no copy.
+        if transposed_lm_head is None:
+            transposed_lm_head = device.type == "cpu" and not matmul.ENABLED
+        self.transposed_lm_head = transposed_lm_head
         self._lm_head_DV: torch.Tensor | None = None
         self._lm_head_version: tuple[int, int] | None = None
 

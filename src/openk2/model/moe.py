@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openk2.model import matmul
 from openk2.model.config import ModelConfig
+from openk2.model.matmul import Linear
 
 
 class MLP(nn.Module):
@@ -20,9 +22,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -61,11 +63,14 @@ class Router(nn.Module):
 
 class _GroupedMM(torch.autograd.Function):
     """`F.grouped_mm` with an explicit backward: torch's own CPU backward for grouped_mm fails on
-    strides in torch 2.13, while the forward kernels it needs (grouped dX and dW) work."""
+    strides in torch 2.13, while the forward kernels it needs (grouped dX and dW) work. Where oneDNN takes the
+    operands (`openk2.model.matmul`), each expert's product is one oneDNN call instead (~2-4x faster on CPU)."""
 
     @staticmethod
     def forward(ctx, x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x_SK, w_EKN, offs_E)
+        if matmul.takes_onednn(x_SK, w_EKN):
+            return _per_expert(x_SK, w_EKN, offs_E)
         return F.grouped_mm(x_SK, w_EKN, offs=offs_E)
 
     @staticmethod
@@ -73,11 +78,29 @@ class _GroupedMM(torch.autograd.Function):
         x_SK, w_EKN, offs_E = ctx.saved_tensors
         grad_SN = grad_SN.contiguous()
         grad_x = grad_w = None
+        onednn = matmul.takes_onednn(x_SK, w_EKN, grad_SN)
         if ctx.needs_input_grad[0]:
-            grad_x = F.grouped_mm(grad_SN, w_EKN.transpose(-2, -1), offs=offs_E)
+            w_ENK = w_EKN.transpose(-2, -1)
+            grad_x = _per_expert(grad_SN, w_ENK, offs_E) if onednn else F.grouped_mm(grad_SN, w_ENK, offs=offs_E)
         if ctx.needs_input_grad[1]:
-            grad_w = F.grouped_mm(x_SK.t(), grad_SN, offs=offs_E)
+            if onednn:
+                grad_w = torch.stack([
+                    matmul.product(x_SK[start:end].t(), grad_SN[start:end]) if end > start
+                    else w_EKN.new_zeros(w_EKN.shape[1:]) for start, end in _spans(offs_E)])
+            else:
+                grad_w = F.grouped_mm(x_SK.t(), grad_SN, offs=offs_E)
         return grad_x, grad_w, None
+
+
+def _spans(offs_E: torch.Tensor) -> list[tuple[int, int]]:
+    ends = offs_E.tolist()
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def _per_expert(x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    pieces = [matmul.product(x_SK[start:end], w_EKN[e]) for e, (start, end) in enumerate(_spans(offs_E))
+              if end > start]
+    return torch.cat(pieces) if pieces else x_SK.new_empty(0, w_EKN.shape[-1])
 
 
 def grouped_matmul(x_SK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tensor, impl: str) -> torch.Tensor:

@@ -20,6 +20,7 @@ from torch import nn
 from openk2.model.attention import MLA
 from openk2.model.config import ModelConfig
 from openk2.model.kv_cache import KVCache
+from openk2.model.matmul import Linear, mm, takes_onednn
 from openk2.model.moe import MLP, MoE
 from openk2.model.rope import rope_cos_sin, rope_inv_freq
 
@@ -57,7 +58,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w_VD = torch.zeros_like(w_VD, dtype=torch.float32) if needs_grad else None
         for start in range(0, x_ND.shape[0], chunk):
             x_CD, labels_C = x_ND[start:start + chunk], labels_N[start:start + chunk]
-            logits_VC = (w_VD @ x_CD.t()).float()
+            logits_VC = mm(w_VD, x_CD.t()).float()
             valid_1C = (labels_C != IGNORE_INDEX).unsqueeze(0)
             target_1C = labels_C.clamp(min=0).unsqueeze(0)
             target_logit_1C = logits_VC.gather(0, target_1C)
@@ -71,10 +72,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d(loss)/d(logits) = softmax - onehot(target), zero on ignored rows.
             grad_VC = exp_VC.mul_(valid_1C / sum_1C).scatter_add_(0, target_1C, -valid_1C.to(exp_VC.dtype))
             grad_VC = grad_VC.to(x_ND.dtype)
-            torch.mm(grad_VC.t(), w_VD, out=grad_x_ND[start:start + chunk])
-            if grad_w_VD.dtype == x_CD.dtype:
+            if takes_onednn(grad_VC, w_VD):
+                grad_x_ND[start:start + chunk] = mm(grad_VC.t(), w_VD)
+                grad_w_VD += mm(grad_VC, x_CD)
+            elif grad_w_VD.dtype == x_CD.dtype:
+                torch.mm(grad_VC.t(), w_VD, out=grad_x_ND[start:start + chunk])
                 grad_w_VD.addmm_(grad_VC, x_CD)
             else:  # low-precision matmul, fp32 accumulation across chunks
+                torch.mm(grad_VC.t(), w_VD, out=grad_x_ND[start:start + chunk])
                 grad_w_VD += grad_VC @ x_CD
         # Plain attributes, not save_for_backward (they are neither inputs nor outputs): backward takes the only
         # references, scales them in place and hands them over, with no new [V, D] allocation.
@@ -140,7 +145,7 @@ class K2Model(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._rope: tuple[torch.Tensor, float] | None = None

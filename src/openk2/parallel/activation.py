@@ -57,6 +57,8 @@ aten = torch.ops.aten
 _MATMUL_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
 if hasattr(aten, "_grouped_mm"):
     _MATMUL_OPS.add(aten._grouped_mm.default)
+if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # CPU fp32 products (openk2.model.matmul)
+    _MATMUL_OPS.add(torch.ops.mkldnn._linear_pointwise.default)
 _ALWAYS_SAVE_OPS = {aten.topk.default}  # expert selection must not change on recomputation
 for _name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
               "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):

@@ -50,6 +50,11 @@ class TasksSection:
     world_qa_fraction: float = 0.5   # facts: people with Q/A documents in pretraining train, the others are held out
     facts_attributes: list[str] = field(default_factory=lambda: ["birth_city", "birth_date", "university", "field",
                                                                  "employer", "hobby"])
+    # facts: a wrong answer of the right kind (one value of the asked attribute, none of another) earns 0.25 (training)
+    facts_partial_credit: bool = False
+    # facts: whom RL trains on: "qa" (the Q/A-document people; held out: the biography-only people) or "biography"
+    # (half of the biography-only people; held out: their other half)
+    facts_train_people: str = "qa"
     world_max_turns: int = 4         # model turns per world episode
     # world: train tasks also about the people of this many registry worlds (unseen names: the model must copy them
     # from the request, as on held-out people), evenly mixed with the world's own training people

@@ -52,6 +52,9 @@ class DataSection:
     midtrain_start: float = 0.7
     midtrain_world_requests: int = 960  # one-request dialogs in the chat pool (no tool declarations: see midtrain.py)
     midtrain_facts_copies: int = 2  # copies of the facts family's 270 train-split questions in the chat pool
+    # plain-text copy documents in the pool (openk2.data.copy_text: fresh names that recur within a document, all
+    # tokens trained on), which reward copying a name from the context; 0 = none
+    midtrain_copy_documents: int = 0
     cache_dir: str = ""  # where tokenized shards and tokenizers are cached; empty = <run.dir>/../.cache
 
 
@@ -176,10 +179,13 @@ class TrainConfig:
             (self.data.tokenizer_chat_dialogs >= 0, "data.tokenizer_chat_dialogs must be >= 0"),
             (0 <= self.data.midtrain_weight <= 1, "data.midtrain_weight must lie in [0, 1]"),
             (0 <= self.data.midtrain_start < 1, "data.midtrain_start must lie in [0, 1)"),
-            (self.data.midtrain_world_requests >= 0 and self.data.midtrain_facts_copies >= 0,
-             "data.midtrain_world_requests and data.midtrain_facts_copies must be >= 0"),
-            (self.data.midtrain_weight == 0 or self.data.midtrain_world_requests + self.data.midtrain_facts_copies > 0,
-             "data.midtrain_weight > 0 needs chat data: data.midtrain_world_requests or data.midtrain_facts_copies"),
+            (min(self.data.midtrain_world_requests, self.data.midtrain_facts_copies,
+                 self.data.midtrain_copy_documents) >= 0,
+             "data.midtrain_world_requests, data.midtrain_facts_copies and data.midtrain_copy_documents must be >= 0"),
+            (self.data.midtrain_weight == 0 or self.data.midtrain_world_requests + self.data.midtrain_facts_copies
+             + self.data.midtrain_copy_documents > 0,
+             "data.midtrain_weight > 0 needs data: data.midtrain_world_requests, data.midtrain_facts_copies or "
+             "data.midtrain_copy_documents"),
             (t.keep_last >= 1, "train.keep_last must be >= 1"),
             (self.sft.too_long in ("truncate", "skip", "split"), "sft.too_long must be truncate, skip or split"),
             (0 <= self.sft.val_fraction < 1, "sft.val_fraction must lie in [0, 1)"),

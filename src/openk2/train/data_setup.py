@@ -127,7 +127,8 @@ def midtrain_loader(cfg: TrainConfig, loader: PackedLoader, tokenizer: Tokenizer
         raise TrainConfigError("data.midtrain_weight > 0 needs the embedded world corpus (data.sources = []): its "
                                "chat data is about the world's people")
     d, t = cfg.data, cfg.train
-    records = midtrain_records(world, d.world_qa_fraction, d.midtrain_world_requests, d.midtrain_facts_copies)
+    records = midtrain_records(world, d.world_qa_fraction, d.midtrain_world_requests, d.midtrain_facts_copies,
+                               copy_documents=d.midtrain_copy_documents)
     convs, _ = chat_conversations(tokenizer, records, t.seq_len)
     return MidtrainLoader(loader, convs, start_step=int(round(d.midtrain_start * t.max_steps)),
                           weight=d.midtrain_weight, pad_id=tokenizer.pad_id, seed=t.seed)

@@ -24,6 +24,10 @@ only (SFT's mask: the model learns what the assistant writes, not the users' ran
   8% longer than a row and cut at its end) are kept. SFT then adds the declarations in front.
 - chat-form facts questions about the people whose Q/A documents are in pretraining
   (`openk2.rl.envs.facts.sft_records`, train split only: the RL stage's held-out people are never asked).
+- optionally (`data.midtrain_copy_documents`, default 0) plain-text *copy documents* (`openk2.data.copy_text`:
+  fresh made-up names that recur within a document, loss on every token), which reward copying a name from the
+  context. Measured (docs/experiments.md, "Name copying: the model has no copy circuit"): 25% of the rows of steps
+  181-360 (or all rows of 90 steps) teach the model what names look like but not to copy one, so it stays off.
 
 Schedule. Steps `start_step` (0-based) onward carry `weight` of each global batch's rows as chat rows (the last
 rows of the batch; `floor((n+1) * weight * B) - floor(n * weight * B)` of them at the n-th midtraining step, so the
@@ -54,25 +58,32 @@ DIALOG_SEED = 1
 
 
 def midtrain_records(world: World, qa_fraction: float, world_requests: int, facts_copies: int,
-                     registry_worlds: int = 4) -> list[dict[str, Any]]:
-    """The chat records of midtraining: `world_requests` one-request expert dialogs without tool declarations
-    (see the module docstring) and `facts_copies` copies of the facts family's train-split records."""
+                     registry_worlds: int = 4, copy_documents: int = 0) -> list[dict[str, Any]]:
+    """The records of midtraining: `world_requests` one-request expert dialogs without tool declarations
+    (see the module docstring), `facts_copies` copies of the facts family's train-split records and
+    `copy_documents` plain-text copy documents (`{"text": ...}`, `openk2.data.copy_text`)."""
     from openk2.agentic.world_sft import sft_records
+    from openk2.data.copy_text import copy_documents as make_copy_documents
     from openk2.rl.envs.facts import sft_records as facts_sft_records
 
     dialogs = [{"messages": r["messages"], "metadata": r["metadata"]}  # no "tools": the declarations are dropped
                for r in sft_records(world, world_requests, registry_worlds=registry_worlds, tasks_per_dialog=1,
                                     seed=DIALOG_SEED)] if world_requests > 0 else []
     facts = facts_sft_records(world, qa_fraction) if facts_copies > 0 else []
-    return dialogs + facts * facts_copies
+    # no name of the world's people (held-out people must stay in no pretraining document)
+    copies = [{"text": t, "metadata": {"source": "copy_text"}}
+              for t in make_copy_documents(copy_documents, exclude={p.name for p in world.people})]
+    return dialogs + facts * facts_copies + copies
 
 
 def chat_conversations(tokenizer: Tokenizer, records: list[dict[str, Any]], seq_len: int
                        ) -> tuple[list[TokenizedConversation], dict[str, Any]]:
-    """Token ids and assistant masks of `records` in the K2 chat format, cut to a row of `seq_len + 1` tokens."""
+    """Token ids and assistant masks of `records` in the K2 chat format, cut to a row of `seq_len + 1` tokens
+    (a `{"text": ...}` record: `[bos] + encode(text)`, every token trained on)."""
     from openk2.data.chat_format import ChatFormat
 
-    convs = [Conversation(r["messages"], r.get("tools"), f"midtrain:{i}") for i, r in enumerate(records)]
+    convs = [Conversation(r.get("messages", []), r.get("tools"), f"midtrain:{i}", r.get("text"))
+             for i, r in enumerate(records)]
     return tokenize_conversations(convs, ChatFormat.k2(tokenizer), seq_len + 1)
 
 

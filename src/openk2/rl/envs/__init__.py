@@ -90,6 +90,8 @@ class FactsFamily:
     world_people: int
     qa_fraction: float
     attributes: tuple[str, ...]
+    partial_credit: bool = False
+    train_people: str = "qa"
     name: str = "facts"
 
     def _world(self) -> Any:
@@ -100,17 +102,19 @@ class FactsFamily:
     def train_tasks(self, n: int, seed: int) -> list[Any]:
         from openk2.rl.envs.facts import fact_tasks
 
-        return fact_tasks(self._world(), self.qa_fraction, "train", n, seed=seed, attributes=self.attributes)
+        return fact_tasks(self._world(), self.qa_fraction, "train", n, seed=seed, attributes=self.attributes,
+                          train_people=self.train_people)
 
     def heldout_tasks(self, n: int, seed: int) -> list[Any]:
         from openk2.rl.envs.facts import fact_tasks
 
-        return fact_tasks(self._world(), self.qa_fraction, "heldout", n, seed=seed, attributes=self.attributes)
+        return fact_tasks(self._world(), self.qa_fraction, "heldout", n, seed=seed, attributes=self.attributes,
+                          train_people=self.train_people)
 
     def make_env(self) -> Env:
         from openk2.rl.envs.facts import FactsEnv
 
-        return FactsEnv(self._world())
+        return FactsEnv(self._world(), self.partial_credit)
 
     def task_id(self, task: Any) -> str:
         return task.id
@@ -261,7 +265,8 @@ def make_family(name: str, tasks_cfg: Any, chat_format: ChatFormat | None) -> Ta
                             tasks_cfg.digits_partial_credit)
     if name == "facts":
         return FactsFamily(tasks_cfg.world_seed, tasks_cfg.world_people, tasks_cfg.world_qa_fraction,
-                           tuple(tasks_cfg.facts_attributes))
+                           tuple(tasks_cfg.facts_attributes), tasks_cfg.facts_partial_credit,
+                           tasks_cfg.facts_train_people)
     if name == "world":
         return WorldFamily(tasks_cfg.world_seed, tasks_cfg.world_people, tasks_cfg.world_max_turns, chat_format,
                            tasks_cfg.world_registry_worlds, tasks_cfg.world_partial_credit,

@@ -12,10 +12,19 @@ the world's Q/A templates ("In which city was Xyla Morven born?"). Splits are di
   document (the `world-qa` probes' people). Pass@1 here measures knowledge extraction transferred to new people.
 
 Held-out people (in no document) are never asked: their answers are unknowable.
+With `train_people="biography"` (`tasks.facts_train_people`) the splits are instead the two halves of the
+biography-only people: "train" = every second one of them (`others[0::2]`), "heldout" = the rest (`others[1::2]`),
+so RL trains on people whose facts pretraining stated in biographies only, as the held-out people's, and never on
+a Q/A-document person; held-out pass@1 is then over ~half as many tasks (132 in the speedrun's world).
 
 Reward (`fact_reward`): 1.0 iff the response names the right value and no other value of that attribute (any city
 for birth_city, any date for birth_date, ...), case-insensitive, whole words: a response listing several
 candidates earns nothing, and the wording around the value ("She was born in Trevane.") does not matter.
+With `partial_credit` (training only; pass@1 stays exact), a wrong answer of the right kind, i.e. exactly one
+value of the asked attribute and none of any other attribute ("Velmora" for a city question, not a date or a
+company), earns `KIND_CREDIT`: the SFT model often answers a question with a value of another attribute, and that
+skill (which kind of answer a question wants) is the part that transfers from the train people to the held-out
+people, while the value itself is each person's own fact.
 """
 
 from __future__ import annotations
@@ -32,8 +41,12 @@ from openk2.rl.envs.procedural import ChatQuestionTask
 from openk2.rl.types import Observation, StepResult
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
+#: Whom the "train" split asks about: the Q/A-document people, or half of the biography-only people.
+TRAIN_PEOPLE: tuple[str, ...] = ("qa", "biography")
 #: The system message of every question: asks for the bare value, so answers fit a short token budget.
 SYSTEM_PROMPT = "Answer the question with the name, date or word only."
+#: The reward of a wrong answer of the right kind under `partial_credit` (openk2 choice; < the 1.0 of a right one).
+KIND_CREDIT = 0.25
 _DATE = re.compile(r"\b\d{1,2} (?:January|February|March|April|May|June|July|August|September|October|November"
                    r"|December) \d{4}\b", re.IGNORECASE)
 
@@ -60,20 +73,26 @@ def question_text(attribute: str, name: str) -> str:
     return QA_PROMPTS[attribute].format(name=name).removeprefix("Q: ").split("\n", 1)[0]
 
 
-def split_people(world: World, qa_fraction: float) -> dict[str, list[str]]:
-    """Names per split: "train" = the Q/A-document people, "heldout" = the other training people."""
+def split_people(world: World, qa_fraction: float, train_people: str = "qa") -> dict[str, list[str]]:
+    """Names per split: "train" = the Q/A-document people, "heldout" = the other training people (the
+    biography-only people); with `train_people="biography"`, the two halves of the biography-only people."""
+    if train_people not in TRAIN_PEOPLE:
+        raise ValueError(f"facts train people must be one of {TRAIN_PEOPLE}, got {train_people!r}")
     trained = [p.name for p in qa_people(world, qa_fraction)]
     if not trained:
         raise ValueError("the facts family needs a world pretrained with Q/A documents (world_qa_fraction > 0, "
                          f"got {qa_fraction}): its training people are the Q/A-document people")
     held = [p.name for p in world.train_people if p.name not in set(trained)]
+    if train_people == "biography":
+        return {"train": held[0::2], "heldout": held[1::2]}
     return {"train": trained, "heldout": held}
 
 
 def fact_tasks(world: World, qa_fraction: float, split: str, n: int | None = None, seed: int = 0,
-               attributes: tuple[str, ...] | list[str] = ATTRIBUTES) -> list[FactTask]:
-    """Every (person, attribute) task of `split`, shuffled with `random.Random(f"facts/{seed}/{split}")`, the
-    first `n` (all if None). Raises ValueError for an unknown split or attribute."""
+               attributes: tuple[str, ...] | list[str] = ATTRIBUTES, train_people: str = "qa") -> list[FactTask]:
+    """Every (person, attribute) task of `split` (people as `split_people(world, qa_fraction, train_people)`),
+    shuffled with `random.Random(f"facts/{seed}/{split}")`, the first `n` (all if None). Raises ValueError for an
+    unknown split, attribute or `train_people`."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     bad = [a for a in attributes if a not in ATTRIBUTES]
@@ -82,7 +101,7 @@ def fact_tasks(world: World, qa_fraction: float, split: str, n: int | None = Non
     people = {p.name: p for p in world.people}
     tasks = [FactTask(f"facts-{split}-{hashlib.sha256(f'{name}/{a}'.encode()).hexdigest()[:10]}", name, a,
                       question_text(a, name), people[name].answer(a), split)
-             for name in split_people(world, qa_fraction)[split] for a in attributes]
+             for name in split_people(world, qa_fraction, train_people)[split] for a in attributes]
     random.Random(f"facts/{seed}/{split}").shuffle(tasks)
     return tasks[:n]
 
@@ -112,11 +131,27 @@ def mentioned_values(world: World, attribute: str, text: str) -> set[str]:
     return found
 
 
-def fact_reward(world: World, task: FactTask, text: str) -> float:
-    """1.0 iff `text` names `task.answer` and no other value of the attribute, else 0.0."""
+def fact_reward(world: World, task: FactTask, text: str, partial_credit: bool = False) -> float:
+    """1.0 iff `text` names `task.answer` and no other value of the attribute; with `partial_credit`, `KIND_CREDIT`
+    for exactly one other value of the attribute and no value of any other attribute; else 0.0."""
     named = mentioned_values(world, task.attribute, text)
     want = mentioned_values(world, task.attribute, task.answer)
-    return 1.0 if named and named == want else 0.0
+    if named and named == want:
+        return 1.0
+    if partial_credit and len(named) == 1 and not any(mentioned_values(world, a, _without(world, task.attribute, text))
+                                                      for a in ATTRIBUTES if a != task.attribute):
+        return KIND_CREDIT
+    return 0.0
+
+
+def _without(world: World, attribute: str, text: str) -> str:
+    """`text` with the values of `attribute` blanked out ("University of Veipim" names the city Veipim inside a
+    university's name, which is no second kind of answer)."""
+    if attribute == "birth_date":
+        return _DATE.sub(" ", text)
+    for pattern in _value_patterns(frozenset(_attribute_values(world, attribute))):
+        text = pattern.sub(" ", text)
+    return text
 
 
 def sft_records(world: World, qa_fraction: float, n: int | None = None, seed: int = 0,
@@ -142,10 +177,12 @@ def sft_records(world: World, qa_fraction: float, n: int | None = None, seed: in
 
 
 class FactsEnv:
-    """Single-turn: `reset` asks the question, the first `step` is the answer and ends the episode."""
+    """Single-turn: `reset` asks the question, the first `step` is the answer and ends the episode. `partial_credit`:
+    `KIND_CREDIT` for a wrong answer of the right kind (`fact_reward`); `info["correct"]` is exact either way."""
 
-    def __init__(self, world: World) -> None:
+    def __init__(self, world: World, partial_credit: bool = False) -> None:
         self.world = world
+        self.partial_credit = partial_credit
         self.task: FactTask | None = None
         self.task_type = "facts"
 
@@ -157,7 +194,7 @@ class FactsEnv:
     async def step(self, action_text: str) -> StepResult:
         if self.task is None:
             raise RuntimeError("call reset(task) before step()")
-        reward = fact_reward(self.world, self.task, action_text)
+        reward = fact_reward(self.world, self.task, action_text, self.partial_credit)
         return StepResult(None, reward, terminated=True, truncated=False,
                           info={"correct": reward == 1.0, "expected": self.task.answer})
 
@@ -165,5 +202,5 @@ class FactsEnv:
         self.task = None
 
 
-__all__ = ["FactTask", "FactsEnv", "fact_reward", "fact_tasks", "mentioned_values", "question_text", "sft_records",
-           "split_people"]
+__all__ = ["KIND_CREDIT", "TRAIN_PEOPLE", "FactTask", "FactsEnv", "fact_reward", "fact_tasks", "mentioned_values",
+           "question_text", "sft_records", "split_people"]

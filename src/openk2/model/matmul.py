@@ -1,0 +1,115 @@
+"""fp32 matrix products on CPU through oneDNN.
+
+Why: on the AMD EPYC hosts we develop and test on, the MKL in torch's CPU wheel runs fp32 GEMMs at about half
+oneDNN's speed (training shapes: ~85 vs ~180 GFLOP/s on one thread), its GEMVs at a third to a half (decode),
+and does not split a GEMV over two threads; oneDNN does (docs/benchmarks.md, "oneDNN matmuls"). torch itself
+calls oneDNN for fp32 matmuls only inside frozen Inductor graphs, so the model calls it here: `Linear` (every
+projection of the model), `mm` (the LM head's chunked cross-entropy, the routed experts' per-expert products),
+and the compiled decode step. The op is one of ours (`openk2::onednn_mm`, with its backward), so autograd,
+Dynamo and Inductor (as an extern kernel, on the live weights) see a plain op.
+
+Only plain fp32 CPU tensors take this path (a DTensor, CUDA, another dtype or CPU autocast keep aten's), and
+only products large enough for oneDNN's higher per-call cost to pay (`MIN_ELEMENTS`). `OPENK2_ONEDNN=0` in the
+environment turns it off: aten's (MKL) matmuls everywhere, as before.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ENABLED = (
+    torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    and os.environ.get("OPENK2_ONEDNN", "1").strip().lower() not in ("0", "false", "off", "no")
+)
+#: A product goes through oneDNN when its weight-like operand or its output has at least this many elements
+#: (1 MiB fp32): below that, at decode's 1-8 rows, MKL's lower per-call cost wins (measured on config A).
+MIN_ELEMENTS = 1 << 18
+
+
+@torch.library.custom_op("openk2::onednn_mm", mutates_args=())
+def onednn_mm(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
+    """a @ b by oneDNN (`mkldnn._linear_pointwise` computes a @ w.T; strided operands are fine)."""
+    return torch.ops.mkldnn._linear_pointwise(a_MK, b_KN.t(), None, "none", [], "")
+
+
+@onednn_mm.register_fake
+def _(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
+    return a_MK.new_empty(a_MK.shape[0], b_KN.shape[1])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_MN: torch.Tensor):
+    a_MK, b_KN = ctx.saved_tensors
+    grad_a = onednn_mm(grad_MN, b_KN.t()) if ctx.needs_input_grad[0] else None
+    grad_b = onednn_mm(a_MK.t(), grad_MN) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b
+
+
+onednn_mm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _onednn(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(a_MK, b_KN.t(), None, "none", [], "")
+
+
+class _EagerMM(torch.autograd.Function):
+    """`onednn_mm` for eager code (training, prefill): the same products without a custom op's per-call cost
+    (~0.1 ms through the dispatcher and its Python autograd wrapper, ~5% of a nano training step)."""
+
+    @staticmethod
+    def forward(ctx, a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a_MK, b_KN)
+        return _onednn(a_MK, b_KN)
+
+    @staticmethod
+    def backward(ctx, grad_MN: torch.Tensor):
+        a_MK, b_KN = ctx.saved_tensors
+        grad_a = _onednn(grad_MN, b_KN.t()) if ctx.needs_input_grad[0] else None
+        grad_b = _onednn(a_MK.t(), grad_MN) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+def product(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
+    """a @ b by oneDNN, differentiable: the custom op under torch.compile, a plain autograd function eagerly."""
+    if torch.compiler.is_compiling():
+        return onednn_mm(a_MK, b_KN)
+    if torch.is_grad_enabled() and (a_MK.requires_grad or b_KN.requires_grad):
+        return _EagerMM.apply(a_MK, b_KN)
+    return _onednn(a_MK, b_KN)
+
+
+def takes_onednn(*tensors: torch.Tensor) -> bool:
+    """Plain fp32 CPU tensors, oneDNN built in and on, no CPU autocast."""
+    return (ENABLED and not torch.is_autocast_enabled("cpu")
+            and all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+                    for t in tensors))
+
+
+def mm(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
+    """a @ b for 2-D operands, through oneDNN where it pays (see the module docstring)."""
+    big = max(b_KN.numel(), a_MK.shape[0] * b_KN.shape[1]) >= MIN_ELEMENTS
+    return product(a_MK, b_KN) if big and takes_onednn(a_MK, b_KN) else a_MK @ b_KN
+
+
+def linear(x_TK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` for inputs of any rank, through oneDNN where it pays."""
+    K, N = x_TK.shape[-1], w_NK.shape[0]
+    rows = x_TK.numel() // K
+    if max(w_NK.numel(), rows * N) < MIN_ELEMENTS or not takes_onednn(x_TK, w_NK):
+        return F.linear(x_TK, w_NK, bias_N)
+    y_TN = product(x_TK.reshape(rows, K), w_NK.t()).view(*x_TK.shape[:-1], N)
+    return y_TN if bias_N is None else y_TN + bias_N
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and state-dict names) whose product goes through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

@@ -1,0 +1,75 @@
+"""oneDNN products on CPU (`openk2.model.matmul`) against aten's: values, gradients, and who takes the path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from openk2.model import matmul
+from openk2.model.moe import grouped_matmul
+
+pytestmark = pytest.mark.skipif(not matmul.ENABLED, reason="torch built without oneDNN")
+
+
+def _grads(fn, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    return [out.detach(), *(t.grad for t in leaves)]
+
+
+@pytest.mark.parametrize("shape", [(3, 600, 512), (700, 512)])
+def test_linear_and_its_gradients_match_aten(shape):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(*shape, generator=g), torch.randn(1024, 512, generator=g)
+    ours = _grads(matmul.linear, x, w)
+    ref = _grads(torch.nn.functional.linear, x, w)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-5)
+
+
+def test_the_custom_op_has_a_correct_autograd_and_fake_kernel():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(64, 96, generator=g), torch.randn(96, 80, generator=g)
+    torch.library.opcheck(matmul.onednn_mm, (a.requires_grad_(), b.requires_grad_()))
+    ours = _grads(matmul.onednn_mm, a, b)
+    ref = _grads(torch.mm, a, b)
+    for x, y in zip(ours, ref, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-5)
+
+
+def test_per_expert_products_match_grouped_mm(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    counts_E = torch.tensor([300, 0, 41, 700])  # an expert without rows too
+    x_SK, w_EKN = torch.randn(int(counts_E.sum()), 256, generator=g), torch.randn(4, 256, 384, generator=g)
+    ours = _grads(lambda x, w: grouped_matmul(x, w, counts_E, "grouped_mm"), x_SK, w_EKN)
+    monkeypatch.setattr(matmul, "ENABLED", False)
+    ref = _grads(lambda x, w: grouped_matmul(x, w, counts_E, "grouped_mm"), x_SK, w_EKN)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-5)
+
+
+def test_only_plain_fp32_cpu_tensors_take_onednn():
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    assert matmul.takes_onednn(x, torch.nn.Parameter(w))
+    assert not matmul.takes_onednn(x.bfloat16(), w.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not matmul.takes_onednn(x, w)
+
+
+def test_linear_module_keeps_nn_linear_names_and_values():
+    ours, ref = matmul.Linear(512, 1024, bias=True), torch.nn.Linear(512, 1024, bias=True)
+    assert list(ours.state_dict()) == list(ref.state_dict()) == ["weight", "bias"]
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(600, 512)
+    torch.testing.assert_close(ours(x), ref(x), atol=2e-4, rtol=1e-5)
+
+
+def test_environment_switch_turns_it_off():
+    code = "import openk2.model.matmul as m; print(m.ENABLED)"
+    out = subprocess.run([sys.executable, "-c", code], env={"OPENK2_ONEDNN": "0", "PYTHONPATH": "src"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
