@@ -14,6 +14,11 @@ from openk2.model.moe import grouped_matmul
 pytestmark = pytest.mark.skipif(not matmul.ENABLED, reason="torch built without oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def _onednn_at_any_thread_count(monkeypatch):
+    monkeypatch.setattr(matmul, "MAX_TRAINING_THREADS", 1 << 20)
+
+
 def _grads(fn, *tensors: torch.Tensor) -> list[torch.Tensor]:
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     out = fn(*leaves)
@@ -52,9 +57,12 @@ def test_per_expert_products_match_grouped_mm(monkeypatch):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-5)
 
 
-def test_only_plain_fp32_cpu_tensors_take_onednn():
+def test_only_plain_fp32_cpu_tensors_take_onednn(monkeypatch):
     x, w = torch.randn(4, 8), torch.randn(8, 8)
     assert matmul.takes_onednn(x, torch.nn.Parameter(w))
+    monkeypatch.setattr(matmul, "MAX_TRAINING_THREADS", torch.get_num_threads() - 1)
+    assert not matmul.takes_onednn(x, w)  # more threads than oneDNN's training products pay at
+    monkeypatch.setattr(matmul, "MAX_TRAINING_THREADS", 1 << 20)
     assert not matmul.takes_onednn(x.bfloat16(), w.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not matmul.takes_onednn(x, w)

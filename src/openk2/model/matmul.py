@@ -25,6 +25,12 @@ ENABLED = (
     torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     and os.environ.get("OPENK2_ONEDNN", "1").strip().lower() not in ("0", "false", "off", "no")
 )
+#: Training and prefill products (`linear`, `mm`, the experts') take oneDNN only up to this many intra-op threads:
+#: a nano training step is 1.36x faster with oneDNN on one thread, but not faster on two (0.94x, where the same A/B
+#: of two identical paths reads 0.92x; MKL's GEMMs scale to two threads, oneDNN's per-expert products do not), so at
+#: 2+ threads training keeps aten's products, as before (docs/benchmarks.md). The decode step's
+#: matrix-vector products take oneDNN at any thread count (there it wins most at two threads).
+MAX_TRAINING_THREADS = 1
 #: A product goes through oneDNN when its weight-like operand or its output has at least this many elements
 #: (1 MiB fp32): below that, at decode's 1-8 rows, MKL's lower per-call cost wins (measured on config A).
 MIN_ELEMENTS = 1 << 18
@@ -86,8 +92,8 @@ def product(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
 
 
 def takes_onednn(*tensors: torch.Tensor) -> bool:
-    """Plain fp32 CPU tensors, oneDNN built in and on, no CPU autocast."""
-    return (ENABLED and not torch.is_autocast_enabled("cpu")
+    """Plain fp32 CPU tensors, oneDNN built in and on, no CPU autocast, at most `MAX_TRAINING_THREADS` threads."""
+    return (ENABLED and not torch.is_autocast_enabled("cpu") and torch.get_num_threads() <= MAX_TRAINING_THREADS
             and all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
                     for t in tensors))
 
