@@ -36,10 +36,15 @@ MAX_TRAINING_THREADS = 1
 MIN_ELEMENTS = 1 << 18
 
 
-@torch.library.custom_op("openk2::onednn_mm", mutates_args=())
-def onednn_mm(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
+def _onednn(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
     """a @ b by oneDNN (`mkldnn._linear_pointwise` computes a @ w.T; strided operands are fine)."""
     return torch.ops.mkldnn._linear_pointwise(a_MK, b_KN.t(), None, "none", [], "")
+
+
+@torch.library.custom_op("openk2::onednn_mm", mutates_args=())
+def onednn_mm(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
+    """`_onednn` as an op of our own: what autograd, Dynamo and Inductor see in compiled code."""
+    return _onednn(a_MK, b_KN)
 
 
 @onednn_mm.register_fake
@@ -59,10 +64,6 @@ def _backward(ctx, grad_MN: torch.Tensor):
 
 
 onednn_mm.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _onednn(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(a_MK, b_KN.t(), None, "none", [], "")
 
 
 class _EagerMM(torch.autograd.Function):
