@@ -62,6 +62,7 @@ def test_only_plain_fp32_cpu_tensors_take_onednn(monkeypatch):
     assert matmul.takes_onednn(x, torch.nn.Parameter(w))
     monkeypatch.setattr(matmul, "MAX_TRAINING_THREADS", torch.get_num_threads() - 1)
     assert not matmul.takes_onednn(x, w)  # more threads than oneDNN's training products pay at
+    assert matmul.takes_onednn(x, w, training=False)  # forward-only products take it at any thread count
     monkeypatch.setattr(matmul, "MAX_TRAINING_THREADS", 1 << 20)
     assert not matmul.takes_onednn(x.bfloat16(), w.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -81,3 +82,25 @@ def test_environment_switch_turns_it_off():
     out = subprocess.run([sys.executable, "-c", code], env={"OPENK2_ONEDNN": "0", "PYTHONPATH": "src"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_forward_only_products_take_onednn_past_the_training_thread_limit(monkeypatch):
+    """Prefill and evaluation (no autograd) use oneDNN at any thread count; a training product above the limit
+    keeps aten's. Seen through which op runs: oneDNN's `mkldnn::_linear_pointwise` or aten's."""
+    monkeypatch.setattr(matmul, "MAX_TRAINING_THREADS", 0)
+    x_TK, w_NK = torch.randn(64, 512), torch.randn(1024, 512, requires_grad=True)
+    x_SK, w_EKN = torch.randn(64, 512), torch.randn(4, 512, 256, requires_grad=True)
+    counts_E = torch.tensor([10, 20, 0, 34])
+
+    def ops(fn) -> set[str]:
+        with torch.profiler.profile() as prof:
+            fn()
+        return {e.name for e in prof.events()}
+
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" in ops(lambda: matmul.linear(x_TK, w_NK))
+        assert "mkldnn::_linear_pointwise" in ops(lambda: grouped_matmul(x_SK, w_EKN, counts_E, "grouped_mm"))
+        torch.testing.assert_close(matmul.linear(x_TK, w_NK), x_TK @ w_NK.t(), atol=2e-4, rtol=1e-5)
+    assert "mkldnn::_linear_pointwise" not in ops(lambda: matmul.linear(x_TK, w_NK).sum().backward())
+    assert "mkldnn::_linear_pointwise" not in ops(
+        lambda: grouped_matmul(x_SK, w_EKN, counts_E, "grouped_mm").sum().backward())

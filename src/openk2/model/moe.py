@@ -109,7 +109,12 @@ def grouped_matmul(x_SK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tens
         offs_E = counts_E.cumsum(0).to(torch.int32)
         if x_SK.is_cuda:
             return F.grouped_mm(x_SK, w_EKN, offs=offs_E)
-        return _GroupedMM.apply(x_SK, w_EKN, offs_E)
+        if torch.is_grad_enabled() and (x_SK.requires_grad or w_EKN.requires_grad):
+            return _GroupedMM.apply(x_SK, w_EKN, offs_E)
+        # Forward only (prefill, evaluation): oneDNN's products at any thread count.
+        if matmul.takes_onednn(x_SK, w_EKN, training=False):
+            return _per_expert(x_SK, w_EKN, offs_E)
+        return F.grouped_mm(x_SK, w_EKN, offs=offs_E)
     # padded_bmm: scatter rows into an [E, capacity, K] block, one bmm, gather back.
     E = w_EKN.shape[0]
     starts_E = counts_E.cumsum(0) - counts_E
