@@ -36,9 +36,10 @@ RL_OVERRIDES = [
     "train.steps=30", "rollout.group_size=8", "rollout.prompts_per_step=16", "rollout.temperature=1.0",
     "rollout.temperature_min=0.7", "rollout.temperature_decay_steps=40", "train.lr=2e-4", "train.optimizer='adamw'",
     "train.loss='grpo'", "train.advantage='grpo'", "train.tau=0.05", "eval.every=0",
-    "eval.n_heldout={default = 200, facts = 1000, world = 60}",
-    "tasks.mix={facts = 1.0}", "tasks.facts_partial_credit=true", "eval.families=['facts', 'world']",
-    "rollout.max_new_tokens={facts = 16, world = 128}", "train.drop_zero_advantage_groups=true",
+    "eval.n_heldout={default = 200, facts = 1000, facts_paraphrase = 1000, world = 60}",
+    "tasks.mix={facts_paraphrase = 1.0}", "tasks.facts_partial_credit=true",
+    "eval.families=['facts_paraphrase', 'facts', 'world']",
+    "rollout.max_new_tokens={facts = 16, facts_paraphrase = 16, world = 128}", "train.drop_zero_advantage_groups=true",
     "run.checkpoint_every=10", "run.threads=1", "run.tensorboard=false", "sampler.curriculum=false",
     "train.minibatches=4",
 ]
@@ -140,6 +141,9 @@ def write_plot(run_dir: Path, result: dict[str, Any]) -> str:
 
 #: What the report says each training family is, and each evaluation family's held-out tasks.
 TRAINED_ON = {
+    "facts_paraphrase": "the `facts_paraphrase` questions (the `facts` questions about the people whose Q/A documents "
+                        "pretraining saw, asked in words no document or SFT record uses: \"When was X born?\"), "
+                        "rewarded 1 for the right value and no other value of its kind",
     "facts": "the `facts` questions (chat questions about the pretraining world's people whose Q/A documents "
              "pretraining saw, no tools), rewarded 1 for the right value and no other value of its kind",
     "world": "the world tool domain's tasks (multi-turn episodes on the real tools, about the pretraining world's "
@@ -147,6 +151,8 @@ TRAINED_ON = {
              "right (`world-agent`'s check)",
 }
 HELDOUT = {
+    "facts_paraphrase": "`facts_paraphrase` questions about the other people in the documents (no document, SFT "
+                        "record or RL task holds a question about them)",
     "facts": "`facts` questions about the other people in the documents, whose questions no document, SFT record or "
              "RL task contains (`openk2 eval --model <run>/rl --bench world-facts` scores the same way)",
     "world": "world tasks about people in no pretraining document, no SFT dialog and no RL task (`--bench "

@@ -17,6 +17,15 @@ biography-only people: "train" = every second one of them (`others[0::2]`), "hel
 so RL trains on people whose facts pretraining stated in biographies only, as the held-out people's, and never on
 a Q/A-document person; held-out pass@1 is then over ~half as many tasks (132 in the speedrun's world).
 
+Two more families ask the same people in other ways (`fact_tasks(..., family=...)`, the same splits and reward):
+
+- "facts_paraphrase": the same attributes in words that no document, SFT record or probe uses
+  (`PARAPHRASE_QUESTIONS`, "When was Xyla Morven born?"): the knowledge is the model's, the reading of the
+  question is what RL has to teach, and it transfers from the train people to the held-out people.
+- "facts_linked": facts linked to the person through their birth city, university or employer (birth region,
+  university city, employer city, industry: `LINKED_QUESTIONS`), which the biographies state next to the person but
+  no question asks.
+
 Reward (`fact_reward`): 1.0 iff the response names the right value and no other value of that attribute (any city
 for birth_city, any date for birth_date, ...), case-insensitive, whole words: a response listing several
 candidates earns nothing, and the wording around the value ("She was born in Trevane.") does not matter.
