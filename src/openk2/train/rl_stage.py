@@ -94,7 +94,7 @@ def rl_stage(run_dir: str | Path, *, overrides: list[str] = (), progress: bool =
         "steps": summary["steps"], "loss": cfg.train.loss, "families": list(cfg.tasks.mix),
         "group_size": cfg.rollout.group_size,
         "prompts_per_step": cfg.rollout.prompts_per_step,
-        "n_heldout": {f: cfg.eval.n_heldout.get(f, cfg.eval.n_heldout.get("default", 200)) for f in cfg.eval.families},
+        "n_heldout": heldout_counts(cfg),
         "before": {k: v for k, v in evals[0].items() if k.startswith("eval/")} if evals else {},
         "after": {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {},
         "evals": evals, "reward_curve": [(r["step"], r["reward/mean"], r["pass_rate"]) for r in rows],
@@ -107,6 +107,15 @@ def rl_stage(run_dir: str | Path, *, overrides: list[str] = (), progress: bool =
             log(f"rl stage: {key.removeprefix('eval/').removesuffix('/pass@1')} held-out greedy pass@1 "
                 f"{before:.1%} -> {result['after'].get(key, float('nan')):.1%}")
     return result
+
+
+def heldout_counts(cfg: Any) -> dict[str, int]:
+    """Held-out tasks each evaluation family has (eval.n_heldout caps them: facts' 1000 means all 270 there)."""
+    from openk2.rl.envs import make_family
+
+    sizes = cfg.eval.n_heldout
+    return {f: len(make_family(f, cfg.tasks, None).heldout_tasks(sizes.get(f, sizes.get("default", 200)),
+                                                                 cfg.eval.seed)) for f in cfg.eval.families}
 
 
 def write_plot(run_dir: Path, result: dict[str, Any]) -> str:
