@@ -166,10 +166,12 @@ def _value_patterns(values: frozenset[str]) -> tuple[re.Pattern[str], ...]:
 
 
 def _attribute_values(world: World, attribute: str) -> list[str]:
-    tables = {"birth_city": [c.name for c in world.cities], "university": [u.name for u in world.universities],
+    cities = [c.name for c in world.cities]
+    tables = {"birth_city": cities, "university": [u.name for u in world.universities],
               "employer": [c.name for c in world.companies], "field": world.fields, "hobby": world.hobbies,
-              "birth_region": world.regions, "industry": sorted({c.industry for c in world.companies})}
-    return tables.get(attribute) or tables["birth_city"]  # university_city, employer_city: cities
+              "birth_region": world.regions, "university_city": cities, "employer_city": cities,
+              "industry": sorted({c.industry for c in world.companies})}
+    return tables[attribute]
 
 
 def mentioned_values(world: World, attribute: str, text: str) -> set[str]:
