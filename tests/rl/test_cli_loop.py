@@ -96,3 +96,15 @@ def test_rl_cli_on_the_facts_family_and_eval_world_facts_score_alike(tiny_dir, t
                 "--limit", "4", "--out", str(tmp_path / "ev"), "--no-progress")
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert "world-facts" in ev.stdout
+
+
+def test_rl_cli_trains_facts_paraphrase_and_evaluates_it_beside_facts(tiny_dir, tmp_path):
+    out = tmp_path / "rl"
+    r = openk2("rl", "--init", str(tiny_dir), "--out", str(out), *ARGS, "--set", "train.steps=1",
+               "--set", "tasks.mix={facts_paraphrase = 1.0}", "--set", "eval.families=['facts_paraphrase', 'facts']",
+               "--set", "tasks.facts_attributes=['hobby']")
+    assert r.returncode == 0, r.stderr[-3000:]
+    evals = rows(out, "eval.jsonl")
+    assert {"eval/facts_paraphrase/pass@1", "eval/facts_paraphrase/hobby/pass@1", "eval/facts/hobby/pass@1"} <= set(
+        evals[0])  # each family under its own keys: the same attribute's two wordings are not pooled
+    assert rows(out)[0]["step"] == 1

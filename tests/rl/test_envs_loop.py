@@ -372,6 +372,46 @@ def test_facts_family_from_config_matches_the_world_facts_benchmark():
         replace(bench, options={"run_dir": str(Path(__file__).parent)}).load(Path("."))
 
 
+def test_facts_paraphrase_and_linked_families_are_deterministic_disjoint_and_rewarded_by_value():
+    from openk2.data.world import QA_PROMPTS, qa_people
+    from openk2.rl.config import TasksSection
+    from openk2.rl.envs.facts import KIND_CREDIT, LINKED_ATTRIBUTES, fact_reward, fact_tasks
+
+    world = _world()
+    qa = {p.name for p in qa_people(world, 0.5)}
+    facts = {t.question for t in fact_tasks(world, 0.5, "heldout")}
+    for name in ("facts_paraphrase", "facts_linked"):
+        fam = make_family(name, TasksSection(facts_partial_credit=True), None)
+        train, held = fam.train_tasks(1000, seed=0), fam.heldout_tasks(1000, seed=0)
+        assert [t.to_dict() for t in train] == [t.to_dict() for t in fam.train_tasks(1000, seed=0)]
+        assert [t.id for t in fam.train_tasks(1000, seed=1)] != [t.id for t in train]
+        assert {t.person for t in train} == qa and not {t.person for t in held} & qa  # disjoint by person
+        assert len(train) == len(qa) * (4 if name == "facts_linked" else 6)
+        assert {fam.task_type(t).split("/")[0] for t in held} == {name}  # own evaluation keys and budget
+        assert not {t.question for t in held} & facts  # no question of the Q/A documents' words
+        assert not any(t.question in q for t in held for q in QA_PROMPTS.values())
+        for task in held[:12]:
+            env = fam.make_env()
+            run(env.reset(task))
+            assert run(env.step(task.answer)).reward == 1.0
+            assert run(env.step("")).reward == 0.0
+    linked = make_family("facts_linked", TasksSection(), None).heldout_tasks(1000, seed=0)
+    assert {t.attribute for t in linked} == set(LINKED_ATTRIBUTES)
+    people = {p.name: p for p in world.people}
+    city = next(t for t in linked if t.attribute == "employer_city")
+    assert city.answer == world.company(people[city.person].employer).city
+    birth = people[city.person].birth_city
+    if birth != city.answer:  # the person's birth city is a city, but the wrong one
+        assert fact_reward(world, city, birth) == 0.0 and fact_reward(world, city, birth, True) == KIND_CREDIT
+    region = next(t for t in linked if t.attribute == "birth_region")
+    assert region.answer == world.city(people[region.person].birth_city).region
+    assert fact_reward(world, region, next(r for r in world.regions if r != region.answer)) == 0.0
+    with pytest.raises(ValueError, match="attributes"):
+        fact_tasks(world, 0.5, "train", attributes=("birth_city",), family="facts_linked")
+    with pytest.raises(ValueError, match="family"):
+        fact_tasks(world, 0.5, "train", family="facts_elsewhere")
+
+
 def test_world_train_tasks_mix_registry_worlds_and_run_on_their_own_tools():
     from openk2.data.tool_parsers import get_tool_parser
     from openk2.rl.envs.world import RegistryTask, world_train_tasks

@@ -75,6 +75,7 @@ class RolloutSection:
     top_p: float = 1.0
     # Budget control (K2): max new tokens per task type (family name or family/kind); truncation is penalised.
     max_new_tokens: dict[str, int] = field(default_factory=lambda: {"digits": 12, "facts": 16, "world": 128,
+                                                                     "facts_paraphrase": 16, "facts_linked": 16,
                                                                      "bench": 256, "tau2": 128})
     default_max_new_tokens: int = 64
     truncation_penalty: float = 0.5  # subtracted from a truncated response's reward (openk2 choice)

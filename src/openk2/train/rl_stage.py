@@ -3,12 +3,13 @@ greedy pass@1 before and after, with the reward curve.
 
     result = rl_stage(run_dir="runs/nano")      # <run>/sft -> <run>/rl (a run directory eval/serve accept)
 
-Training tasks are the `facts` questions about the pretraining world's Q/A-document people (`openk2.rl.envs.facts`:
-chat questions, no tools; the SFT stage's warm start taught their chat form on these people); evaluation is greedy
-pass@1 on the held-out `facts` questions (people whose facts pretraining stated in biographies only and whose
-questions no document, SFT record or RL task holds; `world-facts`) and on 60 held-out world tool-domain tasks
-(`world-agent`'s tasks and scoring: the SFT stage's 40 tasks and the next 20 of the same draw), which RL does not
-train on: they show whether RL keeps the SFT stage's tool use.
+Training tasks are the `facts_paraphrase` questions about the pretraining world's Q/A-document people
+(`openk2.rl.envs.facts`: chat questions, no tools, in words that no document or SFT record uses; the SFT model knows
+the facts in the documents' wording but mostly misreads these questions); evaluation is greedy pass@1 on the held-out
+people's `facts_paraphrase` and `facts` questions (people whose facts pretraining stated in biographies only and whose
+questions no document, SFT record or RL task holds; `facts` is `world-facts`) and on 60 held-out world tool-domain
+tasks (`world-agent`'s tasks and scoring: the SFT stage's 40 tasks and the next 20 of the same draw), which RL does
+not train on: they show whether RL keeps the SFT stage's knowledge and tool use.
 Settings are `recipes/rl-nano.toml`'s with the stage's shorter budget (`RL_OVERRIDES`). Results go to
 `<run>/rl_stage.json` and `<run>/rl_stage.png`; `speedrun.write_report` adds a section (`report_lines`).
 """
@@ -21,24 +22,24 @@ from pathlib import Path
 from typing import Any
 
 #: The stage's settings on top of openk2.rl.config's defaults (recipes/rl-nano.toml documents each knob): the
-#: recipe's `facts` run, shortened to 30 steps. Training tasks are the `facts` questions about the Q/A-document
-#: people (the SFT stage's warm start taught their chat form; a wrong answer of the right kind earns 0.25), where the
-#: SFT model's samples are right often enough for groups to differ (13% of samples, 56% of groups mixed, on the demo
-#: model at 5f71203); groups whose K samples all score alike are left out of the update. `grpo`, not `kimi_k15`:
-#: at equal rollouts it gained more at both seeds measured. Evaluation: greedy pass@1 on all held-out `facts`
-#: questions (people whose questions no document, SFT record or RL task holds) and on 60 held-out world tasks (not
-#: trained: on SFT models that already refuse, 8 world steps moved nothing beyond noise, because the remaining
-#: world tasks need names copied from the request).
-#: docs/experiments.md, "RL to a 15-point gain": on the demo's SFT model facts 14.4% -> 33.3% (270 questions; 24.1%
-#: at run.seed=1), world 18.3% -> 13.3% (60 tasks, within noise); 166 CPU-s at one thread (~151 s idle), ~43 s
-#: more than the world stage it replaces.
+#: recipe's `facts_paraphrase` run, shortened to 30 steps. Training tasks are the facts questions about the
+#: Q/A-document people in other words (a wrong answer of the right kind earns 0.25): from the demo's SFT model at
+#: 567cf6c, 18% of samples right and 25% of groups mixed, held-out greedy 16.7% against 72.6% for the documents'
+#: wording, so there is room; `facts` itself (85% of samples right, held-out 72.6%) has little. Groups whose K
+#: samples all score alike are left out of the update. `grpo`: `kimi_k15` was as good at equal rollouts on this
+#: family (one seed better, one worse). Evaluation: greedy pass@1 on all held-out `facts_paraphrase` and `facts`
+#: questions and on 60 held-out world tasks (not trained: the world tasks other than refusals need names copied from
+#: the request, which RL cannot find in ~1% of samples).
+#: docs/experiments.md, "RL from today's SFT model": facts_paraphrase 16.7% -> 31.9% (270 questions), facts 72.6% ->
+#: 70.7%, world 11.7% -> 6.7% (60 tasks); 169 CPU-s at one thread.
 RL_OVERRIDES = [
     "train.steps=30", "rollout.group_size=8", "rollout.prompts_per_step=16", "rollout.temperature=1.0",
     "rollout.temperature_min=0.7", "rollout.temperature_decay_steps=40", "train.lr=2e-4", "train.optimizer='adamw'",
     "train.loss='grpo'", "train.advantage='grpo'", "train.tau=0.05", "eval.every=0",
-    "eval.n_heldout={default = 200, facts = 1000, world = 60}",
-    "tasks.mix={facts = 1.0}", "tasks.facts_partial_credit=true", "eval.families=['facts', 'world']",
-    "rollout.max_new_tokens={facts = 16, world = 128}", "train.drop_zero_advantage_groups=true",
+    "eval.n_heldout={default = 200, facts = 1000, facts_paraphrase = 1000, world = 60}",
+    "tasks.mix={facts_paraphrase = 1.0}", "tasks.facts_partial_credit=true",
+    "eval.families=['facts_paraphrase', 'facts', 'world']",
+    "rollout.max_new_tokens={facts = 16, facts_paraphrase = 16, world = 128}", "train.drop_zero_advantage_groups=true",
     "run.checkpoint_every=10", "run.threads=1", "run.tensorboard=false", "sampler.curriculum=false",
     "train.minibatches=4",
 ]
@@ -93,7 +94,7 @@ def rl_stage(run_dir: str | Path, *, overrides: list[str] = (), progress: bool =
         "steps": summary["steps"], "loss": cfg.train.loss, "families": list(cfg.tasks.mix),
         "group_size": cfg.rollout.group_size,
         "prompts_per_step": cfg.rollout.prompts_per_step,
-        "n_heldout": {f: cfg.eval.n_heldout.get(f, cfg.eval.n_heldout.get("default", 200)) for f in cfg.eval.families},
+        "n_heldout": heldout_counts(cfg),
         "before": {k: v for k, v in evals[0].items() if k.startswith("eval/")} if evals else {},
         "after": {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {},
         "evals": evals, "reward_curve": [(r["step"], r["reward/mean"], r["pass_rate"]) for r in rows],
@@ -106,6 +107,15 @@ def rl_stage(run_dir: str | Path, *, overrides: list[str] = (), progress: bool =
             log(f"rl stage: {key.removeprefix('eval/').removesuffix('/pass@1')} held-out greedy pass@1 "
                 f"{before:.1%} -> {result['after'].get(key, float('nan')):.1%}")
     return result
+
+
+def heldout_counts(cfg: Any) -> dict[str, int]:
+    """Held-out tasks each evaluation family has (eval.n_heldout caps them: facts' 1000 means all 270 there)."""
+    from openk2.rl.envs import make_family
+
+    sizes = cfg.eval.n_heldout
+    return {f: len(make_family(f, cfg.tasks, None).heldout_tasks(sizes.get(f, sizes.get("default", 200)),
+                                                                 cfg.eval.seed)) for f in cfg.eval.families}
 
 
 def write_plot(run_dir: Path, result: dict[str, Any]) -> str:
@@ -140,6 +150,9 @@ def write_plot(run_dir: Path, result: dict[str, Any]) -> str:
 
 #: What the report says each training family is, and each evaluation family's held-out tasks.
 TRAINED_ON = {
+    "facts_paraphrase": "the `facts_paraphrase` questions (the `facts` questions about the people whose Q/A documents "
+                        "pretraining saw, asked in words no document or SFT record uses: \"When was X born?\"), "
+                        "rewarded 1 for the right value and no other value of its kind",
     "facts": "the `facts` questions (chat questions about the pretraining world's people whose Q/A documents "
              "pretraining saw, no tools), rewarded 1 for the right value and no other value of its kind",
     "world": "the world tool domain's tasks (multi-turn episodes on the real tools, about the pretraining world's "
@@ -147,6 +160,8 @@ TRAINED_ON = {
              "right (`world-agent`'s check)",
 }
 HELDOUT = {
+    "facts_paraphrase": "`facts_paraphrase` questions about the other people in the documents (no document, SFT "
+                        "record or RL task holds a question about them)",
     "facts": "`facts` questions about the other people in the documents, whose questions no document, SFT record or "
              "RL task contains (`openk2 eval --model <run>/rl --bench world-facts` scores the same way)",
     "world": "world tasks about people in no pretraining document, no SFT dialog and no RL task (`--bench "

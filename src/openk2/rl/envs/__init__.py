@@ -9,6 +9,9 @@ a disjoint held-out set:
 - `digits` (procedural, `procedural.py`): reverse / sort / add with short answers; levels for the curriculum.
 - `facts` (`facts.py`): chat questions about the pretraining world's people (no tools); held-out people are those
   whose Q/A documents were never in pretraining.
+- `facts_paraphrase` (`facts.py`): the same questions in other words (no document or SFT record uses them).
+- `facts_linked` (`facts.py`): the same people asked about facts linked to them (birth region, university city,
+  employer city, industry) that the biographies state but no Q/A document, SFT record or probe asks.
 - `world` (`world.py`): the world tool domain, multi-turn with real tools; held-out people for evaluation; train
   tasks about the world's training people and, with `tasks.world_registry_worlds`, about other worlds' people.
 - `bench:<name>`: an evaluation-harness benchmark's samples + scorer as single-turn tasks (`bench.py`); only
@@ -25,7 +28,7 @@ from typing import Any, Protocol
 from openk2.data.chat_format import ChatFormat
 from openk2.rl.types import Env
 
-FAMILIES = ("digits", "facts", "world", "bench:<name>", "tau2:<domain>")
+FAMILIES = ("digits", "facts", "facts_paraphrase", "facts_linked", "world", "bench:<name>", "tau2:<domain>")
 
 
 class TaskFamily(Protocol):
@@ -47,7 +50,7 @@ class TaskFamily(Protocol):
 def check_family(name: str) -> None:
     """ValueError unless `name` names a family (`FAMILIES`)."""
     kind, _, arg = name.partition(":")
-    if name in ("digits", "facts", "world") or (kind in ("bench", "tau2") and arg):
+    if name in ("digits", "facts", "facts_paraphrase", "facts_linked", "world") or (kind in ("bench", "tau2") and arg):
         return
     raise ValueError(f"unknown task family {name!r}; families: {', '.join(FAMILIES)}")
 
@@ -103,13 +106,13 @@ class FactsFamily:
         from openk2.rl.envs.facts import fact_tasks
 
         return fact_tasks(self._world(), self.qa_fraction, "train", n, seed=seed, attributes=self.attributes,
-                          train_people=self.train_people)
+                          train_people=self.train_people, family=self.name)
 
     def heldout_tasks(self, n: int, seed: int) -> list[Any]:
         from openk2.rl.envs.facts import fact_tasks
 
         return fact_tasks(self._world(), self.qa_fraction, "heldout", n, seed=seed, attributes=self.attributes,
-                          train_people=self.train_people)
+                          train_people=self.train_people, family=self.name)
 
     def make_env(self) -> Env:
         from openk2.rl.envs.facts import FactsEnv
@@ -263,10 +266,12 @@ def make_family(name: str, tasks_cfg: Any, chat_format: ChatFormat | None) -> Ta
     if name == "digits":
         return DigitsFamily(tuple(tasks_cfg.digits_kinds), tuple(tasks_cfg.digits_levels),
                             tasks_cfg.digits_partial_credit)
-    if name == "facts":
-        return FactsFamily(tasks_cfg.world_seed, tasks_cfg.world_people, tasks_cfg.world_qa_fraction,
-                           tuple(tasks_cfg.facts_attributes), tasks_cfg.facts_partial_credit,
-                           tasks_cfg.facts_train_people)
+    if name in ("facts", "facts_paraphrase", "facts_linked"):
+        from openk2.rl.envs.facts import LINKED_ATTRIBUTES
+
+        attributes = LINKED_ATTRIBUTES if name == "facts_linked" else tuple(tasks_cfg.facts_attributes)
+        return FactsFamily(tasks_cfg.world_seed, tasks_cfg.world_people, tasks_cfg.world_qa_fraction, attributes,
+                           tasks_cfg.facts_partial_credit, tasks_cfg.facts_train_people, name=name)
     if name == "world":
         return WorldFamily(tasks_cfg.world_seed, tasks_cfg.world_people, tasks_cfg.world_max_turns, chat_format,
                            tasks_cfg.world_registry_worlds, tasks_cfg.world_partial_credit,

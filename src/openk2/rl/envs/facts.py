@@ -17,6 +17,15 @@ biography-only people: "train" = every second one of them (`others[0::2]`), "hel
 so RL trains on people whose facts pretraining stated in biographies only, as the held-out people's, and never on
 a Q/A-document person; held-out pass@1 is then over ~half as many tasks (132 in the speedrun's world).
 
+Two more families ask the same people in other ways (`fact_tasks(..., family=...)`, the same splits and reward):
+
+- "facts_paraphrase": the same attributes in words that no document, SFT record or probe uses
+  (`PARAPHRASE_QUESTIONS`, "When was Xyla Morven born?"): the knowledge is the model's, the reading of the
+  question is what RL has to teach, and it transfers from the train people to the held-out people.
+- "facts_linked": facts linked to the person through their birth city, university or employer (birth region,
+  university city, employer city, industry: `LINKED_QUESTIONS`), which the biographies state next to the person but
+  no question asks.
+
 Reward (`fact_reward`): 1.0 iff the response names the right value and no other value of that attribute (any city
 for birth_city, any date for birth_date, ...), case-insensitive, whole words: a response listing several
 candidates earns nothing, and the wording around the value ("She was born in Trevane.") does not matter.
@@ -36,17 +45,42 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, ClassVar
 
-from openk2.data.world import ATTRIBUTES, QA_PROMPTS, World, qa_people
+from openk2.data.world import ATTRIBUTES, QA_PROMPTS, Person, World, qa_people
 from openk2.rl.envs.procedural import ChatQuestionTask
 from openk2.rl.types import Observation, StepResult
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
+#: The families this module's tasks belong to (`openk2.rl.envs.make_family`): the Q/A documents' questions,
+#: the same attributes in other words, and facts linked to the person through their city, university or employer.
+FAMILIES: tuple[str, ...] = ("facts", "facts_paraphrase", "facts_linked")
 #: Whom the "train" split asks about: the Q/A-document people, or half of the biography-only people.
 TRAIN_PEOPLE: tuple[str, ...] = ("qa", "biography")
 #: The system message of every question: asks for the bare value, so answers fit a short token budget.
 SYSTEM_PROMPT = "Answer the question with the name, date or word only."
 #: The reward of a wrong answer of the right kind under `partial_credit` (openk2 choice; < the 1.0 of a right one).
 KIND_CREDIT = 0.25
+#: The `facts_paraphrase` family's questions: the same attributes asked in words that no document, SFT record or
+#: probe uses (openk2's wording). The SFT model answers the Q/A documents' questions about held-out people (72.6%
+#: greedy on the demo's model at 567cf6c) but these ones mostly with a value of the wrong kind (16.7%): the
+#: knowledge is there, the reading of the question is not (docs/experiments.md, "RL from today's SFT model").
+PARAPHRASE_QUESTIONS: dict[str, str] = {
+    "birth_city": "Where was {name} born?",
+    "birth_date": "When was {name} born?",
+    "university": "Where did {name} go to university?",
+    "field": "What was the major of {name}?",
+    "employer": "Who does {name} work for?",
+    "hobby": "What does {name} do in their spare time?",
+}
+#: Linked facts (the `facts_linked` family): facts about a person's birth city, university or employer that the
+#: biographies state next to the person ("works for Vel Works, a software company headquartered in Trevane") but
+#: that no Q/A document, SFT record or probe asks; the question texts are openk2's.
+LINKED_QUESTIONS: dict[str, str] = {
+    "birth_region": "In which region was {name} born?",
+    "university_city": "In which city is the university that {name} attended?",
+    "employer_city": "In which city is the company that {name} works for headquartered?",
+    "industry": "In which industry does {name} work?",
+}
+LINKED_ATTRIBUTES: tuple[str, ...] = tuple(LINKED_QUESTIONS)
 _DATE = re.compile(r"\b\d{1,2} (?:January|February|March|April|May|June|July|August|September|October|November"
                    r"|December) \d{4}\b", re.IGNORECASE)
 
@@ -59,18 +93,33 @@ class FactTask(ChatQuestionTask):
     question: str
     answer: str
     split: str
+    family: str = "facts"
     metadata: dict[str, Any] = field(default_factory=dict)
 
     system_prompt: ClassVar[str] = SYSTEM_PROMPT
 
     @property
     def task_type(self) -> str:
-        return f"facts/{self.attribute}"
+        return f"{self.family}/{self.attribute}"
 
 
-def question_text(attribute: str, name: str) -> str:
-    """The chat question: the Q/A template's question without its "Q:" / "A:" scaffolding."""
+def question_text(attribute: str, name: str, family: str = "facts") -> str:
+    """The chat question: the Q/A template's question without its "Q:" / "A:" scaffolding; a linked attribute's
+    (`LINKED_QUESTIONS`); the `facts_paraphrase` family's (`PARAPHRASE_QUESTIONS`)."""
+    if family == "facts_paraphrase":
+        return PARAPHRASE_QUESTIONS[attribute].format(name=name)
+    if attribute in LINKED_QUESTIONS:
+        return LINKED_QUESTIONS[attribute].format(name=name)
     return QA_PROMPTS[attribute].format(name=name).removeprefix("Q: ").split("\n", 1)[0]
+
+
+def fact_answer(world: World, person: Person, attribute: str) -> str:
+    """The answer as the documents write it: `Person.answer`, or a linked attribute through the world's tables."""
+    linked = {"birth_region": lambda: world.city(person.birth_city).region,
+              "university_city": lambda: world.university(person.university).city,
+              "employer_city": lambda: world.company(person.employer).city,
+              "industry": lambda: world.company(person.employer).industry}
+    return linked[attribute]() if attribute in linked else person.answer(attribute)
 
 
 def split_people(world: World, qa_fraction: float, train_people: str = "qa") -> dict[str, list[str]]:
@@ -89,20 +138,24 @@ def split_people(world: World, qa_fraction: float, train_people: str = "qa") -> 
 
 
 def fact_tasks(world: World, qa_fraction: float, split: str, n: int | None = None, seed: int = 0,
-               attributes: tuple[str, ...] | list[str] = ATTRIBUTES, train_people: str = "qa") -> list[FactTask]:
+               attributes: tuple[str, ...] | list[str] = ATTRIBUTES, train_people: str = "qa", family: str = "facts"
+               ) -> list[FactTask]:
     """Every (person, attribute) task of `split` (people as `split_people(world, qa_fraction, train_people)`),
-    shuffled with `random.Random(f"facts/{seed}/{split}")`, the first `n` (all if None). Raises ValueError for an
-    unknown split, attribute or `train_people`."""
+    worded for `family` (`question_text`), shuffled with `random.Random(f"{family}/{seed}/{split}")`, the first `n`
+    (all if None). Raises ValueError for an unknown split, attribute, family or `train_people`."""
+    if family not in FAMILIES:
+        raise ValueError(f"facts family must be one of {FAMILIES}, got {family!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    bad = [a for a in attributes if a not in ATTRIBUTES]
+    known = LINKED_ATTRIBUTES if family == "facts_linked" else ATTRIBUTES
+    bad = [a for a in attributes if a not in known]
     if bad or not attributes:
-        raise ValueError(f"unknown facts attributes {bad}; attributes: {', '.join(ATTRIBUTES)}")
+        raise ValueError(f"unknown {family} attributes {bad}; attributes: {', '.join(known)}")
     people = {p.name: p for p in world.people}
-    tasks = [FactTask(f"facts-{split}-{hashlib.sha256(f'{name}/{a}'.encode()).hexdigest()[:10]}", name, a,
-                      question_text(a, name), people[name].answer(a), split)
+    tasks = [FactTask(f"{family}-{split}-{hashlib.sha256(f'{name}/{a}'.encode()).hexdigest()[:10]}", name, a,
+                      question_text(a, name, family), fact_answer(world, people[name], a), split, family)
              for name in split_people(world, qa_fraction, train_people)[split] for a in attributes]
-    random.Random(f"facts/{seed}/{split}").shuffle(tasks)
+    random.Random(f"{family}/{seed}/{split}").shuffle(tasks)
     return tasks[:n]
 
 
@@ -113,8 +166,11 @@ def _value_patterns(values: frozenset[str]) -> tuple[re.Pattern[str], ...]:
 
 
 def _attribute_values(world: World, attribute: str) -> list[str]:
-    tables = {"birth_city": [c.name for c in world.cities], "university": [u.name for u in world.universities],
-              "employer": [c.name for c in world.companies], "field": world.fields, "hobby": world.hobbies}
+    cities = [c.name for c in world.cities]
+    tables = {"birth_city": cities, "university": [u.name for u in world.universities],
+              "employer": [c.name for c in world.companies], "field": world.fields, "hobby": world.hobbies,
+              "birth_region": world.regions, "university_city": cities, "employer_city": cities,
+              "industry": sorted({c.industry for c in world.companies})}
     return tables[attribute]
 
 
@@ -202,5 +258,6 @@ class FactsEnv:
         self.task = None
 
 
-__all__ = ["KIND_CREDIT", "TRAIN_PEOPLE", "FactTask", "FactsEnv", "fact_reward", "fact_tasks", "mentioned_values",
-           "question_text", "sft_records", "split_people"]
+__all__ = ["FAMILIES", "KIND_CREDIT", "LINKED_ATTRIBUTES", "LINKED_QUESTIONS", "PARAPHRASE_QUESTIONS", "TRAIN_PEOPLE",
+           "FactTask", "FactsEnv", "fact_answer", "fact_reward", "fact_tasks", "mentioned_values", "question_text",
+           "sft_records", "split_people"]
