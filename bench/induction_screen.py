@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--threshold", type=float, default=1.0, help="repeat nats/token that counts as the phase change")
     p.add_argument("--patience", type=int, default=0,
                    help="after the phase change, run this many more steps then stop (0: stop at once)")
+    p.add_argument("--ids", type=int, default=0,
+                   help="draw the random ids from the first N ordinary tokens only (0: all of them); a diagnostic")
     p.add_argument("--set", action="append", default=[], help="dotted TrainConfig override (repeatable)")
     p.add_argument("--out", default="/tmp/induction_screen", help="scratch run directory (metrics, config)")
     a = p.parse_args()
@@ -59,9 +61,14 @@ def main() -> None:
     cfg = load_config(None, [f"run.dir={a.out}", "run.force=true", "run.tensorboard=false", "run.progress=false",
                              *a.set])
     t = cfg.train
-    first_special = min(tokenizer.special_ids.values())  # random ids: ordinary tokens only
-    loader = RepeatLoader(t.batch_size, t.seq_len, first_special, tokenizer.bos_id, seed=t.seed)
-    heldout = RepeatLoader(8, t.seq_len, first_special, tokenizer.bos_id, seed=t.seed + 10_000).batch(8)
+    high = min(tokenizer.special_ids.values())  # random ids: ordinary tokens only
+    if a.ids:
+        high = min(high, a.ids)
+    loader = RepeatLoader(t.batch_size, t.seq_len, high, tokenizer.bos_id, seed=t.seed)
+    heldout = RepeatLoader(8, t.seq_len, high, tokenizer.bos_id, seed=t.seed + 10_000).batch(8)
+    # with --ids: does a circuit learnt on a few ids copy any token? (the same held-out rows over all ids)
+    heldout_all = RepeatLoader(8, t.seq_len, min(tokenizer.special_ids.values()), tokenizer.bos_id,
+                               seed=t.seed + 10_000).batch(8) if a.ids else None
     data = PreparedData(tokenizer, Path(a.out), loader, val_batches=lambda source: iter(()),
                         token_bytes=torch.tensor(tokenizer.token_bytes(), dtype=torch.long))
     for ckpt in (Path(a.out) / "checkpoints").glob("*"):  # a screen always starts from the random init
@@ -75,6 +82,8 @@ def main() -> None:
         if step % a.eval_every == 0 or step == a.steps:
             repeat = heldout_repeat_loss(trainer, *heldout)
             line = {"step": step, "train_repeat_nats": round(rec["loss"], 3), "heldout_repeat_nats": round(repeat, 3),
+                    **({"heldout_all_ids_repeat_nats": round(heldout_repeat_loss(trainer, *heldout_all), 3)}
+                       if heldout_all is not None else {}),
                     "lr": rec["lr"], "cpu_s": round(time.process_time() - cpu0, 1),
                     "wall_s": round(time.time() - start, 1)}
             history.append(line)
@@ -84,7 +93,8 @@ def main() -> None:
             if crossed is not None and step >= crossed + a.patience:
                 break
     last = history[-1]
-    print(json.dumps({"summary": True, "overrides": a.set, "phase_change_step": crossed, "steps_run": last["step"],
+    print(json.dumps({"summary": True, "overrides": a.set, "ids": a.ids or "all",
+                      "phase_change_step": crossed, "steps_run": last["step"],
                       "last_repeat_nats": last["heldout_repeat_nats"], "cpu_s": last["cpu_s"],
                       "cpu_s_per_step": round(last["cpu_s"] / last["step"], 2)}), flush=True)
 

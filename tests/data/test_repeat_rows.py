@@ -38,3 +38,32 @@ def test_bad_shapes_are_errors():
         repeat_rows(2, half=0, vocab_size=10, bos_id=11)
     with pytest.raises(ValueError, match="even"):
         RepeatLoader(2, 15, 10, 11)
+
+
+def test_induction_screen_bench_trains_on_repeat_rows_and_reports_the_repeat_loss(tmp_path):
+    import json
+    import math
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from openk2.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["the quick brown fox jumps over the lazy dog"] * 20, 300, show_progress=False)
+    tok.save(tmp_path / "tok")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, str(root / "bench" / "induction_screen.py"), "--tokenizer", str(tmp_path / "tok"),
+         "--steps", "4", "--eval-every", "2", "--ids", "40", "--out", str(tmp_path / "run"),
+         "--set", "model.preset=tiny", "--set", "train.seq_len=32", "--set", "train.batch_size=4",
+         "--set", "train.optimizer=adamw", "--set", "train.lr=3e-3"],
+        capture_output=True, text=True, timeout=300, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    evals = [r for r in lines if "step" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    # an untrained model pays about ln(40) on ids drawn from 40 (well above 0, well below a wrong confident guess)
+    assert all(1.0 < r["heldout_repeat_nats"] < 3 * math.log(300) for r in evals)
+    assert "heldout_all_ids_repeat_nats" in evals[0]
+    summary = lines[-1]
+    assert summary["summary"] and summary["steps_run"] == 4 and summary["phase_change_step"] is None
