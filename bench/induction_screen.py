@@ -46,6 +46,8 @@ def main() -> None:
                    help="after the phase change, run this many more steps then stop (0: stop at once)")
     p.add_argument("--ids", type=int, default=0,
                    help="draw the random ids from the first N ordinary tokens only (0: all of them); a diagnostic")
+    p.add_argument("--ids-until", type=int, default=0,
+                   help="with --ids: a curriculum, the small alphabet up to this step, all ids after it (0: always)")
     p.add_argument("--set", action="append", default=[], help="dotted TrainConfig override (repeatable)")
     p.add_argument("--out", default="/tmp/induction_screen", help="scratch run directory (metrics, config)")
     a = p.parse_args()
@@ -78,6 +80,8 @@ def main() -> None:
     print(json.dumps(cfg_line), flush=True)
     crossed, start, cpu0, history = None, time.time(), time.process_time(), []
     for step in range(1, a.steps + 1):
+        if a.ids and step == a.ids_until + 1 and a.ids_until:  # the curriculum's switch to every id
+            loader.high = min(tokenizer.special_ids.values())
         rec = trainer.train_step()
         if step % a.eval_every == 0 or step == a.steps:
             repeat = heldout_repeat_loss(trainer, *heldout)
@@ -93,7 +97,7 @@ def main() -> None:
             if crossed is not None and step >= crossed + a.patience:
                 break
     last = history[-1]
-    print(json.dumps({"summary": True, "overrides": a.set, "ids": a.ids or "all",
+    print(json.dumps({"summary": True, "overrides": a.set, "ids": a.ids or "all", "ids_until": a.ids_until,
                       "phase_change_step": crossed, "steps_run": last["step"],
                       "last_repeat_nats": last["heldout_repeat_nats"], "cpu_s": last["cpu_s"],
                       "cpu_s_per_step": round(last["cpu_s"] / last["step"], 2)}), flush=True)
