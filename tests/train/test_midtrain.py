@@ -122,14 +122,31 @@ def test_copy_documents_join_the_pool_as_plain_text_trained_on_every_token(tmp_p
     assert any(opener in text for opener in ("Request:", "Visitor log.", "In the square,", "Roster:"))
 
 
+def test_repeat_rows_join_the_pool_with_their_second_half_equal_to_the_first(tmp_path):
+    cfg = _cfg(tmp_path, "data.midtrain_weight=0.5", "data.midtrain_start=0", "data.midtrain_world_requests=0",
+               "data.midtrain_facts_copies=0", "data.midtrain_repeat_rows=30")
+    data = prepare_data(cfg)
+    first_special = min(data.tokenizer.special_ids.values())
+    for _ in range(3):
+        x_BT, y_BT = data.loader.next_batch()
+        half = cfg.train.seq_len // 2
+        rows_x, rows_y = x_BT[2:], y_BT[2:]  # the mixed rows: the last half of the batch, one repeat row each
+        assert (rows_x[:, 0] == data.tokenizer.bos_id).all()
+        assert torch.equal(rows_x[:, 1:half], rows_y[:, half:-1])  # the repeat predicts the first half again
+        assert (rows_y[:, :half] == -100).all() and (rows_y[:, half:] != -100).all()
+        assert int(rows_x[:, 1:].max()) < first_special
+
+
 def test_bad_knobs_are_config_errors():
     for bad in ("data.midtrain_weight=1.5", "data.midtrain_start=1.0", "data.midtrain_facts_copies=-1",
-                "data.midtrain_copy_documents=-1"):
+                "data.midtrain_copy_documents=-1", "data.midtrain_repeat_rows=-1"):
         with pytest.raises(TrainConfigError, match="midtrain"):
             load_config(None, [bad])
     with pytest.raises(TrainConfigError, match="needs data"):
         load_config(None, ["data.midtrain_weight=0.2", "data.midtrain_world_requests=0",
                            "data.midtrain_facts_copies=0"])
+    with pytest.raises(TrainConfigError, match="even train.seq_len"):
+        load_config(None, ["data.midtrain_repeat_rows=10", "train.seq_len=255"])
 
 
 def test_pretrain_cli_midtrains_and_resumes_after_a_kill(tmp_path):

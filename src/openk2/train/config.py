@@ -55,6 +55,9 @@ class DataSection:
     # plain-text copy documents in the pool (openk2.data.copy_text: fresh names that recur within a document, all
     # tokens trained on), which reward copying a name from the context; 0 = none
     midtrain_copy_documents: int = 0
+    # repeated random-token rows in the pool (openk2.data.repeat_rows: bos, seq_len/2 random ids, the same ids
+    # again, loss on the repeat), the purest signal for induction heads (copying a string from the context); 0 = none
+    midtrain_repeat_rows: int = 0
     cache_dir: str = ""  # where tokenized shards and tokenizers are cached; empty = <run.dir>/../.cache
 
 
@@ -180,12 +183,15 @@ class TrainConfig:
             (0 <= self.data.midtrain_weight <= 1, "data.midtrain_weight must lie in [0, 1]"),
             (0 <= self.data.midtrain_start < 1, "data.midtrain_start must lie in [0, 1)"),
             (min(self.data.midtrain_world_requests, self.data.midtrain_facts_copies,
-                 self.data.midtrain_copy_documents) >= 0,
-             "data.midtrain_world_requests, data.midtrain_facts_copies and data.midtrain_copy_documents must be >= 0"),
+                 self.data.midtrain_copy_documents, self.data.midtrain_repeat_rows) >= 0,
+             "data.midtrain_world_requests, data.midtrain_facts_copies, data.midtrain_copy_documents and "
+             "data.midtrain_repeat_rows must be >= 0"),
             (self.data.midtrain_weight == 0 or self.data.midtrain_world_requests + self.data.midtrain_facts_copies
-             + self.data.midtrain_copy_documents > 0,
-             "data.midtrain_weight > 0 needs data: data.midtrain_world_requests, data.midtrain_facts_copies or "
-             "data.midtrain_copy_documents"),
+             + self.data.midtrain_copy_documents + self.data.midtrain_repeat_rows > 0,
+             "data.midtrain_weight > 0 needs data: data.midtrain_world_requests, data.midtrain_facts_copies, "
+             "data.midtrain_copy_documents or data.midtrain_repeat_rows"),
+            (self.data.midtrain_repeat_rows == 0 or t.seq_len % 2 == 0,
+             f"data.midtrain_repeat_rows needs an even train.seq_len (bos + two equal halves), got {t.seq_len}"),
             (t.keep_last >= 1, "train.keep_last must be >= 1"),
             (self.sft.too_long in ("truncate", "skip", "split"), "sft.too_long must be truncate, skip or split"),
             (0 <= self.sft.val_fraction < 1, "sft.val_fraction must lie in [0, 1)"),

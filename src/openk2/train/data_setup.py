@@ -130,5 +130,12 @@ def midtrain_loader(cfg: TrainConfig, loader: PackedLoader, tokenizer: Tokenizer
     records = midtrain_records(world, d.world_qa_fraction, d.midtrain_world_requests, d.midtrain_facts_copies,
                                copy_documents=d.midtrain_copy_documents)
     convs, _ = chat_conversations(tokenizer, records, t.seq_len)
+    if d.midtrain_repeat_rows:  # one row each: bos + two halves of seq_len / 2 = the row's seq_len + 1 tokens
+        from openk2.data.repeat_rows import repeat_rows
+        from openk2.train.sft_data import TokenizedConversation
+
+        first_special = min(tokenizer.special_ids.values())
+        convs += [TokenizedConversation(ids, mask, f"repeat:{i}") for i, (ids, mask) in enumerate(
+            repeat_rows(d.midtrain_repeat_rows, t.seq_len // 2, first_special, tokenizer.bos_id, seed=t.seed))]
     return MidtrainLoader(loader, convs, start_step=int(round(d.midtrain_start * t.max_steps)),
                           weight=d.midtrain_weight, pad_id=tokenizer.pad_id, seed=t.seed)

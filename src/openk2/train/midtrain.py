@@ -28,6 +28,11 @@ only (SFT's mask: the model learns what the assistant writes, not the users' ran
   fresh made-up names that recur within a document, loss on every token), which reward copying a name from the
   context. Measured (docs/experiments.md, "Name copying: the model has no copy circuit"): 25% of the rows of steps
   181-360 (or all rows of 90 steps) teach the model what names look like but not to copy one, so it stays off.
+- optionally (`data.midtrain_repeat_rows`, default 0) *repeated random-token rows* (`openk2.data.repeat_rows`: bos,
+  `seq_len / 2` random ids, the same ids again; loss on the repeat), the purest induction signal. Measured
+  (docs/experiments.md, "Induction heads in the nano model"): even pure rows of this kind do not form induction heads
+  in the nano model within the speedrun's 360 steps, so a share of them cannot either; it stays off. (Rows from a
+  256-id alphabet do, by step 80, and all ids after that by step 320, on pure rows: a curriculum to try next.)
 
 Schedule. Steps `start_step` (0-based) onward carry `weight` of each global batch's rows as chat rows (the last
 rows of the batch; `floor((n+1) * weight * B) - floor(n * weight * B)` of them at the n-th midtraining step, so the
