@@ -6,7 +6,8 @@ machine's memory roofline, on the same checkpoint.
 
 For each config: the bench model (seed 0) is exported as a HF checkpoint (+ a small tokenizer, which
 llama.cpp's converter needs), converted to an F32 GGUF with llama.cpp's own `convert_hf_to_gguf.py`, then
-each round runs, back to back (interleaved, so machine load hits every system alike):
+each round runs, back to back (interleaved, so machine load hits every system alike), each measurement after
+one untimed call of the same work (llama-bench and llama-batched-bench warm up the same way):
 
 * decode, batch 1: `llama-bench -n 128` (tg128); openk2 and transformers `generate` of 128 tokens after a
   16-token prompt (tokens / wall time of the whole call, prompt included: it is < 2% of the call);
@@ -199,6 +200,7 @@ def run_config(name: str, rounds: int, threads: int, quick: bool, skip_hf: bool,
         rates.update({"llama_b1": [], "llama_b8": [], "llama_prefill": []})
     for _ in range(rounds):
         for k, fn in fns.items():
+            fn()  # untimed, as llama-bench warms up before it times: caches and thread pools are ours again
             t0 = time.perf_counter()
             fn()
             rates[k].append(tokens[k.split("_", 1)[1]] / (time.perf_counter() - t0))
