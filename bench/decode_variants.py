@@ -1,7 +1,7 @@
 """In-process A/B of the compiled decode step's options on a bench config (the per-change rows of
 docs/benchmarks.md, "Per-token overhead cut").
 
-    PYTHONPATH=src .venv/bin/python bench/decode_variants.py --variants default no-lm-head-t python-wrapper eager
+    PYTHONPATH=src .venv/bin/python bench/decode_variants.py --variants default library-products python-wrapper eager
     PYTHONPATH=src .venv/bin/python bench/decode_variants.py --batch 16 --tokens 32 --variants gathered dense
 
 Each variant is its own `DecodeStep` on the same model (its own compiled graphs); rounds alternate the variants'
@@ -29,16 +29,17 @@ from common import bench_config, machine_info  # noqa: E402
 
 ROUTING, ONEDNN = decode_module._DENSE_ROUTING_MIN_FRACTION, decode_module._ONEDNN_MIN_ELEMENTS
 # name -> (DecodeStep keyword arguments, gathered-routing threshold in multiples of the expert count,
-#          smallest weight (elements) that goes through oneDNN)
-VARIANTS: dict[str, tuple[dict, float, float]] = {
-    "default": ({}, ROUTING, ONEDNN),
-    "lm-head-t": ({"transposed_lm_head": True}, ROUTING, ONEDNN),
-    "no-onednn": ({}, ROUTING, float("inf")),
-    "onednn-all": ({}, ROUTING, 0),
-    "python-wrapper": ({"cpp_wrapper": False}, ROUTING, ONEDNN),
-    "gathered": ({}, float("inf"), ONEDNN),
-    "dense": ({}, 0.0, ONEDNN),
-    "eager": ({"compile": False}, ROUTING, ONEDNN),
+#          smallest weight (elements) that goes through oneDNN, products as Inductor reductions where the step does)
+VARIANTS: dict[str, tuple[dict, float, float, bool]] = {
+    "default": ({}, ROUTING, ONEDNN, True),
+    "library-products": ({}, ROUTING, ONEDNN, False),
+    "lm-head-t": ({"transposed_lm_head": True}, ROUTING, ONEDNN, False),
+    "no-onednn": ({}, ROUTING, float("inf"), False),
+    "onednn-all": ({}, ROUTING, 0, False),
+    "python-wrapper": ({"cpp_wrapper": False}, ROUTING, ONEDNN, True),
+    "gathered": ({}, float("inf"), ONEDNN, True),
+    "dense": ({}, 0.0, ONEDNN, True),
+    "eager": ({"compile": False}, ROUTING, ONEDNN, True),
 }
 
 
@@ -50,7 +51,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--variants", nargs="+", default=["default", "no-lm-head-t", "eager"], choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=["default", "library-products", "eager"], choices=list(VARIANTS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = bench_config(args.config)
@@ -59,9 +60,10 @@ def main() -> None:
     ref = model.generate(ids, args.tokens, compile=False)
     steps: dict[str, DecodeStep] = {}
     for name in args.variants:
-        kwargs, fraction, onednn = VARIANTS[name]
-        decode_module._DENSE_ROUTING_MIN_FRACTION = fraction  # both read when the graph is traced
+        kwargs, fraction, onednn, reductions = VARIANTS[name]
+        decode_module._DENSE_ROUTING_MIN_FRACTION = fraction  # all read when the graph is traced
         decode_module._ONEDNN_MIN_ELEMENTS = onednn
+        decode_module._REDUCTION_PRODUCTS = reductions
         step = DecodeStep(model, **{"compile": True, **kwargs})
         model.__dict__.setdefault("_decode_steps", {})[True] = step
         t0 = time.perf_counter()

@@ -71,6 +71,11 @@ _DENSE_ROUTING_MIN_FRACTION = 4.0
 # aten's (MKL) `linear`: at decode's 1-8 rows oneDNN streams a large matrix 1.5-3x faster than MKL's GEMV on the
 # AMD EPYC hosts we measure on and splits it over both threads; for small ones MKL's lower per-call cost wins.
 _ONEDNN_MIN_ELEMENTS = matmul.MIN_ELEMENTS
+# Compiled CPU products as Inductor reductions where a library call's fixed cost outweighs its speed: every
+# product of a one-row step, and small weights at any batch. In-process A/B at 2 threads (docs/benchmarks.md):
+# config A batch 1 1.38x, config C batch 1 1.18x, config A batch 8 (small weights only) 1.13x; large weights at
+# 8 rows stay on oneDNN (as reductions: config C batch 8 0.61x). False: every product as a library call.
+_REDUCTION_PRODUCTS = True
 
 CompileSwitch = bool | str  # True, False or "auto"
 
@@ -91,10 +96,16 @@ def compile_enabled(compile: CompileSwitch) -> bool:
 
 # ---------------------------------------------------------------------------------------------- the step
 def _linear(x_BK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-    """x @ w.T through oneDNN for a large fp32 CPU weight (see `_ONEDNN_MIN_ELEMENTS`), else aten's linear.
-    (Not `matmul.linear`: its plain-tensor check is about eager tensors; here Dynamo traces fake ones.)"""
-    if (w_NK.numel() >= _ONEDNN_MIN_ELEMENTS and w_NK.device.type == "cpu" and w_NK.dtype == torch.float32
-            and matmul.ENABLED):
+    """x @ w.T for the step. Compiled on CPU in fp32: as an Inductor reduction (C++ code fused with the ops
+    around it, no library call) for one row, or for a small weight (< `_ONEDNN_MIN_ELEMENTS`) at any batch;
+    through oneDNN for a large weight at several rows. Eager, or elsewhere: oneDNN for a large fp32 CPU weight,
+    aten's linear otherwise. (Not `matmul.linear`: its plain-tensor check is about eager tensors; here Dynamo
+    traces fake ones.)"""
+    cpu_fp32 = w_NK.device.type == "cpu" and w_NK.dtype == torch.float32
+    large = w_NK.numel() >= _ONEDNN_MIN_ELEMENTS
+    if cpu_fp32 and torch.compiler.is_compiling() and _REDUCTION_PRODUCTS and (x_BK.shape[0] == 1 or not large):
+        return (x_BK[:, None, :] * w_NK).sum(dim=-1)
+    if large and cpu_fp32 and matmul.ENABLED:
         return matmul.onednn_mm(x_BK, w_NK.t())
     return F.linear(x_BK, w_NK)
 
