@@ -33,6 +33,7 @@ ROUTING, ONEDNN = decode_module._DENSE_ROUTING_MIN_FRACTION, decode_module._ONED
 VARIANTS: dict[str, tuple[dict, float, float, bool]] = {
     "default": ({}, ROUTING, ONEDNN, True),
     "library-products": ({}, ROUTING, ONEDNN, False),
+    "bmm-library": ({}, ROUTING, ONEDNN, True),
     "lm-head-t": ({"transposed_lm_head": True}, ROUTING, ONEDNN, False),
     "no-onednn": ({}, ROUTING, float("inf"), False),
     "onednn-all": ({}, ROUTING, 0, False),
@@ -64,6 +65,7 @@ def main() -> None:
         decode_module._DENSE_ROUTING_MIN_FRACTION = fraction  # all read when the graph is traced
         decode_module._ONEDNN_MIN_ELEMENTS = onednn
         decode_module._REDUCTION_PRODUCTS = reductions
+        decode_module._BMM_REDUCTIONS = name != "bmm-library"
         step = DecodeStep(model, **{"compile": True, **kwargs})
         model.__dict__.setdefault("_decode_steps", {})[True] = step
         t0 = time.perf_counter()

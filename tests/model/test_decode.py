@@ -148,8 +148,8 @@ def test_compile_switch():
 @pytest.mark.slow
 @pytest.mark.parametrize("onednn", [False, True])
 def test_inductor_step_equals_eager(onednn, monkeypatch):
-    """One real Inductor compile (C++ kernels on CPU), on a 1-layer MoE model to keep compile time down; with
-    every matmul through our oneDNN op (an extern kernel of the graph, on the live weights) or none."""
+    """Real Inductor compiles (C++ kernels on CPU), on a 1-layer MoE model to keep compile time down; with
+    every multi-row matmul through our oneDNN op (an extern kernel of the graph, on the live weights) or none."""
     monkeypatch.setattr(decode_module, "_ONEDNN_MIN_ELEMENTS", 0 if onednn else float("inf"))
     model = _model(num_hidden_layers=2, first_k_dense_replace=1)
     step = _install(model, DecodeStep(model, compile=True))
@@ -159,7 +159,9 @@ def test_inductor_step_equals_eager(onednn, monkeypatch):
     if not step.compiled:
         pytest.skip("torch.compile is not available on this machine")
     assert torch.equal(out, ref)
-    assert list(step.compile_seconds) == [(2, 64)]
+    # One row: every product an Inductor reduction (`_REDUCTION_PRODUCTS`) instead of a library call.
+    assert torch.equal(model.generate(prompts[:1], 10, compile=True), model.generate(prompts[:1], 10, compile=False))
+    assert list(step.compile_seconds) == [(2, 64), (1, 64)]
     # Logits of one step within fp32 tolerance of the uncompiled step.
     cache = model.new_cache(2, 64)
     with torch.inference_mode():

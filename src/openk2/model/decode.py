@@ -76,6 +76,7 @@ _ONEDNN_MIN_ELEMENTS = matmul.MIN_ELEMENTS
 # config A batch 1 1.38x, config C batch 1 1.18x, config A batch 8 (small weights only) 1.13x; large weights at
 # 8 rows stay on oneDNN (as reductions: config C batch 8 0.61x). False: every product as a library call.
 _REDUCTION_PRODUCTS = True
+_BMM_REDUCTIONS = True
 
 CompileSwitch = bool | str  # True, False or "auto"
 
@@ -110,6 +111,14 @@ def _linear(x_BK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     return F.linear(x_BK, w_NK)
 
 
+def _bmm(a_XMK: torch.Tensor, b_XKN: torch.Tensor) -> torch.Tensor:
+    """Batched a @ b; compiled on CPU in fp32 (`_REDUCTION_PRODUCTS`), an Inductor reduction like `_linear`'s."""
+    if (_REDUCTION_PRODUCTS and _BMM_REDUCTIONS and torch.compiler.is_compiling() and a_XMK.device.type == "cpu"
+            and a_XMK.dtype == torch.float32):
+        return (a_XMK[..., :, :, None] * b_XKN[..., None, :, :]).sum(dim=-2)
+    return torch.bmm(a_XMK, b_XKN)
+
+
 def _queries(attn: MLA, x_BD: torch.Tensor) -> torch.Tensor:
     if hasattr(attn, "q_proj"):
         return _linear(x_BD, attn.q_proj.weight)
@@ -139,16 +148,16 @@ def _attention_step(
     new_BL = torch.cat((ckv_BC, pe_BXR[:, H]), dim=-1)
     w_HXC = attn.kv_b_proj.weight.view(H, N + V, C)
     # W_uk folded into the query: per head [B, N] @ [N, C].
-    q_lat_HBC = torch.bmm(q_BHQ[..., :N].transpose(0, 1), w_HXC[:, :N])
+    q_lat_HBC = _bmm(q_BHQ[..., :N].transpose(0, 1), w_HXC[:, :N])
     q_BHL = torch.cat((q_lat_HBC.transpose(0, 1), pe_BXR[:, :H]), dim=-1)
-    scores_BHS = torch.bmm(q_BHL, latent_BSL.transpose(1, 2)) * attn.scale
+    scores_BHS = _bmm(q_BHL, latent_BSL.transpose(1, 2)) * attn.scale
     scores_BHS = scores_BHS.masked_fill(~key_valid_BS[:, None, :], float("-inf"))
     own_BH1 = (q_BHL * new_BL[:, None, :]).sum(dim=-1, keepdim=True) * attn.scale
     probs_BHX = torch.cat((scores_BHS, own_BH1), dim=-1).float().softmax(dim=-1).to(latent_BSL.dtype)
     S = latent_BSL.shape[1]
-    o_lat_BHC = torch.bmm(probs_BHX[..., :S], latent_BSL[..., :C]) + probs_BHX[..., S:] * ckv_BC[:, None, :]
+    o_lat_BHC = _bmm(probs_BHX[..., :S], latent_BSL[..., :C]) + probs_BHX[..., S:] * ckv_BC[:, None, :]
     # W_uv folded into the output: per head [B, C] @ [C, V].
-    out_HBV = torch.bmm(o_lat_BHC.transpose(0, 1), w_HXC[:, N:].transpose(1, 2))
+    out_HBV = _bmm(o_lat_BHC.transpose(0, 1), w_HXC[:, N:].transpose(1, 2))
     return _linear(out_HBV.transpose(0, 1).reshape(B, H * V), attn.o_proj.weight), new_BL
 
 
