@@ -118,15 +118,16 @@ def llama_bench(gguf: Path, threads: int, n_prompt: int, n_gen: int) -> float:
 def llama_batched(gguf: Path, threads: int, batch: int, n_prompt: int, n_gen: int) -> float:
     """Summed decode tokens/s of `batch` sequences (llama-batched-bench S_TG)."""
     ctx = max(4096, 2 * batch * (n_prompt + n_gen))
-    out = subprocess.run([str(llamacpp_bin("llama-batched-bench")), "-m", str(gguf), "-t", str(threads),
-                          "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(n_prompt), "-ntg", str(n_gen),
-                          "-npl", str(batch)], check=True, capture_output=True, text=True)
-    # The markdown table: | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
-    for line in (out.stdout + out.stderr).splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 10 and cells[0].isdigit():
-            return float(cells[7])
-    raise RuntimeError(f"no result row in llama-batched-bench output:\n{out.stdout[-2000:]}")
+    for _attempt in range(2):  # a loaded machine once produced a table without its row: run it again
+        out = subprocess.run([str(llamacpp_bin("llama-batched-bench")), "-m", str(gguf), "-t", str(threads),
+                              "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(n_prompt), "-ntg", str(n_gen),
+                              "-npl", str(batch)], check=True, capture_output=True, text=True)
+        # The markdown table: | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
+        for line in (out.stdout + out.stderr).splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 10 and cells[0].isdigit():
+                return float(cells[7])
+    raise RuntimeError(f"no result row in llama-batched-bench output:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
 
 
 # ------------------------------------------------------------------------------------------- the run
