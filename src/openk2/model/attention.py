@@ -4,7 +4,8 @@ Training runs the expanded form, through `scaled_dot_product_attention` or, on C
 `blocked_causal_attention`. Cached generation runs the absorbed form: the cache holds only the normalized
 latent `c_kv` and the rotated shared `k_pe` (`kv_lora_rank + qk_rope_head_dim` values per token per layer),
 `W_uk` is folded into the query and `W_uv` into the output, so attention is one multi-query attention over
-the latent."""
+the latent. A long chunk with a cache (a prompt's prefill) stores its latents the same way but attends in the
+expanded form, where that costs fewer FLOPs (`MLA._expand_pays`), as DeepSeek-V3's own inference does."""
 
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ class MLA(nn.Module):
         ckv_BTC, k_pe_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         ckv_BTC = self.kv_a_layernorm(ckv_BTC)
         if cache is not None:
-            out_BTHV = self._absorbed(q_BTHQ, ckv_BTC, k_pe_BTR, cos_BTR, sin_BTR, cache)
+            attend = self._expanded_cached if self._expand_pays(T) else self._absorbed
+            out_BTHV = attend(q_BTHQ, ckv_BTC, k_pe_BTR, cos_BTR, sin_BTR, cache)
             return self.o_proj(out_BTHV.reshape(B, T, H * self.v_dim))
 
         q_nope_BTHN, q_pe_BTHR = q_BTHQ.split([self.nope_dim, self.rope_dim], dim=-1)
@@ -134,6 +136,45 @@ class MLA(nn.Module):
             out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.scale)
             out_BHTV = out_BHTV[..., : self.v_dim]
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+    def _expand_pays(self, T: int) -> bool:
+        """Whether a chunk of T queries is cheaper in the expanded form: per query-key pair and head the absorbed
+        form costs (L + C) multiply-adds, the expanded (Q + V), plus C (N + V) per key and head to expand the
+        cached latents, so it pays from T (L + C - Q - V) > C (N + V) (T > ~64-170 for the presets)."""
+        C, N, V = self.kv_lora_rank, self.nope_dim, self.v_dim
+        saved_per_query = (C + self.rope_dim + C) - (self.qk_dim + V)
+        return T * saved_per_query > C * (N + V)
+
+    def _expanded_cached(
+        self,
+        q_BTHQ: torch.Tensor,
+        ckv_BTC: torch.Tensor,
+        k_pe_BTR: torch.Tensor,
+        cos_BTR: torch.Tensor,
+        sin_BTR: torch.Tensor,
+        cache: LayerCache,
+    ) -> torch.Tensor:
+        """Attention of a long chunk (a prefill) with a cache: the chunk's latents are stored as in `_absorbed`,
+        then every cached latent is expanded to per-head keys and values (`kv_b_proj`) and attention runs in the
+        training form under the cache's mask (padding, causality), as DeepSeek-V3's inference does for prefill."""
+        B, T, H, _ = q_BTHQ.shape
+        N, C, V = self.nope_dim, self.kv_lora_rank, self.v_dim
+        pe_BTXR = apply_rope(
+            torch.cat((q_BTHQ[..., N:], k_pe_BTR.unsqueeze(2)), dim=2), cos_BTR.unsqueeze(2), sin_BTR.unsqueeze(2)
+        )
+        latent_BSL, mask_BTS = cache.append(torch.cat((ckv_BTC, pe_BTXR[:, :, H]), dim=-1))
+        S = latent_BSL.shape[1]
+        kv_BSHX = self.kv_b_proj(latent_BSL[..., :C]).view(B, S, H, N + V)
+        k_nope_BSHN, v_BSHV = kv_BSHX.split([N, V], dim=-1)
+        q_BHTQ = torch.cat((q_BTHQ[..., :N], pe_BTXR[:, :, :H]), dim=-1).transpose(1, 2)
+        k_pe_BHSR = latent_BSL[..., C:].unsqueeze(1).expand(B, H, S, self.rope_dim)
+        k_BHSQ = torch.cat((k_nope_BSHN.transpose(1, 2), k_pe_BHSR), dim=-1)
+        v_BHSV = v_BSHV.transpose(1, 2)
+        if self.qk_dim > V:  # as in training: SDPA's fused kernel wants V at the QK head dim
+            v_BHSV = F.pad(v_BHSV, (0, self.qk_dim - V))
+        out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSV, attn_mask=mask_BTS.unsqueeze(1),
+                                                  scale=self.scale)
+        return out_BHTV[..., :V].transpose(1, 2)
 
     def _absorbed(
         self,

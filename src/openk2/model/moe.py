@@ -148,9 +148,10 @@ class _SwiGLUHalves(torch.autograd.Function):
         return grad_S2F
 
 
-# Fuse the gate and up grouped matmuls only when experts get this many rows on average: the fused weight is a
-# per-call copy of all experts, which costs more than it saves for a few tokens (decode), ~5% less MoE time
-# in training (measured on CPU, bench configs A and B).
+# Fuse the gate and up grouped matmuls only in training and when experts get this many rows on average: the
+# fused weight is a per-call copy of all experts, which costs more than it saves for a few tokens (decode), ~5%
+# less MoE time in training (measured on CPU, bench configs A and B). Forward-only calls (prefill, evaluation)
+# never fuse: there the copy was 40-110 ms of a 512-token config-C prefill on one thread, a third of its time.
 _FUSED_GATE_UP_MIN_ROWS_PER_EXPERT = 32
 
 
@@ -175,7 +176,8 @@ class RoutedExperts(nn.Module):
         """Rows of x_SD sorted by expert (counts_E rows each) through their expert, each output scaled by its
         gate weight in `weights_S1` when given."""
         impl = default_moe_impl(x_SD.device) if self.impl == "auto" else self.impl
-        if x_SD.shape[0] >= _FUSED_GATE_UP_MIN_ROWS_PER_EXPERT * counts_E.shape[0]:
+        training = torch.is_grad_enabled() and self.gate_proj.requires_grad
+        if training and x_SD.shape[0] >= _FUSED_GATE_UP_MIN_ROWS_PER_EXPERT * counts_E.shape[0]:
             # One grouped matmul for gate and up: wider per-expert matmuls, one pass over the experts. The
             # parameters stay separate (HF names, per-matrix Muon), so the cat copies them on every call.
             gate_up_EDX = torch.cat((self.gate_proj, self.up_proj), dim=1).transpose(-2, -1)
