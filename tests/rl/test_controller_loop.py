@@ -177,11 +177,44 @@ def test_ptx_loss_joins_the_update(tiny_dir, tmp_path):
     from openk2.train.sft_stage import write_jsonl
 
     write_jsonl(tmp_path / "ptx.jsonl", sft_records(16, seed=1, kinds=("reverse",), levels=(1,)))
-    cfg = config(tiny_dir, tmp_path / "rl", "train.steps=1", "train.ptx_coef=0.5",
-                 f"train.ptx_files=['{tmp_path / 'ptx.jsonl'}']", "train.ptx_batch=2")
-    c = RLController(cfg)
+    ptx = ["train.ptx_coef=0.5", f"train.ptx_files=['{tmp_path / 'ptx.jsonl'}']", "train.ptx_batch=2",
+           "train.ptx_seq_len=48", "train.steps=2"]
+    c = RLController(config(tiny_dir, tmp_path / "rl", *ptx))
     record = c.rl_step()
-    c.close()
     assert record["ptx_loss"] > 0
+    c.save()
+    saved = c.updater.ptx.state_dict()
+    straight = c.rl_step()
+    c.close()
+    # a resumed run continues the PTX data where the checkpoint left it: the same step as without the stop
+    resumed = RLController(config(tiny_dir, tmp_path / "rl", *ptx))
+    assert resumed.step == 1 and resumed.updater.ptx.state_dict() == saved and (saved["epoch"], saved["cursor"]) != (0, 0)
+    again = resumed.rl_step()
+    resumed.close()
+    assert again["ptx_loss"] == pytest.approx(straight["ptx_loss"], rel=1e-5)
+    assert again["update/loss"] == pytest.approx(straight["update/loss"], rel=1e-4, abs=1e-6)
     with pytest.raises(RLConfigError, match="ptx_files"):
         config(tiny_dir, tmp_path / "rl2", "train.ptx_coef=0.5")
+
+
+def test_ptx_rows_keep_the_answers_of_dialogs_longer_than_a_row(tiny_dir, tmp_path):
+    """A two-request dialog longer than `train.ptx_seq_len` is split at its user turn, so each piece keeps the
+    system prompt and its own answer (truncating would drop the second answer, or all of them when the prompt
+    alone fills the row, as the world domain's does at 256 tokens)."""
+    from openk2.model_dir import load_model_dir
+    from openk2.rl.update import PTXData
+    from openk2.train.sft_stage import write_jsonl
+
+    fmt = load_model_dir(tiny_dir).chat_format
+    system = {"role": "system", "content": "1 2 3 4 5 6 7 8 9 " * 6}
+    turns = [{"role": "user", "content": "reverse 1 2 3"}, {"role": "assistant", "content": "3 2 1"},
+             {"role": "user", "content": "reverse 4 5 6"}, {"role": "assistant", "content": "6 5 4"}]
+    write_jsonl(tmp_path / "ptx.jsonl", [{"messages": [system, *turns]}] * 3)
+    whole = len(fmt.render_ids_and_mask([system, *turns], None)[0])
+    one_request = len(fmt.render_ids_and_mask([system, *turns[:2]], None)[0])
+    assert one_request < whole
+    ptx = PTXData.from_files([str(tmp_path / "ptx.jsonl")], fmt, batch_size=2, seq_len=one_request + 2)
+    assert len(ptx.loader.convs) == 6  # each dialog in two pieces, both with an answer to learn
+    assert all(c.mask[1:].sum() > 0 and len(c.ids) <= one_request + 3 for c in ptx.loader.convs)
+    inputs_BT, targets_BT = ptx.next_batch()
+    assert inputs_BT.shape == (2, one_request + 2) and (targets_BT != -100).sum() > 0

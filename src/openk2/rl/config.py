@@ -112,7 +112,10 @@ class TrainSection:
     drop_zero_advantage_groups: bool = False
     ptx_coef: float = 0.0            # λ_ptx: weight of the LM loss on held-out SFT data (openk2 choice)
     ptx_files: list[str] = field(default_factory=list)  # chat JSONL (assistant tokens are the targets)
-    ptx_batch: int = 8
+    ptx_batch: int = 8               # PTX rows per optimizer step (one batch per minibatch)
+    # PTX row length: a world-domain SFT dialog is ~480 tokens (its prompt alone ~260), so rows of the SFT stage's
+    # 512; longer conversations are split at their user turns (`openk2.train.sft_data.split_requests`)
+    ptx_seq_len: int = 512
 
 
 @dataclass
@@ -197,6 +200,7 @@ class RLConfig:
             (t.advantage in ADVANTAGE_ESTIMATORS, f"train.advantage {t.advantage!r} is not registered; estimators: "
                                                   f"{', '.join(sorted(ADVANTAGE_ESTIMATORS))}"),
             (t.ptx_coef == 0 or bool(t.ptx_files), "train.ptx_coef > 0 needs train.ptx_files (chat JSONL)"),
+            (t.ptx_batch >= 1 and t.ptx_seq_len >= 8, "train.ptx_batch must be >= 1 and train.ptx_seq_len >= 8"),
             (bool(self.tasks.mix) and all(w >= 0 for w in self.tasks.mix.values()) and sum(self.tasks.mix.values()) > 0,
              f"tasks.mix needs at least one family with a positive weight, got {self.tasks.mix}"),
             (self.run.checkpoint_every >= 1 and self.run.keep_last >= 1, "run.checkpoint_every and keep_last >= 1"),

@@ -71,6 +71,13 @@ def world_overrides(run_dir: Path) -> list[str]:
     return [f"tasks.{ours}={json.dumps(data[theirs])}" for theirs, ours in keys.items() if theirs in data]
 
 
+def ptx_overrides(run_dir: Path) -> list[str]:
+    """train.ptx_files naming the SFT stage's own training data (`<run>/sft/data/train.jsonl`: its world-domain
+    dialogs, facts answers and pretraining documents) when the SFT stage wrote it; [] otherwise."""
+    path = run_dir / "sft" / "data" / "train.jsonl"
+    return [f"train.ptx_files={json.dumps([str(path)])}"] if path.is_file() and path.stat().st_size else []
+
+
 def rl_stage(run_dir: str | Path, *, overrides: list[str] = (), progress: bool = True, log: Any = print
              ) -> dict[str, Any]:
     from openk2.rl.config import load_rl_config
@@ -80,7 +87,7 @@ def rl_stage(run_dir: str | Path, *, overrides: list[str] = (), progress: bool =
     run_dir = Path(run_dir)
     rl_dir = run_dir / "rl"
     cfg = load_rl_config(None, [f"run.init={json.dumps(str(run_dir / 'sft'))}", f"run.dir={json.dumps(str(rl_dir))}",
-                                *RL_OVERRIDES, *world_overrides(run_dir),
+                                *RL_OVERRIDES, *world_overrides(run_dir), *ptx_overrides(run_dir),
                                 f"run.progress={'true' if progress else 'false'}", *overrides])
     t0 = time.perf_counter()
     summary = run_rl(cfg, log=log)
