@@ -135,18 +135,27 @@ def test_a_raising_reward_fails_samples_and_the_run_goes_on(tiny_dir, tmp_path, 
 def test_speedrun_rl_stage_writes_results_plot_and_report(tiny_dir, tmp_path):
     import shutil
 
+    from openk2.rl.envs.procedural import sft_records
     from openk2.train.rl_stage import report_lines, rl_stage, warm_start_records
+    from openk2.train.sft_stage import write_jsonl
 
     shutil.copytree(tiny_dir, tmp_path / "sft")
-    result = rl_stage(tmp_path, progress=False, log=lambda *_: None,
-                      overrides=[*BASE, "train.steps=2", "tasks.mix={digits = 1.0}", "eval.families=['facts']",
-                                 "eval.n_heldout={default = 8}"])
+    overrides = [*BASE, "train.steps=2", "tasks.mix={digits = 1.0}", "eval.families=['facts']",
+                 "eval.n_heldout={default = 8}", "train.ptx_seq_len=64"]
+    # the stage's PTX loss trains on the SFT stage's own data, which the SFT stage writes to <run>/sft/data
+    with pytest.raises(RLConfigError, match="SFT stage's .*train.jsonl, which is missing"):
+        rl_stage(tmp_path, progress=False, log=lambda *_: None, overrides=overrides)
+    ptx_file = tmp_path / "sft" / "data" / "train.jsonl"
+    write_jsonl(ptx_file, sft_records(16, seed=1, kinds=("reverse",), levels=(1,)))
+    result = rl_stage(tmp_path, progress=False, log=lambda *_: None, overrides=overrides)
     assert result["steps"] == 2 and result["families"] == ["digits"] and result["n_heldout"] == {"facts": 8}
+    assert result["ptx"]["files"] == [str(ptx_file)] and result["ptx"]["coef"] > 0
+    assert all(m["ptx_loss"] > 0 for m in map(json.loads, (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()))
     assert {"eval/facts/pass@1"} <= result["before"].keys() & result["after"].keys()
     assert (tmp_path / "rl_stage.json").is_file() and (tmp_path / "rl_stage.png").is_file()
     assert (tmp_path / "rl" / "checkpoints").is_dir()
     lines = "\n".join(report_lines(result))
-    assert "## RL stage" in lines and "| facts |" in lines and "`digits` tasks" in lines
+    assert "## RL stage" in lines and "| facts |" in lines and "`digits` tasks" in lines and "PTX loss" in lines
     assert "held-out tasks: `facts` questions about the other people" in lines and "(8 tasks)." in lines
     records = warm_start_records(n=5, per_person=False)
     assert len(records) == 5 and records[0]["messages"][-1]["role"] == "assistant"
