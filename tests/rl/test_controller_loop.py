@@ -205,6 +205,10 @@ def test_ptx_loss_joins_the_update(tiny_dir, tmp_path):
     assert again["update/loss"] == pytest.approx(straight["update/loss"], rel=1e-4, abs=1e-6)
     with pytest.raises(RLConfigError, match="ptx_files"):
         config(tiny_dir, tmp_path / "rl2", "train.ptx_coef=0.5")
+    # without ptx_files the PTX data is the starting SFT run's own (<run.init>/data/train.jsonl)
+    write_jsonl(tmp_path / "sft" / "data" / "train.jsonl", sft_records(4, seed=2, kinds=("reverse",), levels=(1,)))
+    own = load_rl_config(None, [f"run.init='{tmp_path / 'sft'}'", "train.ptx_coef=0.5"])
+    assert own.ptx_paths() == [str(tmp_path / "sft" / "data" / "train.jsonl")]
 
 
 def test_ptx_rows_keep_the_answers_of_dialogs_longer_than_a_row(tiny_dir, tmp_path):

@@ -102,7 +102,7 @@ class RLController:
         self.heldout: dict[str, list[Any]] = {}
         levels = {n: [self.families[n].level(t) for t in pool] for n, pool in self.pools.items()}
         self.sampler = TaskSampler(levels, {n: cfg.tasks.mix[n] for n in self.pools}, cfg.sampler, cfg.run.seed)
-        ptx = PTXData.from_files(cfg.train.ptx_files, self.fmt, cfg.train.ptx_batch, cfg.train.ptx_seq_len,
+        ptx = PTXData.from_files(cfg.ptx_paths(), self.fmt, cfg.train.ptx_batch, cfg.train.ptx_seq_len,
                                  seed=cfg.run.seed) if cfg.train.ptx_coef > 0 else None
         self.updater = PolicyUpdater(self.model, cfg.train, ptx)
         self.adv_fn = get_advantage_estimator(cfg.train.advantage)
