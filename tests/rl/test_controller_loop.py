@@ -135,18 +135,27 @@ def test_a_raising_reward_fails_samples_and_the_run_goes_on(tiny_dir, tmp_path, 
 def test_speedrun_rl_stage_writes_results_plot_and_report(tiny_dir, tmp_path):
     import shutil
 
+    from openk2.rl.envs.procedural import sft_records
     from openk2.train.rl_stage import report_lines, rl_stage, warm_start_records
+    from openk2.train.sft_stage import write_jsonl
 
     shutil.copytree(tiny_dir, tmp_path / "sft")
-    result = rl_stage(tmp_path, progress=False, log=lambda *_: None,
-                      overrides=[*BASE, "train.steps=2", "tasks.mix={digits = 1.0}", "eval.families=['facts']",
-                                 "eval.n_heldout={default = 8}"])
+    overrides = [*BASE, "train.steps=2", "tasks.mix={digits = 1.0}", "eval.families=['facts']",
+                 "eval.n_heldout={default = 8}", "train.ptx_seq_len=64"]
+    # the stage's PTX loss trains on the SFT stage's own data, which the SFT stage writes to <run>/sft/data
+    with pytest.raises(RLConfigError, match="SFT stage's .*train.jsonl, which is missing"):
+        rl_stage(tmp_path, progress=False, log=lambda *_: None, overrides=overrides)
+    ptx_file = tmp_path / "sft" / "data" / "train.jsonl"
+    write_jsonl(ptx_file, sft_records(16, seed=1, kinds=("reverse",), levels=(1,)))
+    result = rl_stage(tmp_path, progress=False, log=lambda *_: None, overrides=overrides)
     assert result["steps"] == 2 and result["families"] == ["digits"] and result["n_heldout"] == {"facts": 8}
+    assert result["ptx"]["files"] == [str(ptx_file)] and result["ptx"]["coef"] > 0
+    assert all(m["ptx_loss"] > 0 for m in map(json.loads, (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()))
     assert {"eval/facts/pass@1"} <= result["before"].keys() & result["after"].keys()
     assert (tmp_path / "rl_stage.json").is_file() and (tmp_path / "rl_stage.png").is_file()
     assert (tmp_path / "rl" / "checkpoints").is_dir()
     lines = "\n".join(report_lines(result))
-    assert "## RL stage" in lines and "| facts |" in lines and "`digits` tasks" in lines
+    assert "## RL stage" in lines and "| facts |" in lines and "`digits` tasks" in lines and "PTX loss" in lines
     assert "held-out tasks: `facts` questions about the other people" in lines and "(8 tasks)." in lines
     records = warm_start_records(n=5, per_person=False)
     assert len(records) == 5 and records[0]["messages"][-1]["role"] == "assistant"
@@ -177,11 +186,49 @@ def test_ptx_loss_joins_the_update(tiny_dir, tmp_path):
     from openk2.train.sft_stage import write_jsonl
 
     write_jsonl(tmp_path / "ptx.jsonl", sft_records(16, seed=1, kinds=("reverse",), levels=(1,)))
-    cfg = config(tiny_dir, tmp_path / "rl", "train.steps=1", "train.ptx_coef=0.5",
-                 f"train.ptx_files=['{tmp_path / 'ptx.jsonl'}']", "train.ptx_batch=2")
-    c = RLController(cfg)
+    ptx = ["train.ptx_coef=0.5", f"train.ptx_files=['{tmp_path / 'ptx.jsonl'}']", "train.ptx_batch=2",
+           "train.ptx_seq_len=48", "train.steps=2"]
+    c = RLController(config(tiny_dir, tmp_path / "rl", *ptx))
     record = c.rl_step()
-    c.close()
     assert record["ptx_loss"] > 0
+    c.save()
+    saved = c.updater.ptx.state_dict()
+    straight = c.rl_step()
+    c.close()
+    # a resumed run continues the PTX data where the checkpoint left it: the same step as without the stop
+    resumed = RLController(config(tiny_dir, tmp_path / "rl", *ptx))
+    assert (saved["epoch"], saved["cursor"]) != (0, 0)
+    assert resumed.step == 1 and resumed.updater.ptx.state_dict() == saved
+    again = resumed.rl_step()
+    resumed.close()
+    assert again["ptx_loss"] == pytest.approx(straight["ptx_loss"], rel=1e-5)
+    assert again["update/loss"] == pytest.approx(straight["update/loss"], rel=1e-4, abs=1e-6)
     with pytest.raises(RLConfigError, match="ptx_files"):
         config(tiny_dir, tmp_path / "rl2", "train.ptx_coef=0.5")
+    # without ptx_files the PTX data is the starting SFT run's own (<run.init>/data/train.jsonl)
+    write_jsonl(tmp_path / "sft" / "data" / "train.jsonl", sft_records(4, seed=2, kinds=("reverse",), levels=(1,)))
+    own = load_rl_config(None, [f"run.init='{tmp_path / 'sft'}'", "train.ptx_coef=0.5"])
+    assert own.ptx_paths() == [str(tmp_path / "sft" / "data" / "train.jsonl")]
+
+
+def test_ptx_rows_keep_the_answers_of_dialogs_longer_than_a_row(tiny_dir, tmp_path):
+    """A two-request dialog longer than `train.ptx_seq_len` is split at its user turn, so each piece keeps the
+    system prompt and its own answer (truncating would drop the second answer, or all of them when the prompt
+    alone fills the row, as the world domain's does at 256 tokens)."""
+    from openk2.model_dir import load_model_dir
+    from openk2.rl.update import PTXData
+    from openk2.train.sft_stage import write_jsonl
+
+    fmt = load_model_dir(tiny_dir).chat_format
+    system = {"role": "system", "content": "1 2 3 4 5 6 7 8 9 " * 6}
+    turns = [{"role": "user", "content": "reverse 1 2 3"}, {"role": "assistant", "content": "3 2 1"},
+             {"role": "user", "content": "reverse 4 5 6"}, {"role": "assistant", "content": "6 5 4"}]
+    write_jsonl(tmp_path / "ptx.jsonl", [{"messages": [system, *turns]}] * 3)
+    whole = len(fmt.render_ids_and_mask([system, *turns], None)[0])
+    one_request = len(fmt.render_ids_and_mask([system, *turns[:2]], None)[0])
+    assert one_request < whole
+    ptx = PTXData.from_files([str(tmp_path / "ptx.jsonl")], fmt, batch_size=2, seq_len=one_request + 2)
+    assert len(ptx.loader.convs) == 6  # each dialog in two pieces, both with an answer to learn
+    assert all(c.mask[1:].sum() > 0 and len(c.ids) <= one_request + 3 for c in ptx.loader.convs)
+    inputs_BT, targets_BT = ptx.next_batch()
+    assert inputs_BT.shape == (2, one_request + 2) and (targets_BT != -100).sum() > 0

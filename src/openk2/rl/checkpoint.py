@@ -6,7 +6,8 @@
 The file is the training checkpoint's layout (`openk2.train.checkpoint`, atomic rename, rotation) with the keys
 `load_model_from_run` reads (`model_config`, `model`), so `<run>` is a run directory that `openk2 eval --model`,
 `openk2 serve` and `load_model_dir` accept; the RL extras ride along: optimizer, policy version, sampler state,
-the partial-rollout buffer (groups with paused or unfinished members, as plain dicts) and every RNG.
+the partial-rollout buffer (groups with paused or unfinished members, as plain dicts), the PTX loader's position
+and every RNG.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class RLState:
     sampler: dict[str, Any]
     buffer: list[dict[str, Any]] = field(default_factory=list)
     counters: dict[str, Any] = field(default_factory=dict)
+    ptx: dict[str, Any] = field(default_factory=dict)   # the PTX loader's state ({} without a PTX loss)
     rng: dict[str, Any] = field(default_factory=rng_state)
 
 
@@ -39,7 +41,7 @@ def save_rl_checkpoint(run_dir: str | Path, state: RLState, keep_last: int) -> P
     return save_checkpoint(Path(run_dir), state.step, {
         "format": FORMAT, "step": state.step, "version": state.version, "model": state.model,
         "model_config": state.model_config, "optimizer": state.optimizer, "sampler": state.sampler,
-        "buffer": state.buffer, "counters": state.counters, "rng": state.rng}, keep_last)
+        "buffer": state.buffer, "counters": state.counters, "ptx": state.ptx, "rng": state.rng}, keep_last)
 
 
 def load_rl_checkpoint(run_dir: str | Path) -> RLState | None:
@@ -51,7 +53,7 @@ def load_rl_checkpoint(run_dir: str | Path) -> RLState | None:
         raise ValueError(f"{ckpt}: not an RL checkpoint (format {d.get('format')!r}); use a new --out directory")
     return RLState(step=d["step"], version=d["version"], model=d["model"], model_config=d["model_config"],
                    optimizer=d["optimizer"], sampler=d["sampler"], buffer=d["buffer"], counters=d["counters"],
-                   rng=d["rng"])
+                   ptx=d.get("ptx", {}), rng=d["rng"])
 
 
 def restore_rng(state: RLState) -> None:

@@ -111,8 +111,12 @@ class TrainSection:
     # τΔ² anchor on the later minibatches (openk2 choice, a CPU saving when most groups carry no signal)
     drop_zero_advantage_groups: bool = False
     ptx_coef: float = 0.0            # λ_ptx: weight of the LM loss on held-out SFT data (openk2 choice)
-    ptx_files: list[str] = field(default_factory=list)  # chat JSONL (assistant tokens are the targets)
-    ptx_batch: int = 8
+    # chat JSONL (assistant tokens are the targets); [] = the starting SFT run's own data, <run.init>/data/train.jsonl
+    ptx_files: list[str] = field(default_factory=list)
+    ptx_batch: int = 8               # PTX rows per optimizer step (one batch per minibatch)
+    # PTX row length: a world-domain SFT dialog is ~480 tokens (its prompt alone ~260), so rows of the SFT stage's
+    # 512; longer conversations are split at their user turns (`openk2.train.sft_data.split_requests`)
+    ptx_seq_len: int = 512
 
 
 @dataclass
@@ -167,6 +171,14 @@ class RLConfig:
         """The budget of a task type "family/kind": the most specific entry of rollout.max_new_tokens."""
         return self.budget_penalty().max_new_tokens(task_type)
 
+    def ptx_paths(self) -> list[str]:
+        """The PTX loss's chat JSONL: train.ptx_files, or when that is empty the starting SFT run's own training data
+        (`<run.init>/data/train.jsonl`, which the speedrun's SFT stage writes); [] when neither exists."""
+        if self.train.ptx_files:
+            return list(self.train.ptx_files)
+        own = Path(self.run.init) / "data" / "train.jsonl"
+        return [str(own)] if own.is_file() else []
+
     def temperature_at(self, step: int) -> float:
         r = self.rollout
         if r.temperature_decay_steps <= 0:
@@ -196,7 +208,10 @@ class RLConfig:
              f"train.loss {t.loss!r} is not registered; losses: {', '.join(sorted(POLICY_LOSSES))}"),
             (t.advantage in ADVANTAGE_ESTIMATORS, f"train.advantage {t.advantage!r} is not registered; estimators: "
                                                   f"{', '.join(sorted(ADVANTAGE_ESTIMATORS))}"),
-            (t.ptx_coef == 0 or bool(t.ptx_files), "train.ptx_coef > 0 needs train.ptx_files (chat JSONL)"),
+            (t.ptx_coef == 0 or bool(self.ptx_paths()),
+             f"train.ptx_coef > 0 needs train.ptx_files (chat JSONL) or an SFT run as run.init with its data in "
+             f"data/train.jsonl ({Path(self.run.init) / 'data' / 'train.jsonl'} does not exist)"),
+            (t.ptx_batch >= 1 and t.ptx_seq_len >= 8, "train.ptx_batch must be >= 1 and train.ptx_seq_len >= 8"),
             (bool(self.tasks.mix) and all(w >= 0 for w in self.tasks.mix.values()) and sum(self.tasks.mix.values()) > 0,
              f"tasks.mix needs at least one family with a positive weight, got {self.tasks.mix}"),
             (self.run.checkpoint_every >= 1 and self.run.keep_last >= 1, "run.checkpoint_every and keep_last >= 1"),

@@ -102,8 +102,8 @@ class RLController:
         self.heldout: dict[str, list[Any]] = {}
         levels = {n: [self.families[n].level(t) for t in pool] for n, pool in self.pools.items()}
         self.sampler = TaskSampler(levels, {n: cfg.tasks.mix[n] for n in self.pools}, cfg.sampler, cfg.run.seed)
-        ptx = PTXData.from_files(cfg.train.ptx_files, self.fmt, cfg.train.ptx_batch, seed=cfg.run.seed) \
-            if cfg.train.ptx_coef > 0 else None
+        ptx = PTXData.from_files(cfg.ptx_paths(), self.fmt, cfg.train.ptx_batch, cfg.train.ptx_seq_len,
+                                 seed=cfg.run.seed) if cfg.train.ptx_coef > 0 else None
         self.updater = PolicyUpdater(self.model, cfg.train, ptx)
         self.adv_fn = get_advantage_estimator(cfg.train.advantage)
         self.budget_penalty = cfg.budget_penalty()
@@ -157,6 +157,8 @@ class RLController:
         self.sampler.load_state_dict(state.sampler)
         self.buffer = [Group.from_dict(g) for g in state.buffer]
         self.counters = Counter(state.counters)
+        if self.updater.ptx is not None and state.ptx:
+            self.updater.ptx.load_state_dict(state.ptx)
         self.step, self.version = state.step, state.version
         restore_rng(state)
         self.log(f"rl: resumed {self.run_dir} at step {self.step} (policy version {self.version}, "
@@ -172,7 +174,8 @@ class RLController:
             step=self.step, version=self.version, model=self.model.state_dict(),
             model_config=self.model.config.to_hf_dict(), optimizer=self.updater.optimizer.state_dict(),
             sampler=self.sampler.state_dict(), buffer=[g.to_dict() for g in self.buffer],
-            counters=dict(self.counters)), self.cfg.run.keep_last)
+            counters=dict(self.counters), ptx=self.updater.ptx.state_dict() if self.updater.ptx is not None else {}),
+            self.cfg.run.keep_last)
 
     def _sync(self, version: int) -> float:
         """In-process weight sync: the trainer's tensors into the engine's copy (rl-design §6.2 WeightSync)."""

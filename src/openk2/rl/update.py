@@ -51,7 +51,8 @@ def response_logprobs(model: torch.nn.Module, trajs: list[Trajectory], temperatu
 
 @dataclass
 class PTXData:
-    """The PTX loss's data (InstructGPT's ptx, K2 §3.2.3): packed chat rows, loss on assistant tokens."""
+    """The PTX loss's data (InstructGPT's ptx, K2 §3.2.3): packed chat rows, loss on assistant tokens (and on every
+    token of a plain-text `{"text": ...}` record); conversations longer than a row are split at their user turns."""
 
     loader: Any  # openk2.train.sft_data.SFTLoader
 
@@ -61,12 +62,18 @@ class PTXData:
         from openk2.train.sft_data import SFTLoader, read_chat_jsonl, tokenize_conversations
 
         convs, _ = read_chat_jsonl(files, on_error="skip")
-        rows, _ = tokenize_conversations(convs, chat_format, max_len=seq_len + 1, on_error="skip")
+        rows, _ = tokenize_conversations(convs, chat_format, max_len=seq_len + 1, on_error="skip", too_long="split")
         pad = getattr(chat_format.tokenizer, "pad_id", None) or 0
         return cls(SFTLoader(rows, batch_size, seq_len, pad, seed))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loader.next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
 
 
 class PolicyUpdater:

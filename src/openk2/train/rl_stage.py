@@ -8,8 +8,11 @@ Training tasks are the `facts_paraphrase` questions about the pretraining world'
 the facts in the documents' wording but mostly misreads these questions); evaluation is greedy pass@1 on the held-out
 people's `facts_paraphrase` and `facts` questions (people whose facts pretraining stated in biographies only and whose
 questions no document, SFT record or RL task holds; `facts` is `world-facts`) and on 60 held-out world tool-domain
-tasks (`world-agent`'s tasks and scoring: the SFT stage's 40 tasks and the next 20 of the same draw), which RL does
-not train on: they show whether RL keeps the SFT stage's knowledge and tool use.
+tasks (`world-agent`'s tasks and scoring: the SFT stage's 40 tasks and the next 80 of the same draw), which RL does
+not train on: they show whether RL keeps the SFT stage's knowledge and tool use. Against forgetting, each optimizer
+step adds K2's PTX loss: the LM loss on a 512-token row of the SFT stage's own training data
+(`<run>/sft/data/train.jsonl`: its world-domain dialogs with their refusals, the facts answers and the pretraining
+documents), without which RL on these chat answers costs the SFT model about half its world refusals.
 Settings are `recipes/rl-nano.toml`'s with the stage's shorter budget (`RL_OVERRIDES`). Results go to
 `<run>/rl_stage.json` and `<run>/rl_stage.png`; `speedrun.write_report` adds a section (`report_lines`).
 """
@@ -28,15 +31,21 @@ from typing import Any
 #: wording, so there is room; `facts` itself (85% of samples right, held-out 72.6%) has little. Groups whose K
 #: samples all score alike are left out of the update. `grpo`: `kimi_k15` was as good at equal rollouts on this
 #: family (one seed better, one worse). Evaluation: greedy pass@1 on all held-out `facts_paraphrase` and `facts`
-#: questions and on 60 held-out world tasks (not trained: the world tasks other than refusals need names copied from
-#: the request, which RL cannot find in ~1% of samples).
-#: docs/experiments.md, "RL from today's SFT model": facts_paraphrase 16.7% -> 31.9% (270 questions), facts 72.6% ->
-#: 70.7%, world 11.7% -> 6.7% (60 tasks); 169 CPU-s at one thread.
+#: questions and on 120 held-out world tasks (19 refusals; 60 tasks had 9, too few to see a drop), not trained: the
+#: world tasks other than refusals need names copied from the request, which RL cannot find in ~1% of samples.
+#: PTX (K2's guard against forgetting): each of the 4 optimizer steps per RL step adds 1.0 x the LM loss on one
+#: 512-token row of the SFT stage's own training data (`ptx_overrides`). From the demo's SFT model at 567cf6c
+#: (docs/experiments.md, "RL that keeps what SFT taught"): without PTX facts_paraphrase 16.7% -> 32.2% (270
+#: questions) but world 12.5% -> 6.7% (refusals 15 -> 8 of 19) and facts 72.6% -> 71.1%; with it at seeds 0 / 1 / 2
+#: facts_paraphrase +21.5 / +13.0 / +13.7 points (mean +16.1), facts +5.2 / +1.5 / +2.2, world 12.5% -> 12.5 / 15.8 /
+#: 16.7% (refusals kept), 224-248 CPU-s at one thread. Two PTX rows per step: +23.7 / +16.7 at ~+40 CPU-s; world
+#: refusal tasks in the mix instead: refusals kept but +12.6 at twice the cost.
 RL_OVERRIDES = [
     "train.steps=30", "rollout.group_size=8", "rollout.prompts_per_step=16", "rollout.temperature=1.0",
     "rollout.temperature_min=0.7", "rollout.temperature_decay_steps=40", "train.lr=2e-4", "train.optimizer='adamw'",
     "train.loss='grpo'", "train.advantage='grpo'", "train.tau=0.05", "eval.every=0",
-    "eval.n_heldout={default = 200, facts = 1000, facts_paraphrase = 1000, world = 60}",
+    "train.ptx_coef=1.0", "train.ptx_batch=1", "train.ptx_seq_len=512",
+    "eval.n_heldout={default = 200, facts = 1000, facts_paraphrase = 1000, world = 120}",
     "tasks.mix={facts_paraphrase = 1.0}", "tasks.facts_partial_credit=true",
     "eval.families=['facts_paraphrase', 'facts', 'world']",
     "rollout.max_new_tokens={facts = 16, facts_paraphrase = 16, world = 128}", "train.drop_zero_advantage_groups=true",
@@ -71,17 +80,32 @@ def world_overrides(run_dir: Path) -> list[str]:
     return [f"tasks.{ours}={json.dumps(data[theirs])}" for theirs, ours in keys.items() if theirs in data]
 
 
+def ptx_overrides(run_dir: Path) -> list[str]:
+    """train.ptx_files naming the SFT stage's own training data (`<run>/sft/data/train.jsonl`: its world-domain
+    dialogs, facts answers and pretraining documents) when the SFT stage wrote it; [] otherwise."""
+    path = run_dir / "sft" / "data" / "train.jsonl"
+    return [f"train.ptx_files={json.dumps([str(path)])}"] if path.is_file() and path.stat().st_size else []
+
+
 def rl_stage(run_dir: str | Path, *, overrides: list[str] = (), progress: bool = True, log: Any = print
              ) -> dict[str, Any]:
-    from openk2.rl.config import load_rl_config
+    from openk2.rl.config import RLConfigError, load_rl_config
     from openk2.rl.controller import run_rl
     from openk2.train.metrics import read_metrics
 
     run_dir = Path(run_dir)
     rl_dir = run_dir / "rl"
-    cfg = load_rl_config(None, [f"run.init={json.dumps(str(run_dir / 'sft'))}", f"run.dir={json.dumps(str(rl_dir))}",
-                                *RL_OVERRIDES, *world_overrides(run_dir),
-                                f"run.progress={'true' if progress else 'false'}", *overrides])
+    try:
+        cfg = load_rl_config(None, [f"run.init={json.dumps(str(run_dir / 'sft'))}",
+                                    f"run.dir={json.dumps(str(rl_dir))}", *RL_OVERRIDES, *world_overrides(run_dir),
+                                    *ptx_overrides(run_dir), f"run.progress={'true' if progress else 'false'}",
+                                    *overrides])
+    except RLConfigError as e:
+        if "ptx_files" not in str(e):
+            raise
+        raise RLConfigError(f"{e}: the stage's PTX data is the SFT stage's {run_dir / 'sft' / 'data' / 'train.jsonl'}, "
+                            "which is missing or empty; run the SFT stage or pass overrides=['train.ptx_coef=0.0']"
+                            ) from None
     t0 = time.perf_counter()
     summary = run_rl(cfg, log=log)
     wall = time.perf_counter() - t0
@@ -93,6 +117,8 @@ def rl_stage(run_dir: str | Path, *, overrides: list[str] = (), progress: bool =
     result = {
         "steps": summary["steps"], "loss": cfg.train.loss, "families": list(cfg.tasks.mix),
         "group_size": cfg.rollout.group_size,
+        "ptx": {"coef": cfg.train.ptx_coef, "rows": cfg.train.ptx_batch, "seq_len": cfg.train.ptx_seq_len,
+                "files": list(cfg.train.ptx_files)} if cfg.train.ptx_coef > 0 else None,
         "prompts_per_step": cfg.rollout.prompts_per_step,
         "n_heldout": heldout_counts(cfg),
         "before": {k: v for k, v in evals[0].items() if k.startswith("eval/")} if evals else {},
@@ -169,12 +195,23 @@ HELDOUT = {
 }
 
 
+def ptx_sentence(result: dict[str, Any]) -> str:
+    """The report's words for the PTX loss (K2's guard against forgetting), '' without one."""
+    ptx = result.get("ptx")
+    if not ptx:
+        return ""
+    return (f", plus K2's PTX loss ({ptx['coef']} x the LM loss on {ptx['rows']} row(s) of {ptx['seq_len']} tokens "
+            "of the SFT stage's own training data per optimizer step: its tool-use dialogs, facts answers and "
+            "pretraining documents) so that RL keeps what SFT taught")
+
+
 def report_lines(result: dict[str, Any]) -> list[str]:
     b, a = result["before"], result["after"]
     lines = ["", "## RL stage: verifiable rewards", "",
              f"{result['steps']} RL steps of `{result['loss']}` (K = {result['group_size']} samples for each of "
              f"{result['prompts_per_step']} prompts per step) from the SFT model on "
-             + " and ".join(TRAINED_ON.get(f, f"`{f}` tasks") for f in result["families"]) + ". Greedy pass@1 on "
+             + " and ".join(TRAINED_ON.get(f, f"`{f}` tasks") for f in result["families"]) + ptx_sentence(result)
+             + ". Greedy pass@1 on "
              "held-out tasks: " + "; ".join(HELDOUT.get(f, f"`{f}`") + f" ({n} tasks)"
                                             for f, n in result.get("n_heldout", {}).items()) + ".", "",
              "| held-out tasks | after SFT | after RL |", "|---|---:|---:|"]
