@@ -116,3 +116,25 @@ def test_bad_schedules_are_config_errors_and_the_alphabet_is_checked_against_the
         load_config(None, ["data.copy_schedule=[{until = 5, share = 0.5}]", "train.seq_len=255"])
     with pytest.raises(TrainConfigError, match="ordinary tokens"):
         prepare_data(_cfg(tmp_path, "data.copy_schedule=[{until = 5, share = 0.5, ids = 5000}]"))
+
+
+def test_openk2_pretrain_takes_the_schedule_on_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    from openk2.parallel.dist_checkpoint import read_extra
+    from openk2.train.checkpoint import latest_checkpoint
+
+    run = tmp_path / "cli"
+    args = [sys.executable, "-m", "openk2", "pretrain"]
+    for o in [*TINY, "train.max_steps=4", "train.checkpoint_every=4", f"run.dir='{run}'",
+              f"data.cache_dir='{tmp_path / 'cache'}'", SCHEDULE]:
+        args += ["--set", o]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = read_extra(latest_checkpoint(run))["loader"]
+    assert state["format"] == "openk2.copy_curriculum_loader/1" and state["batches"] == 4
+    assert state["phases"] == [{"until": 2, "share": 1.0, "ids": 256}, {"until": 4, "share": 0.5, "ids": 0}]
+    bad = subprocess.run([*args[:4], "--set", "data.copy_schedule=[{until = 5, share = 2.0}]"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "data.copy_schedule[0].share must lie in [0, 1]" in bad.stderr + bad.stdout
