@@ -51,6 +51,9 @@ def main() -> None:
     p.add_argument("--widen", default="",
                    help="a widening alphabet: 'S1:N1,S2:N2,...' = ids from the first N1 tokens up to step S1, then N2 "
                         "up to S2, ..., all ids after the last step (replaces --ids/--ids-until)")
+    p.add_argument("--span", type=int, default=0,
+                   help="rows of repeated segments of random length <= SPAN with random gaps (varied copy offsets: "
+                        "only induction, not a fixed-offset head, predicts them); 0 = one half repeated")
     p.add_argument("--set", action="append", default=[], help="dotted TrainConfig override (repeatable)")
     p.add_argument("--out", default="/tmp/induction_screen", help="scratch run directory (metrics, config)")
     a = p.parse_args()
@@ -72,11 +75,11 @@ def main() -> None:
         a.ids, a.ids_until = widen[0][1], widen[-1][0]
     if a.ids:
         high = min(high, a.ids)
-    loader = RepeatLoader(t.batch_size, t.seq_len, high, tokenizer.bos_id, seed=t.seed)
-    heldout = RepeatLoader(8, t.seq_len, high, tokenizer.bos_id, seed=t.seed + 10_000).batch(8)
+    loader = RepeatLoader(t.batch_size, t.seq_len, high, tokenizer.bos_id, seed=t.seed, span=a.span)
+    heldout = RepeatLoader(8, t.seq_len, high, tokenizer.bos_id, seed=t.seed + 10_000, span=a.span).batch(8)
     # with --ids: does a circuit learnt on a few ids copy any token? (the same held-out rows over all ids)
     heldout_all = RepeatLoader(8, t.seq_len, min(tokenizer.special_ids.values()), tokenizer.bos_id,
-                               seed=t.seed + 10_000).batch(8) if a.ids else None
+                               seed=t.seed + 10_000, span=a.span).batch(8) if a.ids else None
     data = PreparedData(tokenizer, Path(a.out), loader, val_batches=lambda source: iter(()),
                         token_bytes=torch.tensor(tokenizer.token_bytes(), dtype=torch.long))
     for ckpt in (Path(a.out) / "checkpoints").glob("*"):  # a screen always starts from the random init

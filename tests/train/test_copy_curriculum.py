@@ -54,6 +54,16 @@ def test_rows_follow_the_phases_and_the_alphabet_switches_at_its_step(tmp_path):
     assert loader.stats()["copy_rows"] == 12
 
 
+def test_a_span_phase_gives_segment_rows_with_varied_offsets(tmp_path):
+    data = prepare_data(_cfg(tmp_path, "data.copy_schedule=[{until = 2, share = 0.5, ids = 64, span = 8}]"))
+    x_BT, y_BT = data.loader.next_batch()
+    rows_x, rows_y = x_BT[2:], y_BT[2:]
+    assert (rows_x[:, 0] == data.tokenizer.bos_id).all() and int(rows_x[:, 1:].max()) < 64
+    masked = (rows_y != -100).sum(dim=1)
+    assert (masked > 4).all() and (masked < 32).all()  # repeats with gaps, not one half repeated
+    assert not torch.equal(rows_x[:, 1:32], rows_y[:, 32:-1])
+
+
 def test_row_counts_are_exact_for_any_share():
     phases = parse_copy_schedule([{"until": 80, "share": 1.0, "ids": 256}, {"until": 360, "share": 0.1}])
     rows = [copy_rows_at(phases, s, 16) for s in range(400)]
@@ -108,7 +118,8 @@ def test_bad_schedules_are_config_errors_and_the_alphabet_is_checked_against_the
     bad = {"[{share = 0.5}]": "must be a table", "[{until = 5, share = 0.5, size = 3}]": "must be a table",
            "[{until = 5, share = 1.5}]": "share must lie", "[{until = 0, share = 0.5}]": "until must be",
            "[{until = 5, share = 0.5}, {until = 5, share = 0.2}]": "until must be",
-           "[{until = 5, share = 0.5, ids = -3}]": "ids must be", "[1, 2]": "must be a table"}
+           "[{until = 5, share = 0.5, ids = -3}]": "ids must be", "[1, 2]": "must be a table",
+           "[{until = 5, share = 0.5, span = 1}]": "span must be"}
     for schedule, match in bad.items():
         with pytest.raises(TrainConfigError, match=match):
             load_config(None, [f"data.copy_schedule={schedule}"])

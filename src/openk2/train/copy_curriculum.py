@@ -1,8 +1,8 @@
 """The copy curriculum: repeated random-token rows in pretraining's batches, their ids drawn from an alphabet that
 widens on a schedule (`data.copy_schedule`).
 
-    loader = CopyCurriculumLoader(packed_loader, parse_copy_schedule([{"until": 80, "share": 1.0, "ids": 256},
-                                                                      {"until": 360, "share": 0.5}]), ...)
+    loader = CopyCurriculumLoader(packed_loader, parse_copy_schedule(
+        [{"until": 80, "share": 1.0, "ids": 256, "span": 32}, {"until": 360, "share": 0.5, "span": 32}]), ...)
 
 Why. No speedrun model copies a string from its context (no induction heads), so SFT cannot teach a tool call
 that names an unseen person (docs/experiments.md, "Name copying: the model has no copy circuit"). Pure repeated
@@ -21,9 +21,12 @@ step), the repeat rows are the last rows before any midtraining chat rows (midtr
 the last rows of the batch; the two together may not need more rows than the batch has: the repeat rows are then
 cut).
 
-A row is `openk2.data.repeat_rows.repeat_row`: bos, `seq_len / 2` random ids, the same ids again, loss on the
-repeat only. Its ids are a pure function of (seed, step, row), so resuming needs only the number of batches drawn
-and data-parallel ranks draw the rows they keep and no others.
+A row is `openk2.data.repeat_rows.repeat_row` (`span = 0`): bos, `seq_len / 2` random ids, the same ids again,
+loss on the repeat only; or, with `span = N`, a `span_row`: segments `[r, gap, r]` of random lengths <= N, loss on
+each repeat. Measured: fixed-offset rows teach a head that copies from exactly `seq_len / 2` back, a positional
+shortcut that copies nothing at other distances; only varied offsets reward induction (docs/experiments.md, "The
+copy curriculum in pretraining"). A row's ids are a pure function of (seed, step, row), so resuming needs only the
+number of batches drawn and data-parallel ranks draw the rows they keep and no others.
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ import torch
 
 from openk2.data.loader import STATE_FORMAT as PACKED_STATE_FORMAT
 from openk2.data.loader import PackedLoader
-from openk2.data.repeat_rows import repeat_row, rows_to_batch
+from openk2.data.repeat_rows import repeat_row, rows_to_batch, span_row
 from openk2.train.midtrain import chat_rows_at
 
 STATE_FORMAT = "openk2.copy_curriculum_loader/1"
-_PHASE_KEYS = {"until", "share", "ids"}
+_PHASE_KEYS = {"until", "share", "ids", "span"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class CopyPhase:
     until: int  # first step (0-based) after this phase
     share: float  # share of each batch's rows that are repeat rows
     ids: int  # random ids from [0, ids); 0 = every ordinary token
+    span: int = 0  # 0: `repeat_row` (one half repeated); N: `span_row` (segments <= N, random gaps: varied offsets)
 
 
 def parse_copy_schedule(entries: list[Any]) -> list[CopyPhase]:
@@ -56,16 +60,18 @@ def parse_copy_schedule(entries: list[Any]) -> list[CopyPhase]:
     for i, entry in enumerate(entries):
         where = f"data.copy_schedule[{i}]"
         if not isinstance(entry, dict) or not {"until", "share"} <= set(entry) or set(entry) - _PHASE_KEYS:
-            raise ValueError(f"{where} must be a table {{until = STEP, share = S, ids = N}} (ids optional, 0 = all "
-                             f"ordinary tokens), got {entry!r}")
-        until, share, ids = entry["until"], entry["share"], entry.get("ids", 0)
+            raise ValueError(f"{where} must be a table {{until = STEP, share = S, ids = N, span = L}} (ids optional, "
+                             f"0 = all ordinary tokens; span optional, 0 = one half repeated), got {entry!r}")
+        until, share, ids, span = entry["until"], entry["share"], entry.get("ids", 0), entry.get("span", 0)
         if isinstance(until, bool) or not isinstance(until, int) or until <= (phases[-1].until if phases else 0):
             raise ValueError(f"{where}.until must be an int step above the previous phase's (and > 0), got {until!r}")
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
             raise ValueError(f"{where}.share must lie in [0, 1], got {share!r}")
         if isinstance(ids, bool) or not isinstance(ids, int) or ids < 0 or 0 < ids < 2:
             raise ValueError(f"{where}.ids must be 0 (all ordinary tokens) or an alphabet size >= 2, got {ids!r}")
-        phases.append(CopyPhase(until, float(share), ids))
+        if isinstance(span, bool) or not isinstance(span, int) or span < 0 or span == 1:
+            raise ValueError(f"{where}.span must be 0 (one half repeated) or a segment length >= 2, got {span!r}")
+        phases.append(CopyPhase(until, float(share), ids, span))
     return phases
 
 
@@ -112,8 +118,11 @@ class CopyCurriculumLoader:
         """Repeat row `index` (0-based among the step's repeat rows) of step `step`: ids and mask, a pure
         function of (seed, step, index)."""
         found = phase_at(self.phases, step)
-        high = (found[1].ids if found is not None else 0) or self.first_special
+        phase = found[1] if found is not None else CopyPhase(0, 0.0, 0)
+        high = phase.ids or self.first_special
         rng = np.random.default_rng([self.seed, 0xC0, step, index])
+        if phase.span:
+            return span_row(rng, self.seq_len + 1, phase.span, 0, high, self.bos_id)
         return repeat_row(rng, self.seq_len // 2, 0, high, self.bos_id)
 
     def next_batch(self, rows: slice | None = None, n_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
