@@ -145,7 +145,8 @@ def test_openk2_pretrain_takes_the_schedule_on_the_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     state = read_extra(latest_checkpoint(run))["loader"]
     assert state["format"] == "openk2.copy_curriculum_loader/1" and state["batches"] == 4
-    assert state["phases"] == [{"until": 2, "share": 1.0, "ids": 256}, {"until": 4, "share": 0.5, "ids": 0}]
+    assert state["phases"] == [{"until": 2, "share": 1.0, "ids": 256, "span": 0},
+                               {"until": 4, "share": 0.5, "ids": 0, "span": 0}]
     bad = subprocess.run([*args[:4], "--set", "data.copy_schedule=[{until = 5, share = 2.0}]"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "data.copy_schedule[0].share must lie in [0, 1]" in bad.stderr + bad.stdout

@@ -58,12 +58,12 @@ class DataSection:
     # repeated random-token rows in the pool (openk2.data.repeat_rows: bos, seq_len/2 random ids, the same ids
     # again, loss on the repeat), the purest signal for induction heads (copying a string from the context); 0 = none
     midtrain_repeat_rows: int = 0
-    # The copy curriculum (openk2.train.copy_curriculum): phases [{until = STEP, share = S, ids = N}, ...] with
-    # increasing `until`; before each phase's `until` step (0-based, exclusive) `share` of every batch's rows are
-    # repeated random-token rows (bos, seq_len/2 random ids, the same ids again, loss on the repeat) with ids from
-    # [0, N) (N = 0: every ordinary token; 256 = the byte tokens), at the same tokens per step. A small alphabet
-    # first forms induction heads (copying from the context) within the speedrun's steps; all ids at once do not.
-    # Empty = none.
+    # The copy curriculum (openk2.train.copy_curriculum): phases [{until = STEP, share = S, ids = N, span = L}, ...]
+    # with increasing `until`; before each phase's `until` step (0-based, exclusive) `share` of every batch's rows
+    # are repeated random-token rows with ids from [0, N) (N = 0: every ordinary token; 256 = the byte tokens), at
+    # the same tokens per step: span = 0 (default) one half repeated (a fixed copy offset), span = L segments of
+    # length <= L with random gaps (varied offsets). Measured: neither forms a copy circuit usable for names within
+    # the speedrun's steps, and the rows cost the world corpus (docs/experiments.md). Empty = none (the default).
     copy_schedule: list[dict[str, Any]] = field(default_factory=list)
     cache_dir: str = ""  # where tokenized shards and tokenizers are cached; empty = <run.dir>/../.cache
 
