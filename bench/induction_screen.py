@@ -48,6 +48,12 @@ def main() -> None:
                    help="draw the random ids from the first N ordinary tokens only (0: all of them); a diagnostic")
     p.add_argument("--ids-until", type=int, default=0,
                    help="with --ids: a curriculum, the small alphabet up to this step, all ids after it (0: always)")
+    p.add_argument("--widen", default="",
+                   help="a widening alphabet: 'S1:N1,S2:N2,...' = ids from the first N1 tokens up to step S1, then N2 "
+                        "up to S2, ..., all ids after the last step (replaces --ids/--ids-until)")
+    p.add_argument("--span", type=int, default=0,
+                   help="rows of repeated segments of random length <= SPAN with random gaps (varied copy offsets: "
+                        "only induction, not a fixed-offset head, predicts them); 0 = one half repeated")
     p.add_argument("--set", action="append", default=[], help="dotted TrainConfig override (repeatable)")
     p.add_argument("--out", default="/tmp/induction_screen", help="scratch run directory (metrics, config)")
     a = p.parse_args()
@@ -64,13 +70,16 @@ def main() -> None:
                              *a.set])
     t = cfg.train
     high = min(tokenizer.special_ids.values())  # random ids: ordinary tokens only
+    widen = [tuple(int(v) for v in part.split(":")) for part in a.widen.split(",")] if a.widen else []
+    if widen:  # the --ids diagnostics (held-out rows over all ids) follow the first alphabet
+        a.ids, a.ids_until = widen[0][1], widen[-1][0]
     if a.ids:
         high = min(high, a.ids)
-    loader = RepeatLoader(t.batch_size, t.seq_len, high, tokenizer.bos_id, seed=t.seed)
-    heldout = RepeatLoader(8, t.seq_len, high, tokenizer.bos_id, seed=t.seed + 10_000).batch(8)
+    loader = RepeatLoader(t.batch_size, t.seq_len, high, tokenizer.bos_id, seed=t.seed, span=a.span)
+    heldout = RepeatLoader(8, t.seq_len, high, tokenizer.bos_id, seed=t.seed + 10_000, span=a.span).batch(8)
     # with --ids: does a circuit learnt on a few ids copy any token? (the same held-out rows over all ids)
     heldout_all = RepeatLoader(8, t.seq_len, min(tokenizer.special_ids.values()), tokenizer.bos_id,
-                               seed=t.seed + 10_000).batch(8) if a.ids else None
+                               seed=t.seed + 10_000, span=a.span).batch(8) if a.ids else None
     data = PreparedData(tokenizer, Path(a.out), loader, val_batches=lambda source: iter(()),
                         token_bytes=torch.tensor(tokenizer.token_bytes(), dtype=torch.long))
     for ckpt in (Path(a.out) / "checkpoints").glob("*"):  # a screen always starts from the random init
@@ -82,6 +91,9 @@ def main() -> None:
     for step in range(1, a.steps + 1):
         if a.ids and step == a.ids_until + 1 and a.ids_until:  # the curriculum's switch to every id
             loader.high = min(tokenizer.special_ids.values())
+        for (until, _), (_, next_ids) in zip(widen[:-1], widen[1:], strict=True):  # a widening schedule's next
+            if step == until + 1:
+                loader.high = min(min(tokenizer.special_ids.values()), next_ids)
         rec = trainer.train_step()
         if step % a.eval_every == 0 or step == a.steps:
             repeat = heldout_repeat_loss(trainer, *heldout)
@@ -98,6 +110,7 @@ def main() -> None:
                 break
     last = history[-1]
     print(json.dumps({"summary": True, "overrides": a.set, "ids": a.ids or "all", "ids_until": a.ids_until,
+                      "widen": a.widen,
                       "phase_change_step": crossed, "steps_run": last["step"],
                       "last_repeat_nats": last["heldout_repeat_nats"], "cpu_s": last["cpu_s"],
                       "cpu_s_per_step": round(last["cpu_s"] / last["step"], 2)}), flush=True)

@@ -39,6 +39,26 @@ def induction(model, tokenizer, n: int = 8, length: int = 40, seed: int = 0) -> 
     return {"first_pass_nats": statistics.mean(first), "repeat_nats": statistics.mean(repeat)}
 
 
+def copy_offsets(model, tokenizer, n: int = 6, length: int = 40, seed: int = 1) -> dict[str, float]:
+    """Repeat loss (nats/token) of 40 random tokens when the repeat starts 40, 64 or 128 positions after the first
+    pass (a random gap between): an induction head copies at every distance, a head trained on fixed-offset rows
+    only at its own (docs/experiments.md, "The copy curriculum in pretraining")."""
+    rng = random.Random(seed)
+    out = {}
+    for offset in (40, 64, 128):
+        losses = []
+        for _ in range(n):
+            seq = [rng.randrange(300, 1500) for _ in range(length)]
+            gap = [rng.randrange(300, 1500) for _ in range(offset - length)]
+            ids = [tokenizer.bos_id, *seq, *gap, *seq]
+            with torch.no_grad():
+                lp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+            start = 1 + offset  # the repeat's first token: unpredictable, not scored
+            losses.append(statistics.mean(-float(lp[i - 1, ids[i]]) for i in range(start + 1, len(ids))))
+        out[f"offset_{offset}_nats"] = statistics.mean(losses)
+    return out
+
+
 def prose_copy(model, tokenizer, n: int = 30, seed: int = 12345) -> dict[str, float]:
     """A fresh name (`openk2.data.copy_text.fresh_name`) mentioned twice in a sentence: nats/token on its first and
     second mention, and the share of second mentions that greedy decoding would write in full."""
@@ -113,6 +133,7 @@ def main() -> None:
     for d in a.models:
         loaded = load_model_dir(d)
         out = {"model": d, "induction": induction(loaded.model, loaded.tokenizer),
+               "offsets": copy_offsets(loaded.model, loaded.tokenizer),
                "prose": prose_copy(loaded.model, loaded.tokenizer)}
         for label, (w, split) in populations.items():
             out[label] = name_copy(loaded.model, loaded.tokenizer, w, split, a.people)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from openk2.data.repeat_rows import RepeatLoader, repeat_rows, rows_to_batch
+from openk2.data.repeat_rows import RepeatLoader, repeat_rows, rows_to_batch, span_row
 
 
 def test_a_row_is_bos_then_a_random_half_repeated_with_loss_on_the_repeat_only():
@@ -67,3 +67,20 @@ def test_induction_screen_bench_trains_on_repeat_rows_and_reports_the_repeat_los
     assert "heldout_all_ids_repeat_nats" in evals[0]
     summary = lines[-1]
     assert summary["summary"] and summary["steps_run"] == 4 and summary["phase_change_step"] is None
+
+
+def test_span_rows_repeat_segments_at_varied_offsets_with_loss_on_the_predictable_repeat_only():
+
+
+    offsets = set()
+    for seed in range(20):
+        ids, mask = span_row(np.random.default_rng(seed), 129, 16, 0, 1000, 1500)
+        assert len(ids) == len(mask) == 129 and ids[0] == 1500 and int(ids[1:].max()) < 1000 and mask[0] == 0
+        assert 0 < mask.sum() < 64
+        for i in np.flatnonzero(mask):  # a masked token's previous token and itself occurred together before
+            prev = [j for j in range(1, i - 1) if ids[j] == ids[i - 1] and ids[j + 1] == ids[i]]
+            assert prev, (seed, i)
+            offsets.add(i - prev[-1] - 1)
+    assert len(offsets) > 10  # no single distance: a fixed-offset head cannot predict them
+    with pytest.raises(ValueError, match="span"):
+        span_row(np.random.default_rng(0), 10, 1, 0, 5, 6)

@@ -58,6 +58,13 @@ class DataSection:
     # repeated random-token rows in the pool (openk2.data.repeat_rows: bos, seq_len/2 random ids, the same ids
     # again, loss on the repeat), the purest signal for induction heads (copying a string from the context); 0 = none
     midtrain_repeat_rows: int = 0
+    # The copy curriculum (openk2.train.copy_curriculum): phases [{until = STEP, share = S, ids = N, span = L}, ...]
+    # with increasing `until`; before each phase's `until` step (0-based, exclusive) `share` of every batch's rows
+    # are repeated random-token rows with ids from [0, N) (N = 0: every ordinary token; 256 = the byte tokens), at
+    # the same tokens per step: span = 0 (default) one half repeated (a fixed copy offset), span = L segments of
+    # length <= L with random gaps (varied offsets). Measured: neither forms a copy circuit usable for names within
+    # the speedrun's steps, and the rows cost the world corpus (docs/experiments.md). Empty = none (the default).
+    copy_schedule: list[dict[str, Any]] = field(default_factory=list)
     cache_dir: str = ""  # where tokenized shards and tokenizers are cached; empty = <run.dir>/../.cache
 
 
@@ -192,6 +199,8 @@ class TrainConfig:
              "data.midtrain_copy_documents or data.midtrain_repeat_rows"),
             (self.data.midtrain_repeat_rows == 0 or t.seq_len % 2 == 0,
              f"data.midtrain_repeat_rows needs an even train.seq_len (bos + two equal halves), got {t.seq_len}"),
+            (not self.data.copy_schedule or t.seq_len % 2 == 0,
+             f"data.copy_schedule needs an even train.seq_len (bos + two equal halves), got {t.seq_len}"),
             (t.keep_last >= 1, "train.keep_last must be >= 1"),
             (self.sft.too_long in ("truncate", "skip", "split"), "sft.too_long must be truncate, skip or split"),
             (0 <= self.sft.val_fraction < 1, "sft.val_fraction must lie in [0, 1)"),
@@ -199,6 +208,12 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise TrainConfigError(msg)
+        from openk2.train.copy_curriculum import parse_copy_schedule
+
+        try:
+            parse_copy_schedule(self.data.copy_schedule)
+        except ValueError as e:
+            raise TrainConfigError(str(e)) from e
         from openk2.parallel.layout import LayoutError, ParallelLayout
 
         try:  # the world-size-independent checks; the rest run at launch (ParallelLayout.resolve)

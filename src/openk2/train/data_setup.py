@@ -21,6 +21,7 @@ from openk2.data.sources import Source, SourceSpec, TextListSource, iter_documen
 from openk2.data.tokenizer import Tokenizer, train_tokenizer
 from openk2.data.world import World, world_documents
 from openk2.train.config import TrainConfig, TrainConfigError
+from openk2.train.copy_curriculum import CopyCurriculumLoader, parse_copy_schedule
 from openk2.train.midtrain import MidtrainLoader, chat_conversations, midtrain_records
 
 
@@ -28,7 +29,7 @@ from openk2.train.midtrain import MidtrainLoader, chat_conversations, midtrain_r
 class PreparedData:
     tokenizer: Tokenizer
     shards_dir: Path
-    loader: PackedLoader | MidtrainLoader
+    loader: PackedLoader | CopyCurriculumLoader | MidtrainLoader
     # Held-out batches of one source; `val_sources` lists the sources that have held-out documents.
     val_batches: Callable[[str], Iterator[tuple[torch.Tensor, torch.Tensor]]]
     token_bytes: torch.Tensor  # UTF-8 bytes per token id, for bits per byte
@@ -109,6 +110,8 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
                  progress=cfg.run.progress)
     loader = PackedLoader(shards_dir, t.batch_size, t.seq_len, seed=t.seed)
     ds = loader.data
+    if cfg.data.copy_schedule:
+        loader = copy_curriculum_loader(cfg, loader, tokenizer)
     if cfg.data.midtrain_weight > 0:
         loader = midtrain_loader(cfg, loader, tokenizer, world)
 
@@ -120,8 +123,17 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
     return PreparedData(tokenizer, shards_dir, loader, val, token_bytes, world, val_sources)
 
 
-def midtrain_loader(cfg: TrainConfig, loader: PackedLoader, tokenizer: Tokenizer, world: World | None
-                    ) -> MidtrainLoader:
+def copy_curriculum_loader(cfg: TrainConfig, loader: PackedLoader, tokenizer: Tokenizer) -> CopyCurriculumLoader:
+    """The pretraining stream with the copy curriculum's repeat rows (`DataSection.copy_schedule`)."""
+    try:
+        return CopyCurriculumLoader(loader, parse_copy_schedule(cfg.data.copy_schedule), bos_id=tokenizer.bos_id,
+                                    first_special=min(tokenizer.special_ids.values()), seed=cfg.train.seed)
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from e
+
+
+def midtrain_loader(cfg: TrainConfig, loader: PackedLoader | CopyCurriculumLoader, tokenizer: Tokenizer,
+                    world: World | None) -> MidtrainLoader:
     """The pretraining stream with midtraining's chat rows (`DataSection.midtrain_*`, `openk2.train.midtrain`)."""
     if world is None:
         raise TrainConfigError("data.midtrain_weight > 0 needs the embedded world corpus (data.sources = []): its "

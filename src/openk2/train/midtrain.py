@@ -32,7 +32,8 @@ only (SFT's mask: the model learns what the assistant writes, not the users' ran
   `seq_len / 2` random ids, the same ids again; loss on the repeat), the purest induction signal. Measured
   (docs/experiments.md, "Induction heads in the nano model"): even pure rows of this kind do not form induction heads
   in the nano model within the speedrun's 360 steps, so a share of them cannot either; it stays off. (Rows from a
-  256-id alphabet do, by step 80, and all ids after that by step 320, on pure rows: a curriculum to try next.)
+  256-id alphabet do, by step 80, and all ids after that by step 320, on pure rows: that curriculum is
+  `data.copy_schedule`, `openk2.train.copy_curriculum`, which wraps the pretraining stream underneath this loader.)
 
 Schedule. Steps `start_step` (0-based) onward carry `weight` of each global batch's rows as chat rows (the last
 rows of the batch; `floor((n+1) * weight * B) - floor(n * weight * B)` of them at the n-th midtraining step, so the
