@@ -12,7 +12,9 @@ one untimed call of the same work (llama-bench and llama-batched-bench warm up t
 * decode, batch 1: `llama-bench -n 128` (tg128); openk2 and transformers `generate` of 128 tokens after a
   16-token prompt (tokens / wall time of the whole call, prompt included: it is < 2% of the call);
 * decode, batch 8 (tokens/s summed over the 8 sequences): `llama-batched-bench -npp 32 -ntg 64 -npl 8`
-  (S_TG); openk2 and transformers `generate` of 64 tokens after 8 prompts of 32 tokens;
+  (S_TG, decode only); openk2 and transformers `generate` of 64 tokens after 8 prompts of 32 tokens, as the whole
+  call (`*_b8`) and decode only (`*_b8_decode`: the call minus a `generate` of 1 token, i.e. the prefill and first
+  token, which S_TG does not count either);
 * prefill of 512 tokens: `llama-bench -p 512` (pp512); openk2 and transformers forward over 512 tokens.
 
 Reported: medians over rounds, ratios within the run, the compile time of openk2's decode step (first call
@@ -191,20 +193,30 @@ def run_config(name: str, rounds: int, threads: int, quick: bool, skip_hf: bool,
         "ours_b1": ours_gen(ids_b1, n1, True), "ours_eager_b1": ours_gen(ids_b1, n1, False),
         "ours_b8": ours_gen(ids_b8, n8, True), "ours_prefill": ours_prefill,
     }
+    # The prompts' prefill and first token alone, so that batch 8's decode-only rate can be compared with
+    # llama-batched-bench's S_TG, which excludes prompt processing: 8 x (n8 - 1) tokens / (t(b8) - t(b8_first)).
+    fns["ours_b8_first"] = ours_gen(ids_b8, 1, True)
     if hf is not None:
-        fns.update({"hf_b1": hf_gen(ids_b1, n1), "hf_b8": hf_gen(ids_b8, n8), "hf_prefill": hf_prefill})
-    tokens = {"b1": n1, "eager_b1": n1, "b8": 8 * n8, "prefill": PREFILL_TOKENS}
+        fns.update({"hf_b1": hf_gen(ids_b1, n1), "hf_b8": hf_gen(ids_b8, n8), "hf_prefill": hf_prefill,
+                    "hf_b8_first": hf_gen(ids_b8, 1)})
+    tokens = {"b1": n1, "eager_b1": n1, "b8": 8 * n8, "b8_first": 8, "prefill": PREFILL_TOKENS}
     for fn in fns.values():  # warm-up
         fn()
     rates: dict[str, list[float]] = {k: [] for k in fns}
+    rates.update({k.replace("_first", "_decode"): [] for k in fns if k.endswith("_first")})
     if have_llama:
         rates.update({"llama_b1": [], "llama_b8": [], "llama_prefill": []})
     for _ in range(rounds):
+        seconds: dict[str, float] = {}
         for k, fn in fns.items():
             fn()  # untimed, as llama-bench warms up before it times: caches and thread pools are ours again
             t0 = time.perf_counter()
             fn()
-            rates[k].append(tokens[k.split("_", 1)[1]] / (time.perf_counter() - t0))
+            seconds[k] = time.perf_counter() - t0
+            rates[k].append(tokens[k.split("_", 1)[1]] / seconds[k])
+        for k in [k for k in fns if k.endswith("_first")]:
+            system = k.split("_", 1)[0]
+            rates[f"{system}_b8_decode"].append(8 * (n8 - 1) / max(seconds[f"{system}_b8"] - seconds[k], 1e-9))
         if have_llama:
             rates["llama_b1"].append(llama_bench(gguf, threads, 0, n1))
             rates["llama_b8"].append(llama_batched(gguf, threads, 8, DECODE_B8_PROMPT, n8))
@@ -220,9 +232,9 @@ def summarize(r: dict, bandwidth: float) -> None:
     for k in ("ours_b1", "ours_eager_b1", "hf_b1", "llama_b1"):
         if k in r:
             r[f"{k}_of_roofline"] = r[k] / roof
-    for a, b in (("ours_b1", "llama_b1"), ("ours_b8", "llama_b8"), ("ours_prefill", "llama_prefill"),
-                 ("ours_b1", "hf_b1"), ("ours_b8", "hf_b8"), ("ours_prefill", "hf_prefill"),
-                 ("ours_b1", "ours_eager_b1")):
+    for a, b in (("ours_b1", "llama_b1"), ("ours_b8", "llama_b8"), ("ours_b8_decode", "llama_b8"),
+                 ("ours_prefill", "llama_prefill"), ("ours_b1", "hf_b1"), ("ours_b8", "hf_b8"),
+                 ("ours_b8_decode", "hf_b8_decode"), ("ours_prefill", "hf_prefill"), ("ours_b1", "ours_eager_b1")):
         if a in r and b in r:
             r[f"{a}/{b}"] = r[a] / r[b]
 
