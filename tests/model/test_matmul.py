@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not matmul.ENABLED, reason="torch built without 
 
 @pytest.fixture(autouse=True)
 def _onednn_at_any_thread_count(monkeypatch):
-    monkeypatch.setattr(matmul, "MAX_TRAINING_THREADS", 1 << 20)
+    monkeypatch.setattr(matmul, "MAX_EXPERT_TRAINING_THREADS", 1 << 20)
 
 
 def _grads(fn, *tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -60,10 +60,10 @@ def test_per_expert_products_match_grouped_mm(monkeypatch):
 def test_only_plain_fp32_cpu_tensors_take_onednn(monkeypatch):
     x, w = torch.randn(4, 8), torch.randn(8, 8)
     assert matmul.takes_onednn(x, torch.nn.Parameter(w))
-    monkeypatch.setattr(matmul, "MAX_TRAINING_THREADS", torch.get_num_threads() - 1)
-    assert not matmul.takes_onednn(x, w)  # more threads than oneDNN's training products pay at
-    assert matmul.takes_onednn(x, w, training=False)  # forward-only products take it at any thread count
-    monkeypatch.setattr(matmul, "MAX_TRAINING_THREADS", 1 << 20)
+    monkeypatch.setattr(matmul, "MAX_EXPERT_TRAINING_THREADS", torch.get_num_threads() - 1)
+    assert not matmul.takes_onednn(x, w, experts_training=True)  # more threads than the experts' products pay at
+    assert matmul.takes_onednn(x, w)  # every other product takes it at any thread count
+    monkeypatch.setattr(matmul, "MAX_EXPERT_TRAINING_THREADS", 1 << 20)
     assert not matmul.takes_onednn(x.bfloat16(), w.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not matmul.takes_onednn(x, w)
@@ -84,10 +84,11 @@ def test_environment_switch_turns_it_off():
     assert out.stdout.strip() == "False"
 
 
-def test_forward_only_products_take_onednn_past_the_training_thread_limit(monkeypatch):
-    """Prefill and evaluation (no autograd) use oneDNN at any thread count; a training product above the limit
-    keeps aten's. Seen through which op runs: oneDNN's `mkldnn::_linear_pointwise` or aten's."""
-    monkeypatch.setattr(matmul, "MAX_TRAINING_THREADS", 0)
+def test_only_the_experts_training_products_keep_aten_past_the_thread_limit(monkeypatch):
+    """Dense products (training or not) and forward-only expert products (prefill, evaluation) use oneDNN at any
+    thread count; the routed experts' products of a training step above the limit keep aten's grouped ones. Seen
+    through which op runs: oneDNN's `mkldnn::_linear_pointwise` or aten's."""
+    monkeypatch.setattr(matmul, "MAX_EXPERT_TRAINING_THREADS", 0)
     x_TK, w_NK = torch.randn(64, 512), torch.randn(1024, 512, requires_grad=True)
     x_SK, w_EKN = torch.randn(64, 512), torch.randn(4, 512, 256, requires_grad=True)
     counts_E = torch.tensor([10, 20, 0, 34])
@@ -101,6 +102,6 @@ def test_forward_only_products_take_onednn_past_the_training_thread_limit(monkey
         assert "mkldnn::_linear_pointwise" in ops(lambda: matmul.linear(x_TK, w_NK))
         assert "mkldnn::_linear_pointwise" in ops(lambda: grouped_matmul(x_SK, w_EKN, counts_E, "grouped_mm"))
         torch.testing.assert_close(matmul.linear(x_TK, w_NK), x_TK @ w_NK.t(), atol=2e-4, rtol=1e-5)
-    assert "mkldnn::_linear_pointwise" not in ops(lambda: matmul.linear(x_TK, w_NK).sum().backward())
+    assert "mkldnn::_linear_pointwise" in ops(lambda: matmul.linear(x_TK, w_NK).sum().backward())
     assert "mkldnn::_linear_pointwise" not in ops(
         lambda: grouped_matmul(x_SK, w_EKN, counts_E, "grouped_mm").sum().backward())

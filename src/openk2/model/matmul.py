@@ -25,13 +25,13 @@ ENABLED = (
     torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     and os.environ.get("OPENK2_ONEDNN", "1").strip().lower() not in ("0", "false", "off", "no")
 )
-#: Training products (`linear`, `mm`, the experts', with autograd recording) take oneDNN only up to this many
-#: intra-op threads: a nano training step is 1.36x faster with oneDNN on one thread, but not faster on two (0.94x,
-#: where the same A/B of two identical paths reads 0.92x; MKL's GEMMs scale to two threads, oneDNN's per-expert
-#: backward products do not), so at 2+ threads training keeps aten's products (docs/benchmarks.md). Forward-only
-#: products (prefill, evaluation, no autograd) and the decode step's matrix-vector products take oneDNN at any
-#: thread count.
-MAX_TRAINING_THREADS = 1
+#: The routed experts' products of a training step (forward and backward, one oneDNN call per expert) take oneDNN
+#: only up to this many intra-op threads: at two threads their per-expert backward products scale worse than
+#: aten's grouped ones (nano step, 2 threads: experts on oneDNN 577 ms vs 522 ms on aten's, dense products on
+#: oneDNN in both). Every other product, training or not, takes oneDNN at any thread count: oneDNN's dense fp32
+#: GEMMs run at ~2x MKL's on one and on two threads (a nano training step at 2 threads: 626 -> 522 ms), and the
+#: decode step's matrix-vector products split over threads (docs/benchmarks.md, "Dense training products").
+MAX_EXPERT_TRAINING_THREADS = 1
 #: A product goes through oneDNN when its weight-like operand or its output has at least this many elements
 #: (1 MiB fp32): below that, at decode's 1-8 rows, MKL's lower per-call cost wins (measured on config A).
 MIN_ELEMENTS = 1 << 18
@@ -93,11 +93,11 @@ def product(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
     return _onednn(a_MK, b_KN)
 
 
-def takes_onednn(*tensors: torch.Tensor, training: bool = True) -> bool:
-    """Plain fp32 CPU tensors, oneDNN built in and on, no CPU autocast, and, for a product of training (forward or
-    backward of a step), at most `MAX_TRAINING_THREADS` threads."""
+def takes_onednn(*tensors: torch.Tensor, experts_training: bool = False) -> bool:
+    """Plain fp32 CPU tensors, oneDNN built in and on, no CPU autocast, and, for the routed experts' products of a
+    training step (`experts_training`), at most `MAX_EXPERT_TRAINING_THREADS` threads."""
     return (ENABLED and not torch.is_autocast_enabled("cpu")
-            and (not training or torch.get_num_threads() <= MAX_TRAINING_THREADS)
+            and (not experts_training or torch.get_num_threads() <= MAX_EXPERT_TRAINING_THREADS)
             and all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
                     for t in tensors))
 
@@ -112,8 +112,7 @@ def linear(x_TK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None =
     """`F.linear` for inputs of any rank, through oneDNN where it pays."""
     K, N = x_TK.shape[-1], w_NK.shape[0]
     rows = x_TK.numel() // K
-    training = torch.is_grad_enabled() and (x_TK.requires_grad or w_NK.requires_grad)
-    if max(w_NK.numel(), rows * N) < MIN_ELEMENTS or not takes_onednn(x_TK, w_NK, training=training):
+    if max(w_NK.numel(), rows * N) < MIN_ELEMENTS or not takes_onednn(x_TK, w_NK):
         return F.linear(x_TK, w_NK, bias_N)
     y_TN = product(x_TK.reshape(rows, K), w_NK.t()).view(*x_TK.shape[:-1], N)
     return y_TN if bias_N is None else y_TN + bias_N

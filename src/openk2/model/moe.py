@@ -69,7 +69,7 @@ class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_SK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x_SK, w_EKN, offs_E)
-        if matmul.takes_onednn(x_SK, w_EKN):
+        if matmul.takes_onednn(x_SK, w_EKN, experts_training=True):
             return _per_expert(x_SK, w_EKN, offs_E)
         return F.grouped_mm(x_SK, w_EKN, offs=offs_E)
 
@@ -78,7 +78,7 @@ class _GroupedMM(torch.autograd.Function):
         x_SK, w_EKN, offs_E = ctx.saved_tensors
         grad_SN = grad_SN.contiguous()
         grad_x = grad_w = None
-        onednn = matmul.takes_onednn(x_SK, w_EKN, grad_SN)
+        onednn = matmul.takes_onednn(x_SK, w_EKN, grad_SN, experts_training=True)
         if ctx.needs_input_grad[0]:
             w_ENK = w_EKN.transpose(-2, -1)
             grad_x = _per_expert(grad_SN, w_ENK, offs_E) if onednn else F.grouped_mm(grad_SN, w_ENK, offs=offs_E)
@@ -112,7 +112,7 @@ def grouped_matmul(x_SK: torch.Tensor, w_EKN: torch.Tensor, counts_E: torch.Tens
         if torch.is_grad_enabled() and (x_SK.requires_grad or w_EKN.requires_grad):
             return _GroupedMM.apply(x_SK, w_EKN, offs_E)
         # Forward only (prefill, evaluation): oneDNN's products at any thread count.
-        if matmul.takes_onednn(x_SK, w_EKN, training=False):
+        if matmul.takes_onednn(x_SK, w_EKN):
             return _per_expert(x_SK, w_EKN, offs_E)
         return F.grouped_mm(x_SK, w_EKN, offs=offs_E)
     # padded_bmm: scatter rows into an [E, capacity, K] block, one bmm, gather back.
