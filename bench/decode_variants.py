@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import openk2.model.decode as decode_module
+import openk2.model.moe as moe_module
 from openk2.model import build_model
 from openk2.model.decode import DecodeStep
 
@@ -41,6 +42,7 @@ VARIANTS: dict[str, tuple[dict, float, float, bool]] = {
     "gathered": ({}, float("inf"), ONEDNN, True),
     "dense": ({}, 0.0, ONEDNN, True),
     "eager": ({"compile": False}, ROUTING, ONEDNN, True),
+    "token-order-gather": ({}, ROUTING, ONEDNN, True),
 }
 
 
@@ -66,6 +68,7 @@ def main() -> None:
         decode_module._ONEDNN_MIN_ELEMENTS = onednn
         decode_module._REDUCTION_PRODUCTS = reductions
         decode_module._BMM_REDUCTIONS = name != "bmm-library"
+        moe_module._SORTED_GATHER = name != "token-order-gather"
         step = DecodeStep(model, **{"compile": True, **kwargs})
         model.__dict__.setdefault("_decode_steps", {})[True] = step
         t0 = time.perf_counter()
