@@ -43,6 +43,8 @@ VARIANTS: dict[str, tuple[dict, float, float, bool]] = {
     "dense": ({}, 0.0, ONEDNN, True),
     "eager": ({"compile": False}, ROUTING, ONEDNN, True),
     "token-order-gather": ({}, ROUTING, ONEDNN, True),
+    "no-few-rows": ({}, ROUTING, ONEDNN, True),
+    "few-rows-dense-only": ({}, ROUTING, ONEDNN, True),
 }
 
 
@@ -69,6 +71,8 @@ def main() -> None:
         decode_module._REDUCTION_PRODUCTS = reductions
         decode_module._BMM_REDUCTIONS = name != "bmm-library"
         moe_module._SORTED_GATHER = name != "token-order-gather"
+        decode_module._FEW_ROWS = name != "no-few-rows"
+        moe_module._FEW_ROWS_EXPERTS = name not in ("no-few-rows", "few-rows-dense-only")
         step = DecodeStep(model, **{"compile": True, **kwargs})
         model.__dict__.setdefault("_decode_steps", {})[True] = step
         t0 = time.perf_counter()

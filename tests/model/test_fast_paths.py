@@ -71,8 +71,10 @@ def test_loss_without_logits_under_no_grad():
     assert torch.allclose(plain.loss, fused.loss, atol=1e-5)
 
 
+@pytest.mark.parametrize("few_rows_kernel", [True, False])  # the kernel's experts op, or the gathered products
 @pytest.mark.parametrize("n_tokens", [1, 3, 12])  # 12 x top-3 slots over 16 experts: tokens share experts
-def test_gathered_moe_equals_dispatched(n_tokens):
+def test_gathered_moe_equals_dispatched(n_tokens, few_rows_kernel, monkeypatch):
+    monkeypatch.setattr(moe_module, "_FEW_ROWS_EXPERTS", few_rows_kernel)
     model = _random_model(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
     moe = model.moe_layers()[0]
     x = torch.randn(n_tokens, 64)

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from openk2.model import matmul
+from openk2.model import few_rows, matmul
 from openk2.model.attention import MLA
 from openk2.model.moe import MLP, MoE
 from openk2.model.rope import apply_rope
@@ -77,6 +77,10 @@ _ONEDNN_MIN_ELEMENTS = matmul.MIN_ELEMENTS
 # 8 rows stay on oneDNN (as reductions: config C batch 8 0.61x). False: every product as a library call.
 _REDUCTION_PRODUCTS = True
 _BMM_REDUCTIONS = True
+# CPU fp32 products of up to `few_rows.MAX_ROWS` rows through our own few-row kernel (`openk2.model.few_rows`),
+# where it builds: it streams a weight at 1-8 rows faster than oneDNN and than Inductor's reductions (in-process
+# A/B in docs/benchmarks.md, "Few-row products"). False: the choices above.
+_FEW_ROWS = True
 
 CompileSwitch = bool | str  # True, False or "auto"
 
@@ -97,13 +101,18 @@ def compile_enabled(compile: CompileSwitch) -> bool:
 
 # ---------------------------------------------------------------------------------------------- the step
 def _linear(x_BK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-    """x @ w.T for the step. Compiled on CPU in fp32: as an Inductor reduction (C++ code fused with the ops
-    around it, no library call) for one row, or for a small weight (< `_ONEDNN_MIN_ELEMENTS`) at any batch;
-    through oneDNN for a large weight at several rows. Eager, or elsewhere: oneDNN for a large fp32 CPU weight,
-    aten's linear otherwise. (Not `matmul.linear`: its plain-tensor check is about eager tensors; here Dynamo
-    traces fake ones.)"""
+    """x @ w.T for the step. On CPU in fp32, compiled or not: our few-row kernel (`_FEW_ROWS`, up to
+    `few_rows.MAX_ROWS` rows). Without it, compiled: an Inductor reduction (C++ code fused with the ops around it,
+    no library call) for one row, or for a small weight (< `_ONEDNN_MIN_ELEMENTS`) at any batch; oneDNN for a
+    large weight at several rows. Eager, or elsewhere: oneDNN for a large fp32 CPU weight, aten's linear
+    otherwise. (Not `matmul.linear`: its plain-tensor check is about eager tensors; here Dynamo traces fake
+    ones.)"""
     cpu_fp32 = w_NK.device.type == "cpu" and w_NK.dtype == torch.float32
     large = w_NK.numel() >= _ONEDNN_MIN_ELEMENTS
+    fused_reduction = torch.compiler.is_compiling() and _REDUCTION_PRODUCTS and x_BK.shape[0] == 1 and not large
+    if (cpu_fp32 and _FEW_ROWS and not fused_reduction and x_BK.dtype == torch.float32
+            and x_BK.shape[0] <= few_rows.MAX_ROWS and few_rows.available()):
+        return few_rows.mm(x_BK, w_NK)
     if cpu_fp32 and torch.compiler.is_compiling() and _REDUCTION_PRODUCTS and (x_BK.shape[0] == 1 or not large):
         return (x_BK[:, None, :] * w_NK).sum(dim=-1)
     if large and cpu_fp32 and matmul.ENABLED:
@@ -167,7 +176,9 @@ def _moe_step(moe: MoE, x_BD: torch.Tensor) -> torch.Tensor:
     B, K = expert_ids_BK.shape
     E = moe.n_experts
     ex = moe.experts
-    if B * K <= _DENSE_ROUTING_MIN_FRACTION * E:
+    # The few-row kernel's experts op reads each chosen expert once whatever the batch: it gathers at any batch
+    # it takes (`forward_gathered` calls it).
+    if ex.takes_few_rows_kernel(x_BD) or B * K <= _DENSE_ROUTING_MIN_FRACTION * E:
         y_BD = ex.forward_gathered(x_BD, expert_ids_BK, weights_BK)
     else:
         # Every expert on every token, gates zero for the unchosen: each expert's weights are read once.

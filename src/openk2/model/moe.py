@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openk2.model import matmul
+from openk2.model import few_rows, matmul
 from openk2.model.config import ModelConfig
 from openk2.model.matmul import Linear
 
@@ -191,6 +191,15 @@ class RoutedExperts(nn.Module):
             h_SF = (h_SF * weights_S1).to(x_SD.dtype)
         return grouped_matmul(h_SF, self.down_proj.transpose(-2, -1), counts_E, impl)
 
+    def takes_few_rows_kernel(self, x_ND: torch.Tensor) -> bool:
+        """Whether `forward_gathered` runs the few-row kernel's experts op (`_FEW_ROWS_EXPERTS`): CPU fp32 where the
+        kernel builds, except for small experts (< `matmul.MIN_ELEMENTS` per matrix) in compiled code, where
+        Inductor fuses the gathered products with the ops around them for less than a library call costs (config
+        A's experts, 128 x 256: 0.95x at batch 1, 0.98x at batch 8 through the op; docs/benchmarks.md)."""
+        small = self.gate_proj[0].numel() < matmul.MIN_ELEMENTS
+        return (_FEW_ROWS_EXPERTS and not (small and torch.compiler.is_compiling())
+                and few_rows.takes(x_ND, self.gate_proj))
+
     def forward_gathered(
         self, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weights_NK: torch.Tensor
     ) -> torch.Tensor:
@@ -199,6 +208,8 @@ class RoutedExperts(nn.Module):
         For a few tokens (decode) this beats dispatch + grouped matmul, which pays per-op costs for every
         expert (a handful of ops in all, instead of several per expert)."""
         N, K = expert_ids_NK.shape
+        if self.takes_few_rows_kernel(x_ND):
+            return few_rows.experts(x_ND, expert_ids_NK, weights_NK, self.gate_proj, self.up_proj, self.down_proj)
         if _SORTED_GATHER and N > 1:  # one token's experts are distinct: nothing to share
             return self._forward_gathered_sorted(x_ND, expert_ids_NK, weights_NK)
         D = x_ND.shape[1]
@@ -237,6 +248,10 @@ class RoutedExperts(nn.Module):
 # token-order-gather): config C batch 8 1.05x, config A batch 8 1.01x; at batch 1 (nothing shared) the sort and
 # scatter cost 7% on config A, so one token keeps token order.
 _SORTED_GATHER = True
+# `forward_gathered` through the few-row kernel's experts op (`openk2.model.few_rows.experts`) on CPUs where it
+# builds: each chosen expert read once for all its tokens at the kernel's speed (docs/benchmarks.md, "Few-row
+# products"). False: the gathered products above.
+_FEW_ROWS_EXPERTS = True
 
 
 class MoE(nn.Module):

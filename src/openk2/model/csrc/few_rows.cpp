@@ -1,0 +1,217 @@
+// y = x @ w.T for a few rows of x (decode: one row per sequence) in fp32 on x86-64 with AVX2 and FMA.
+//
+// Why: at 1-8 rows a product reads each weight element once and does 2-16 FLOPs with it, so it should run at the
+// memory bandwidth (large weights) or the FMA peak (8 rows). oneDNN's and MKL's GEMMs, tuned for many rows, stream
+// the weight at a third to a half of that at 8 rows (docs/benchmarks.md, "Few-row products"); llama.cpp's kernels
+// do not. Here every weight row is loaded once per block of 4 input rows and used for all of them from registers.
+//
+// Layout: x [M, K] and w [N, K] with unit stride along K (nn.Linear's weight as it is); y [M, N] contiguous.
+// Threads: the weight's rows are split over torch's intra-op pool (at::parallel_for, torch's own OpenMP).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// y[m, n] = dot(x[m, :], w[n, :]) for MR rows of x and NR rows of w: MR * NR accumulators in registers
+// (AVX2 has 16: MR = 4, NR = 3 uses 12, plus 3 weight vectors and 1 input vector).
+template <int MR, int NR>
+inline void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, float* y, int64_t ldy) {
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 w_v[NR];
+    for (int n = 0; n < NR; ++n) w_v[n] = _mm256_loadu_ps(w + n * ldw + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m256 x_v = _mm256_loadu_ps(x + m * ldx + k);
+      for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_fmadd_ps(x_v, w_v[n], acc[m][n]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) {
+      float s = hsum(acc[m][n]);
+      for (int64_t kk = k; kk < K; ++kk) s += x[m * ldx + kk] * w[n * ldw + kk];
+      y[m * ldy + n] = s;
+    }
+}
+
+template <int NR>
+inline void rows_tile(const float* x, int64_t ldx, int64_t M, const float* w, int64_t ldw, int64_t K, float* y,
+                      int64_t ldy) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) tile<4, NR>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy);
+  switch (M - m) {
+    case 3: tile<3, NR>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy); break;
+    case 2: tile<2, NR>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy); break;
+    case 1: tile<1, NR>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy); break;
+    default: break;
+  }
+}
+
+// Weight rows [n0, n1) for all M rows of x.
+void rows_range(const float* x, int64_t ldx, int64_t M, const float* w, int64_t ldw, int64_t K, float* y,
+                int64_t ldy, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (M == 1) {  // bandwidth-bound: 8 weight rows in flight, one accumulator each
+    for (; n + 8 <= n1; n += 8) tile<1, 8>(x, ldx, w + n * ldw, ldw, K, y + n, ldy);
+  } else {
+    for (; n + 3 <= n1; n += 3) rows_tile<3>(x, ldx, M, w + n * ldw, ldw, K, y + n, ldy);
+  }
+  for (; n < n1; ++n) rows_tile<1>(x, ldx, M, w + n * ldw, ldw, K, y + n, ldy);
+}
+
+// Weight rows per unit of work: a multiple of both tile widths (8 and 3).
+constexpr int64_t kBlockRows = 24;
+// A thread's share of the weight is at least this many elements (256 KiB): below that, forking costs more.
+constexpr int64_t kMinElementsPerThread = 1 << 16;
+
+at::Tensor few_rows_mm(const at::Tensor& x_in, const at::Tensor& w_in) {
+  TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && x_in.size(1) == w_in.size(1),
+              "few_rows_mm: expected x [M, K] and w [N, K], got ", x_in.sizes(), " and ", w_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && w_in.scalar_type() == at::kFloat && x_in.is_cpu() && w_in.is_cpu(),
+              "few_rows_mm: fp32 CPU tensors only");
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor w = w_in.stride(1) == 1 ? w_in : w_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const float* x_p = x.data_ptr<float>();
+  const float* w_p = w.data_ptr<float>();
+  float* y_p = y.data_ptr<float>();
+  const int64_t ldx = x.stride(0), ldw = w.stride(0);
+  const int64_t blocks = (N + kBlockRows - 1) / kBlockRows;
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, kBlockRows * K));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    rows_range(x_p, ldx, M, w_p, ldw, K, y_p, N, b0 * kBlockRows, std::min(N, b1 * kBlockRows));
+  });
+  return y;
+}
+
+// A weight-row block of one expert: the unit of work of the routed experts' products.
+struct ExpertBlock {
+  int64_t expert, n0, n1;
+};
+
+std::vector<ExpertBlock> expert_blocks(const std::vector<int64_t>& experts, int64_t rows) {
+  std::vector<ExpertBlock> blocks;
+  for (int64_t e : experts)
+    for (int64_t n = 0; n < rows; n += kBlockRows) blocks.push_back({e, n, std::min(rows, n + kBlockRows)});
+  return blocks;
+}
+
+// The routed experts of a few tokens: y[t] = sum_k gates[t, k] * expert_{ids[t, k]}(x[t]), where expert e is
+// down_e @ (silu(gate_e @ x) * (up_e @ x)). Slots are grouped by expert, so each chosen expert's three matrices
+// are read once for all the tokens that chose it, at the few-row kernel's speed; the threads split the chosen
+// experts' weight rows (one pass for gate and up, one for down). Sums over a token's experts run in a fixed
+// order (by expert), so the result does not depend on the thread count.
+at::Tensor few_rows_experts(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& gates_in,
+                            const at::Tensor& gate_w_in, const at::Tensor& up_w_in, const at::Tensor& down_w_in) {
+  TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 2 && gates_in.sizes() == ids_in.sizes() &&
+                  ids_in.size(0) == x_in.size(0),
+              "few_rows_experts: expected x [T, D], ids and gates [T, K]");
+  TORCH_CHECK(gate_w_in.dim() == 3 && up_w_in.sizes() == gate_w_in.sizes() && down_w_in.dim() == 3 &&
+                  down_w_in.size(0) == gate_w_in.size(0) && down_w_in.size(1) == gate_w_in.size(2) &&
+                  down_w_in.size(2) == gate_w_in.size(1) && gate_w_in.size(2) == x_in.size(1),
+              "few_rows_experts: expected gate_w, up_w [E, F, D] and down_w [E, D, F]");
+  for (const at::Tensor* t : {&x_in, &gate_w_in, &up_w_in, &down_w_in})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_cpu(), "few_rows_experts: fp32 CPU tensors only");
+  const at::Tensor x = x_in.contiguous(), gate_w = gate_w_in.contiguous(), up_w = up_w_in.contiguous(),
+                   down_w = down_w_in.contiguous();
+  const at::Tensor ids = ids_in.to(at::kLong).contiguous(), gates = gates_in.to(at::kFloat).contiguous();
+  const int64_t T = x.size(0), D = x.size(1), K = ids.size(1), E = gate_w.size(0), F = gate_w.size(1);
+  const int64_t* ids_p = ids.data_ptr<int64_t>();
+  const float* gates_p = gates.data_ptr<float>();
+
+  // Slots grouped by expert, in expert order, each expert's rows contiguous from row_start[e].
+  std::vector<int64_t> count(E, 0);
+  for (int64_t s = 0; s < T * K; ++s) {
+    TORCH_CHECK(ids_p[s] >= 0 && ids_p[s] < E, "few_rows_experts: expert id ", ids_p[s], " out of range");
+    ++count[ids_p[s]];
+  }
+  std::vector<int64_t> row_start(E + 1, 0), experts;
+  for (int64_t e = 0; e < E; ++e) {
+    row_start[e + 1] = row_start[e] + count[e];
+    if (count[e]) experts.push_back(e);
+  }
+  std::vector<int64_t> token_of_row(T * K), fill(row_start.begin(), row_start.end() - 1);
+  std::vector<float> gate_of_row(T * K);
+  for (int64_t s = 0; s < T * K; ++s) {
+    const int64_t r = fill[ids_p[s]]++;
+    token_of_row[r] = s / K;
+    gate_of_row[r] = gates_p[s];
+  }
+  const int64_t R = T * K;
+  at::Tensor x_rows = at::empty({R, D}, x.options()), h_rows = at::empty({R, 2 * F}, x.options()),
+             y_rows = at::empty({R, D}, x.options());
+  const float* x_p = x.data_ptr<float>();
+  float* xr_p = x_rows.data_ptr<float>();
+  float* hr_p = h_rows.data_ptr<float>();
+  float* yr_p = y_rows.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) std::copy_n(x_p + token_of_row[r] * D, D, xr_p + r * D);
+
+  const float* gw_p = gate_w.data_ptr<float>();
+  const float* uw_p = up_w.data_ptr<float>();
+  const float* dw_p = down_w.data_ptr<float>();
+  // gate and up: h_rows[:, :F] = gate, h_rows[:, F:] = up, then h = silu(gate) * up * the slot's gate weight.
+  const std::vector<ExpertBlock> up_blocks = expert_blocks(experts, F);
+  const int64_t up_grain = std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, 2 * kBlockRows * D));
+  at::parallel_for(0, static_cast<int64_t>(up_blocks.size()), up_grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const auto [e, n0, n1] = up_blocks[b];
+      const int64_t r0 = row_start[e], M = count[e];
+      rows_range(xr_p + r0 * D, D, M, gw_p + e * F * D, D, D, hr_p + r0 * 2 * F, 2 * F, n0, n1);
+      rows_range(xr_p + r0 * D, D, M, uw_p + e * F * D, D, D, hr_p + r0 * 2 * F + F, 2 * F, n0, n1);
+      for (int64_t r = r0; r < r0 + M; ++r)
+        for (int64_t n = n0; n < n1; ++n) {
+          const float g = hr_p[r * 2 * F + n];
+          hr_p[r * 2 * F + n] = g / (1.0f + std::exp(-g)) * hr_p[r * 2 * F + F + n] * gate_of_row[r];
+        }
+    }
+  });
+  // down: y_rows = h @ down_e.T per expert.
+  const std::vector<ExpertBlock> down_blocks = expert_blocks(experts, D);
+  const int64_t down_grain = std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, kBlockRows * F));
+  at::parallel_for(0, static_cast<int64_t>(down_blocks.size()), down_grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const auto [e, n0, n1] = down_blocks[b];
+      const int64_t r0 = row_start[e];
+      rows_range(hr_p + r0 * 2 * F, 2 * F, count[e], dw_p + e * D * F, F, F, yr_p + r0 * D, D, n0, n1);
+    }
+  });
+  at::Tensor y = at::zeros({T, D}, x.options());
+  float* y_p = y.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) {
+    float* dst = y_p + token_of_row[r] * D;
+    const float* src = yr_p + r * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(openk2_kernels, m) {
+  m.def("few_rows_mm(Tensor x, Tensor w) -> Tensor");
+  m.def("few_rows_experts(Tensor x, Tensor ids, Tensor gates, Tensor gate_w, Tensor up_w, Tensor down_w) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(openk2_kernels, CPU, m) {
+  m.impl("few_rows_mm", few_rows_mm);
+  m.impl("few_rows_experts", few_rows_experts);
+}

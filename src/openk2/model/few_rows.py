@@ -1,0 +1,153 @@
+"""Products of a few rows on x86-64 CPUs: y = x @ w.T in fp32 for 1 to `MAX_ROWS` rows, by a kernel of our own.
+
+Why: a decode step multiplies one row per sequence by every weight of the model. At 1-8 rows a product does 2-16
+FLOPs per weight element it reads, so it should stream each weight at the memory bandwidth, or at 8 rows run near
+the FMA peak. The GEMMs torch ships are tuned for many rows: on the AMD EPYC hosts we measure on, oneDNN streams a
+large weight at 8 rows at half the speed of this kernel, and takes ~90 us for one row of a 2 MiB weight where this
+kernel takes ~35 (docs/benchmarks.md, "Few-row products"). llama.cpp's decode runs kernels of this kind.
+
+The kernel (`csrc/few_rows.cpp`, ~100 lines of AVX2 + FMA) keeps 4 input rows x 3 weight rows of dot products in
+registers (8 weight rows for one input row) and splits the weight's rows over torch's intra-op threads. It is
+compiled on first use with the C++ compiler torch.compile's CPU backend needs anyway (~5-15 s), into
+`~/.cache/openk2/kernels` (`OPENK2_KERNEL_CACHE`), keyed by the source, torch's version and the flags, and loaded
+as the op `torch.ops.openk2_kernels.few_rows_mm`, which Dynamo and Inductor see as a plain op.
+
+Forward only (no autograd formula): the decode step and other inference products call it. CPUs without AVX2 and
+FMA, other architectures, or a failed build fall back to the caller's path (oneDNN or aten's), with one warning
+for a failed build. `OPENK2_FEW_ROWS=0` in the environment turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: Products with at most this many rows take the kernel. At 32 rows it still ran at 1.2-1.5x oneDNN on every
+#: weight shape of the bench configs (2 threads); beyond, oneDNN's blocked GEMM, which reuses each loaded input
+#: row across many weight rows, is the right tool.
+MAX_ROWS = 32
+SOURCE = Path(__file__).with_name("csrc") / "few_rows.cpp"
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
+
+_lock = threading.Lock()
+_state: dict[str, bool | str] = {}  # "available": bool, "error": why not
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("OPENK2_FEW_ROWS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def cpu_supports() -> bool:
+    """x86-64 with AVX2 and FMA (torch's own CPU capability check: AVX2 implies FMA on every CPU torch knows)."""
+    return (platform.machine().lower() in ("x86_64", "amd64")
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
+def cache_dir() -> Path:
+    if os.environ.get("OPENK2_KERNEL_CACHE"):
+        return Path(os.environ["OPENK2_KERNEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "openk2" / "kernels"
+
+
+def _compile_command(out: Path) -> list[str]:
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++ or c++) on PATH")
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    # torch's own libgomp (torch/lib): the kernel's threads are torch's intra-op pool, not a second OpenMP runtime.
+    libs = [flag for p in cpp_extension.library_paths() for flag in (f"-L{p}", f"-Wl,-rpath,{p}")]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    return [cxx, *_FLAGS, abi, *includes, str(SOURCE), "-o", str(out), *libs, "-lc10", "-ltorch_cpu", "-lgomp"]
+
+
+def library_path() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__}|{' '.join(_FLAGS)}".encode()).hexdigest()
+    return cache_dir() / f"few_rows-{key[:16]}.so"
+
+
+def _build(path: Path) -> None:
+    """Compile into a temporary file beside `path`, then rename: concurrent builds (test workers, a server and
+    its clients) each finish with a whole library and never load a half-written one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.so")
+    os.close(fd)
+    try:
+        cmd = _compile_command(Path(tmp))
+        log.info("building the few-row product kernel: %s", " ".join(cmd))
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cmd[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> None:
+    path = library_path()
+    if not path.exists():
+        _build(path)
+    torch.ops.load_library(str(path))
+
+    @torch.library.register_fake("openk2_kernels::few_rows_mm")
+    def _(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        return x_MK.new_empty(x_MK.shape[0], w_NK.shape[0])
+
+    @torch.library.register_fake("openk2_kernels::few_rows_experts")
+    def _(x_TD, ids_TK, gates_TK, gate_EFD, up_EFD, down_EDF) -> torch.Tensor:
+        return x_TD.new_empty(x_TD.shape)
+
+
+@torch.compiler.assume_constant_result  # compiled code asks too: a constant of the trace, not a graph break
+def available() -> bool:
+    """Whether `mm` can run here: switched on, a CPU it supports, and the library built and loaded (built on the
+    first call; a failed build warns once and stays unavailable for the process)."""
+    if "available" in _state:
+        return bool(_state["available"])
+    with _lock:
+        if "available" not in _state:
+            ok = enabled_by_env() and cpu_supports()
+            if ok:
+                try:
+                    _load()
+                except Exception as exc:  # no compiler, no headers, a linker error: fall back, say why once
+                    ok = False
+                    _state["error"] = str(exc)
+                    warnings.warn(f"openk2: the few-row product kernel is unavailable ({exc}); decode falls back "
+                                  "to oneDNN's products", stacklevel=2)
+            _state["available"] = ok
+    return bool(_state["available"])
+
+
+def takes(x_MK: torch.Tensor, w_NK: torch.Tensor) -> bool:
+    """fp32 CPU operands, at most `MAX_ROWS` rows, and the kernel available."""
+    return (x_MK.dim() == 2 and x_MK.shape[0] <= MAX_ROWS and x_MK.dtype == torch.float32
+            and w_NK.dtype == torch.float32 and x_MK.device.type == "cpu" and w_NK.device.type == "cpu"
+            and available())
+
+
+def mm(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    """x @ w.T (x [M, K], w [N, K] with unit stride along K, as `nn.Linear` keeps its weight). Forward only."""
+    return torch.ops.openk2_kernels.few_rows_mm(x_MK, w_NK)
+
+
+def experts(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, gates_TK: torch.Tensor, gate_EFD: torch.Tensor,
+            up_EFD: torch.Tensor, down_EDF: torch.Tensor) -> torch.Tensor:
+    """The routed SwiGLU experts of a few tokens, `sum_k gates[t, k] * expert_{ids[t, k]}(x[t])`, with each chosen
+    expert's weights read once for all the tokens that chose it (`RoutedExperts.forward_gathered`'s numbers).
+    Forward only."""
+    return torch.ops.openk2_kernels.few_rows_experts(x_TD, expert_ids_TK, gates_TK, gate_EFD, up_EFD, down_EDF)

@@ -1,0 +1,167 @@
+"""The few-row product kernel (`openk2.model.few_rows`): its products and routed experts equal float64
+references at every row count, tail and stride it meets, independent of the thread count; compiled code calls it
+without a graph break; and a machine where it cannot build falls back with one warning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from openk2.model import build_model, few_rows, get_preset
+
+needs_kernel = pytest.mark.skipif(not few_rows.cpu_supports(), reason="the kernel needs x86-64 with AVX2 and FMA")
+
+
+def _threads(n: int):
+    class _Threads:
+        def __enter__(self):
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(n)
+
+        def __exit__(self, *exc):
+            torch.set_num_threads(self.before)
+
+    return _Threads()
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 32])
+@pytest.mark.parametrize("n_out, k_in", [(1, 1), (7, 9), (25, 64), (300, 1001), (1000, 256)])
+def test_product_equals_float64_reference(rows, n_out, k_in):
+    assert few_rows.available(), few_rows._state.get("error")
+    gen = torch.Generator().manual_seed(rows * 1000 + n_out)
+    x = torch.randn(rows, k_in, generator=gen)
+    w = torch.randn(n_out, k_in, generator=gen)
+    ref = x.double() @ w.double().t()
+    outs = []
+    for threads in (1, 2):
+        with _threads(threads):
+            outs.append(few_rows.mm(x, w))
+    assert outs[0].shape == (rows, n_out) and outs[0].dtype == torch.float32
+    assert torch.allclose(outs[0].double(), ref, atol=1e-4 * k_in**0.5, rtol=1e-5)
+    assert torch.equal(outs[0], outs[1])  # each output is one thread's dot product: no thread-count dependence
+
+
+@needs_kernel
+def test_product_strided_operands():
+    gen = torch.Generator().manual_seed(0)
+    wide = torch.randn(96, 200, generator=gen)
+    w = wide[:, 10:138]  # rows 200 apart, unit stride along K
+    x = torch.randn(128, 6, generator=gen).t()  # stride (1, 6): copied to rows first
+    assert not x.is_contiguous() and w.stride() == (200, 1)
+    assert torch.allclose(few_rows.mm(x, w), x @ w.t(), atol=1e-4)
+    assert torch.allclose(few_rows.mm(x, w.t().contiguous().t()), x @ w.t(), atol=1e-4)  # K-strided weight
+    assert few_rows.mm(torch.randn(0, 128), w).shape == (0, 96)
+
+
+@needs_kernel
+def test_product_rejects_bad_input():
+    with pytest.raises(RuntimeError, match=r"expected x \[M, K\] and w \[N, K\]"):
+        few_rows.mm(torch.randn(2, 5), torch.randn(3, 6))
+    with pytest.raises(RuntimeError, match="fp32 CPU tensors only"):
+        few_rows.mm(torch.randn(2, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64))
+
+
+def _experts_reference(x, ids, gates, gate_w, up_w, down_w):
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e, x_d = ids[t, k], x[t].double()
+            h = F.silu(gate_w[e].double() @ x_d) * (up_w[e].double() @ x_d)
+            y[t] += gates[t, k].double() * (down_w[e].double() @ h)
+    return y
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens, top_k, experts, ffn, hidden", [(1, 2, 16, 128, 256), (8, 2, 4, 96, 64),
+                                                                 (5, 3, 8, 50, 77), (32, 6, 64, 16, 40)])
+def test_experts_equal_float64_reference(tokens, top_k, experts, ffn, hidden):
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, hidden, generator=gen)
+    gate_w, up_w = (torch.randn(experts, ffn, hidden, generator=gen) / hidden**0.5 for _ in range(2))
+    down_w = torch.randn(experts, hidden, ffn, generator=gen) / ffn**0.5
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    gates = torch.rand(tokens, top_k, generator=gen)
+    outs = []
+    for threads in (1, 2):
+        with _threads(threads):
+            outs.append(few_rows.experts(x, ids, gates, gate_w, up_w, down_w))
+    assert torch.allclose(outs[0].double(), _experts_reference(x, ids, gates, gate_w, up_w, down_w), atol=1e-5)
+    assert torch.equal(outs[0], outs[1])  # a token's experts are summed in expert order on one thread
+    with pytest.raises(RuntimeError, match="out of range"):
+        few_rows.experts(x, ids + experts, gates, gate_w, up_w, down_w)
+
+
+@needs_kernel
+def test_compiled_code_calls_the_kernel_without_graph_break():
+    """Dynamo sees `available()` as a constant of the trace and the ops through their fake kernels."""
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 64, generator=gen), torch.randn(40, 64, generator=gen)
+
+    def f(x_MK: torch.Tensor) -> torch.Tensor:
+        y = few_rows.mm(x_MK, w) if few_rows.available() else x_MK @ w.t()
+        return torch.relu(y) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(x), f(x)) and torch.allclose(f(x), torch.relu(x @ w.t()) * 2, atol=1e-5)
+
+
+@needs_kernel
+def test_cached_generation_through_the_kernel_equals_full_forwards():
+    """Cached generation (one token's routed experts through the kernel's experts op) picks the same tokens as
+    full forwards without a cache (dispatched experts); the compiled step is checked in tests/model/test_decode.py."""
+    model = build_model(get_preset("tiny", initializer_range=0.1), seed=0).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    fast = model.generate(ids, 6, compile=False)
+    with torch.no_grad():
+        seq = ids
+        for _ in range(6):
+            seq = torch.cat((seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(fast, seq)
+
+
+def test_unbuildable_kernel_falls_back_with_one_warning(tmp_path):
+    """No compiler (CXX points at one that fails): one warning that names the reason, `available()` False, and
+    the decode step still runs, on oneDNN's products."""
+    code = (
+        "import warnings, torch\n"
+        "from openk2.model import build_model, few_rows, get_preset\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    ok = few_rows.available(); again = few_rows.available()\n"
+        "    model = build_model(get_preset('tiny'), seed=0).eval()\n"
+        "    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 4, compile=False)\n"
+        "msgs = [str(w.message) for w in caught if 'few-row' in str(w.message)]\n"
+        "print(ok, again, len(msgs), out.shape[1]); print(msgs[0] if msgs else '')\n"
+    )
+    env = {**os.environ, "CXX": "false", "OPENK2_KERNEL_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    first, reason = done.stdout.splitlines()[:2]
+    if few_rows.cpu_supports():
+        assert first == "False False 1 7" and "unavailable" in reason and "false failed" in reason
+    else:
+        assert first == "False False 0 7"
+    assert not list(tmp_path.glob("*.so"))  # no half-written library left behind
+
+
+def test_switched_off_by_environment():
+    env = {**os.environ, "OPENK2_FEW_ROWS": "0"}
+    code = "from openk2.model import few_rows; print(few_rows.available())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+def test_warning_free_when_built():
+    if not few_rows.cpu_supports():
+        pytest.skip("the kernel needs x86-64 with AVX2 and FMA")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert few_rows.available()
+    assert few_rows.library_path().exists()
