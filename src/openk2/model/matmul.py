@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openk2.model import few_rows
+
 ENABLED = (
     torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     and os.environ.get("OPENK2_ONEDNN", "1").strip().lower() not in ("0", "false", "off", "no")
@@ -109,9 +111,15 @@ def mm(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x_TK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear` for inputs of any rank, through oneDNN where it pays."""
+    """`F.linear` for inputs of any rank, through oneDNN where it pays; a few rows without autograd (a short
+    prompt's prefill, eager decoding) through the few-row kernel (`openk2.model.few_rows`)."""
     K, N = x_TK.shape[-1], w_NK.shape[0]
     rows = x_TK.numel() // K
+    if (rows <= few_rows.MAX_ROWS and bias_N is None and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x_TK.requires_grad or w_NK.requires_grad))
+            and type(x_TK) is torch.Tensor and type(w_NK) in (torch.Tensor, nn.Parameter)
+            and few_rows.takes(x_TK.reshape(rows, K), w_NK)):
+        return few_rows.mm(x_TK.reshape(rows, K), w_NK).view(*x_TK.shape[:-1], N)
     if max(w_NK.numel(), rows * N) < MIN_ELEMENTS or not takes_onednn(x_TK, w_NK):
         return F.linear(x_TK, w_NK, bias_N)
     y_TN = product(x_TK.reshape(rows, K), w_NK.t()).view(*x_TK.shape[:-1], N)

@@ -287,7 +287,9 @@ class MoE(nn.Module):
         """Weighted sum of each token's routed experts. Expert parallelism replaces this method (only)."""
         # Few token-slots (decode at small batch): gathering the chosen experts' weights beats dispatch, whose
         # cost grows with the number of experts. Gradient-free only: its backward would scatter into [E, F, D].
-        if 2 * expert_ids_NK.numel() < self.n_experts and not torch.is_grad_enabled():
+        # The few-row kernel's experts op reads each chosen expert once for all its tokens: it gathers any few tokens.
+        if not torch.is_grad_enabled() and (2 * expert_ids_NK.numel() < self.n_experts
+                                            or self.experts.takes_few_rows_kernel(x_ND)):
             return self.experts.forward_gathered(x_ND, expert_ids_NK, weights_NK)
         return self._dispatched(x_ND, expert_ids_NK, weights_NK)
 
