@@ -2,10 +2,15 @@
 weight shapes: time per product and the weight's read bandwidth, at 1, 2, 4, 8 and 32 rows.
 
     PYTHONPATH=src .venv/bin/python bench/few_rows.py [--threads 2] [--config C]
+    PYTHONPATH=src .venv/bin/python bench/few_rows.py --eager-model --config C   # the model's eager calls instead
 
 Shapes are the bench config's (bench/common.py): the LM head, the dense MLP's up and down projections, an expert's
 and the attention's largest matrices. Each timing is the median of `--iters` calls after a warm-up; the weight is
 bigger than the last-level cache for the large shapes, so those read DRAM on every call.
+
+`--eager-model`: the bench model's eager inference calls with the kernel and without it (its products on oneDNN,
+its few tokens' experts dispatched), alternating in one process: a forward over a 16-token prompt (prefill) and
+`generate(..., compile=False)` of 16 tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from openk2.model import few_rows
+from openk2.model import build_model, few_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import bench_config, machine_info, timeit  # noqa: E402
@@ -30,16 +35,41 @@ PRODUCTS = {
 }
 
 
+def eager_model(config: str, rounds: int = 3) -> None:
+    cfg = bench_config(config)
+    model = build_model(cfg, seed=0).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    calls = {"prefill of 16 tokens": lambda: model(ids), "eager generate, 16 tokens": lambda: model.generate(
+        ids, 16, compile=False)}
+    best: dict[tuple[str, bool], float] = {}
+    for _ in range(rounds):
+        for on in (True, False):
+            few_rows._state["available"] = on  # what `available()` answers, as if the build had failed
+            with torch.inference_mode():
+                for name, fn in calls.items():
+                    t = timeit(fn, warmup=1, iters=5)
+                    best[name, on] = min(best.get((name, on), t), t)
+    few_rows._state["available"] = True
+    print(f"# {machine_info()}; config {config}; best of {rounds} rounds of medians")
+    print("| eager call | few-row kernel | without | speed-up |\n|---|---:|---:|---:|")
+    for name in calls:
+        on, off = best[name, True], best[name, False]
+        print(f"| {name} | {on * 1e3:.1f} ms | {off * 1e3:.1f} ms | {off / on:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="C")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 32])
+    ap.add_argument("--eager-model", action="store_true", help="time the bench model's eager calls instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not few_rows.available():
         sys.exit(f"the few-row kernel is unavailable here: {few_rows._state.get('error', 'CPU without AVX2/FMA')}")
+    if args.eager_model:
+        return eager_model(args.config)
     cfg = bench_config(args.config)
     D = cfg.hidden_size
     shapes = {"LM head": (cfg.vocab_size, D), "MLP up": (cfg.intermediate_size, D),
