@@ -165,3 +165,19 @@ def test_warning_free_when_built():
         warnings.simplefilter("error")
         assert few_rows.available()
     assert few_rows.library_path().exists()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+def test_dtensors_keep_torch_ops():
+    """A DTensor weight (tensor parallelism) is not a plain buffer the kernel may read: `takes` says no."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DeviceMesh, Replicate, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        w = distribute_tensor(torch.randn(8, 16), DeviceMesh("cpu", [0]), [Replicate()])
+        x = torch.randn(2, 16)
+        assert not few_rows.takes(x, w)
+        assert few_rows.takes(x, w.to_local()) == few_rows.available()
+    finally:
+        dist.destroy_process_group()

@@ -133,11 +133,18 @@ def available() -> bool:
     return bool(_state["available"])
 
 
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor
+else:  # a torch built without distributed has no DTensor to keep out
+    DTensor = ()
+
+
 def takes(x_MK: torch.Tensor, w_NK: torch.Tensor) -> bool:
-    """fp32 CPU operands, at most `MAX_ROWS` rows, and the kernel available."""
+    """fp32 CPU operands (not DTensors: a sharded weight keeps torch's ops), at most `MAX_ROWS` rows, and the
+    kernel available."""
     return (x_MK.dim() == 2 and x_MK.shape[0] <= MAX_ROWS and x_MK.dtype == torch.float32
             and w_NK.dtype == torch.float32 and x_MK.device.type == "cpu" and w_NK.device.type == "cpu"
-            and available())
+            and not isinstance(x_MK, DTensor) and not isinstance(w_NK, DTensor) and available())
 
 
 def mm(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
