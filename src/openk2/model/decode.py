@@ -102,11 +102,12 @@ def compile_enabled(compile: CompileSwitch) -> bool:
 # ---------------------------------------------------------------------------------------------- the step
 def _linear(x_BK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     """x @ w.T for the step. On CPU in fp32, compiled or not: our few-row kernel (`_FEW_ROWS`, up to
-    `few_rows.MAX_ROWS` rows). Without it, compiled: an Inductor reduction (C++ code fused with the ops around it,
-    no library call) for one row, or for a small weight (< `_ONEDNN_MIN_ELEMENTS`) at any batch; oneDNN for a
-    large weight at several rows. Eager, or elsewhere: oneDNN for a large fp32 CPU weight, aten's linear
-    otherwise. (Not `matmul.linear`: its plain-tensor check is about eager tensors; here Dynamo traces fake
-    ones.)"""
+    `few_rows.MAX_ROWS` rows), except a compiled one-row step's small weights, whose fused reductions cost less
+    than a call (config A batch 1: 0.95x through the kernel). Without the kernel, compiled: an Inductor reduction
+    (C++ code fused with the ops around it, no library call) for one row, or for a small weight
+    (< `_ONEDNN_MIN_ELEMENTS`) at any batch; oneDNN for a large weight at several rows. Eager, or elsewhere:
+    oneDNN for a large fp32 CPU weight, aten's linear otherwise. (Not `matmul.linear`: its plain-tensor check is
+    about eager tensors; here Dynamo traces fake ones.)"""
     cpu_fp32 = w_NK.device.type == "cpu" and w_NK.dtype == torch.float32
     large = w_NK.numel() >= _ONEDNN_MIN_ELEMENTS
     fused_reduction = torch.compiler.is_compiling() and _REDUCTION_PRODUCTS and x_BK.shape[0] == 1 and not large
