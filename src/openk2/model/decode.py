@@ -50,6 +50,7 @@ from openk2.model import few_rows, matmul
 from openk2.model.attention import MLA
 from openk2.model.moe import MLP, MoE
 from openk2.model.rope import apply_rope
+from openk2.model.switches import env_switch
 
 if TYPE_CHECKING:
     from openk2.model.transformer import K2Model
@@ -93,7 +94,7 @@ def window_size(n_keys: int) -> int:
 def compile_enabled(compile: CompileSwitch) -> bool:
     """Resolve the switch: "auto" compiles unless OPENK2_COMPILE=0 (or false/off/no) is set."""
     if compile == "auto":
-        return os.environ.get("OPENK2_COMPILE", "1").strip().lower() not in ("0", "false", "off", "no")
+        return env_switch("OPENK2_COMPILE")
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
     return compile
@@ -111,8 +112,7 @@ def _linear(x_BK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     cpu_fp32 = w_NK.device.type == "cpu" and w_NK.dtype == torch.float32
     large = w_NK.numel() >= _ONEDNN_MIN_ELEMENTS
     fused_reduction = torch.compiler.is_compiling() and _REDUCTION_PRODUCTS and x_BK.shape[0] == 1 and not large
-    if (cpu_fp32 and _FEW_ROWS and not fused_reduction and x_BK.dtype == torch.float32
-            and x_BK.shape[0] <= few_rows.MAX_ROWS and few_rows.available()):
+    if _FEW_ROWS and not fused_reduction and few_rows.takes(x_BK, w_NK):
         return few_rows.mm(x_BK, w_NK)
     if cpu_fp32 and torch.compiler.is_compiling() and _REDUCTION_PRODUCTS and (x_BK.shape[0] == 1 or not large):
         return (x_BK[:, None, :] * w_NK).sum(dim=-1)

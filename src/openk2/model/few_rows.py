@@ -6,11 +6,12 @@ the FMA peak. The GEMMs torch ships are tuned for many rows: on the AMD EPYC hos
 large weight at 8 rows at half the speed of this kernel, and takes ~90 us for one row of a 2 MiB weight where this
 kernel takes ~35 (docs/benchmarks.md, "Few-row products"). llama.cpp's decode runs kernels of this kind.
 
-The kernel (`csrc/few_rows.cpp`, ~100 lines of AVX2 + FMA) keeps 4 input rows x 3 weight rows of dot products in
-registers (8 weight rows for one input row) and splits the weight's rows over torch's intra-op threads. It is
-compiled on first use with the C++ compiler torch.compile's CPU backend needs anyway (~5-15 s), into
-`~/.cache/openk2/kernels` (`OPENK2_KERNEL_CACHE`), keyed by the source, torch's version and the flags, and loaded
-as the op `torch.ops.openk2_kernels.few_rows_mm`, which Dynamo and Inductor see as a plain op.
+The kernel (`csrc/few_rows.cpp`, AVX2 + FMA) keeps 4 input rows x 3 weight rows of dot products in registers (8
+weight rows for one input row) and splits the weight's rows over torch's intra-op threads; its experts op runs a few
+tokens' routed SwiGLU experts on the same tiles, each chosen expert read once. It is compiled on first use with the
+C++ compiler torch.compile's CPU backend needs anyway (~5-15 s), into `~/.cache/openk2/kernels`
+(`OPENK2_KERNEL_CACHE`), keyed by the source, torch's version and the flags, and loaded as the ops
+`torch.ops.openk2_kernels.few_rows_mm` and `.few_rows_experts`, which Dynamo and Inductor see as plain ops.
 
 Forward only (no autograd formula): the decode step and other inference products call it. CPUs without AVX2 and
 FMA, other architectures, or a failed build fall back to the caller's path (oneDNN or aten's), with one warning
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from openk2.model.switches import env_switch
+
 log = logging.getLogger(__name__)
 
 #: Products with at most this many rows take the kernel. At 32 rows it still ran at 1.2-1.5x oneDNN on every
@@ -46,7 +49,7 @@ _state: dict[str, bool | str] = {}  # "available": bool, "error": why not
 
 
 def enabled_by_env() -> bool:
-    return os.environ.get("OPENK2_FEW_ROWS", "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_switch("OPENK2_FEW_ROWS")
 
 
 def cpu_supports() -> bool:

@@ -15,17 +15,16 @@ environment turns it off: aten's (MKL) matmuls everywhere, as before.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from openk2.model import few_rows
+from openk2.model.switches import env_switch
 
 ENABLED = (
     torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    and os.environ.get("OPENK2_ONEDNN", "1").strip().lower() not in ("0", "false", "off", "no")
+    and env_switch("OPENK2_ONEDNN")
 )
 #: The routed experts' products of a training step (forward and backward, one oneDNN call per expert) take oneDNN
 #: only up to this many intra-op threads: at two threads their per-expert backward products scale worse than
@@ -95,13 +94,19 @@ def product(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
     return _onednn(a_MK, b_KN)
 
 
+def plain_fp32_cpu(*tensors: torch.Tensor) -> bool:
+    """Plain (not DTensor or other subclass) fp32 CPU tensors, and no CPU autocast: what our own CPU products
+    (oneDNN's, the few-row kernel's) may compute in place of aten's."""
+    return not torch.is_autocast_enabled("cpu") and all(
+        type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
+        for t in tensors)
+
+
 def takes_onednn(*tensors: torch.Tensor, experts_training: bool = False) -> bool:
     """Plain fp32 CPU tensors, oneDNN built in and on, no CPU autocast, and, for the routed experts' products of a
     training step (`experts_training`), at most `MAX_EXPERT_TRAINING_THREADS` threads."""
-    return (ENABLED and not torch.is_autocast_enabled("cpu")
-            and (not experts_training or torch.get_num_threads() <= MAX_EXPERT_TRAINING_THREADS)
-            and all(type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32
-                    for t in tensors))
+    return (ENABLED and (not experts_training or torch.get_num_threads() <= MAX_EXPERT_TRAINING_THREADS)
+            and plain_fp32_cpu(*tensors))
 
 
 def mm(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
@@ -117,9 +122,8 @@ def linear(x_TK: torch.Tensor, w_NK: torch.Tensor, bias_N: torch.Tensor | None =
     rows = x_TK.numel() // K
     if (rows <= few_rows.MAX_ROWS and bias_N is None and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x_TK.requires_grad or w_NK.requires_grad))
-            and type(x_TK) is torch.Tensor and type(w_NK) in (torch.Tensor, nn.Parameter)
-            and few_rows.takes(x_TK.reshape(rows, K), w_NK)):
-        return few_rows.mm(x_TK.reshape(rows, K), w_NK).view(*x_TK.shape[:-1], N)
+            and plain_fp32_cpu(x_TK, w_NK) and few_rows.takes(x_MK := x_TK.reshape(rows, K), w_NK)):
+        return few_rows.mm(x_MK, w_NK).view(*x_TK.shape[:-1], N)
     if max(w_NK.numel(), rows * N) < MIN_ELEMENTS or not takes_onednn(x_TK, w_NK):
         return F.linear(x_TK, w_NK, bias_N)
     y_TN = product(x_TK.reshape(rows, K), w_NK.t()).view(*x_TK.shape[:-1], N)
