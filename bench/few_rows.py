@@ -3,6 +3,7 @@ weight shapes: time per product and the weight's read bandwidth, at 1, 2, 4, 8 a
 
     PYTHONPATH=src .venv/bin/python bench/few_rows.py [--threads 2] [--config C]
     PYTHONPATH=src .venv/bin/python bench/few_rows.py --eager-model --config C   # the model's eager calls instead
+    PYTHONPATH=src .venv/bin/python bench/few_rows.py --prefill --config A       # a prefill's experts and attention
 
 Shapes are the bench config's (bench/common.py): the LM head, the dense MLP's up and down projections, an expert's
 and the attention's largest matrices. Each timing is the median of `--iters` calls after a warm-up; the weight is
@@ -11,6 +12,11 @@ bigger than the last-level cache for the large shapes, so those read DRAM on eve
 `--eager-model`: the bench model's eager inference calls with the kernel and without it (its products on oneDNN,
 its few tokens' experts dispatched), alternating in one process: a forward over a 16-token prompt (prefill) and
 `generate(..., compile=False)` of 16 tokens.
+
+`--prefill`: a prefill's two CPU paths of our own against torch's, interleaved in one process: one MoE layer's
+routed experts over 64-2048 tokens through the experts op vs dispatched (per-expert oneDNN products), and the
+whole cached prefill of 512 tokens with the experts op and `blocked_masked_attention` vs dispatched experts and
+SDPA under the cache's mask (what each replaced).
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import openk2.model.attention as attention_module
 from openk2.model import build_model, few_rows
+from openk2.model.moe import MoE
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import bench_config, machine_info, timeit  # noqa: E402
@@ -57,6 +65,59 @@ def eager_model(config: str, rounds: int = 3) -> None:
         print(f"| {name} | {on * 1e3:.1f} ms | {off * 1e3:.1f} ms | {off / on:.2f}x |")
 
 
+def _sdpa_under_mask(q_BHTQ, k_BHSQ, v_BHSV, mask_BTS, scale):
+    """What cached prefill attention ran before `blocked_masked_attention`: SDPA, V padded for its fused kernel."""
+    V = v_BHSV.shape[-1]
+    v_BHSQ = F.pad(v_BHSV, (0, q_BHTQ.shape[-1] - V))
+    return F.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSQ, attn_mask=mask_BTS[:, None], scale=scale)[..., :V]
+
+
+def prefill(config: str, rounds: int = 5) -> None:
+    cfg = bench_config(config)
+    model = build_model(cfg, seed=0).eval()
+    moe = next(m for m in model.modules() if isinstance(m, MoE))
+    ex = moe.experts
+    print(f"# {machine_info()}; config {config}; medians of {rounds} interleaved rounds")
+    print("| routed experts of one MoE layer | experts op | dispatched | speed-up |\n|---|---:|---:|---:|")
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for tokens in (64, 128, 256, 512, 1024, 2048):
+            x = torch.randn(tokens, cfg.hidden_size, generator=gen)
+            ids, gates, _ = moe.gate(x)
+            fns = {"op": partial(few_rows.experts, x, ids, gates, ex.gate_proj, ex.up_proj, ex.down_proj),
+                   "dispatched": partial(moe._dispatched, x, ids, gates)}
+            assert torch.allclose(fns["op"](), fns["dispatched"](), atol=1e-4)
+            t = {k: [] for k in fns}
+            for _ in range(rounds):
+                for k, fn in fns.items():
+                    t[k].append(timeit(fn, warmup=1, iters=3))
+            op, disp = (sorted(v)[rounds // 2] for v in t.values())
+            per_expert = tokens * moe.top_k / moe.n_experts
+            print(f"| {tokens} tokens ({per_expert:.0f} slots per expert) | {op * 1e3:.2f} ms | {disp * 1e3:.2f} ms "
+                  f"| {disp / op:.2f}x |", flush=True)
+    ids = torch.randint(0, cfg.vocab_size, (1, 512), generator=gen)
+    blocked, limit = attention_module.blocked_masked_attention, few_rows.MAX_SLOTS_PER_EXPERT
+
+    def run(ours: bool) -> torch.Tensor:
+        attention_module.blocked_masked_attention = blocked if ours else _sdpa_under_mask
+        few_rows.MAX_SLOTS_PER_EXPERT = limit if ours else 0
+        with torch.inference_mode():
+            return model(ids, cache=model.new_cache(1, 512), last_logits_only=True).logits
+
+    try:
+        assert torch.allclose(run(True), run(False), atol=1e-4)
+        t = {True: [], False: []}
+        for _ in range(rounds):
+            for ours in (True, False):
+                t[ours].append(timeit(partial(run, ours), warmup=1, iters=3))
+    finally:
+        attention_module.blocked_masked_attention, few_rows.MAX_SLOTS_PER_EXPERT = blocked, limit
+    ours, before = (sorted(t[k])[rounds // 2] for k in (True, False))
+    print(f"\n| cached prefill, 512 tokens | experts op + blocked attention | dispatched + SDPA | speed-up |\n"
+          f"|---|---:|---:|---:|\n| config {config} | {ours * 1e3:.1f} ms ({512 / ours:,.0f} tok/s) | "
+          f"{before * 1e3:.1f} ms ({512 / before:,.0f} tok/s) | {before / ours:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="C")
@@ -64,12 +125,15 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 32])
     ap.add_argument("--eager-model", action="store_true", help="time the bench model's eager calls instead")
+    ap.add_argument("--prefill", action="store_true", help="time a prefill's experts and attention instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not few_rows.available():
         sys.exit(f"the few-row kernel is unavailable here: {few_rows._state.get('error', 'CPU without AVX2/FMA')}")
     if args.eager_model:
         return eager_model(args.config)
+    if args.prefill:
+        return prefill(args.config)
     cfg = bench_config(args.config)
     D = cfg.hidden_size
     shapes = {"LM head": (cfg.vocab_size, D), "MLP up": (cfg.intermediate_size, D),

@@ -185,3 +185,23 @@ def test_blocked_causal_attention_matches_sdpa(monkeypatch):
         outs.append((y.detach(), x_.grad))
     assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
     assert torch.allclose(outs[0][1], outs[1][1], atol=1e-5)
+
+
+@pytest.mark.parametrize("B, T, S", [(1, 300, 300), (2, 130, 200), (3, 5, 9)])
+@pytest.mark.parametrize("padding_sees_all", [False, True])
+def test_blocked_masked_attention_matches_sdpa(B, T, S, padding_sees_all):
+    """Cached prefill attention on CPU: equal to SDPA under the caches' masks (a cached prefix of S - T keys, left
+    padding that attends to itself as `KVCache` has it, or padding queries that see every key as `SlotKVCache`)."""
+    from openk2.model.attention import blocked_masked_attention
+
+    gen = torch.Generator().manual_seed(B * T)
+    q, k = torch.randn(B, 4, T, 24, generator=gen), torch.randn(B, 4, S, 24, generator=gen)
+    v = torch.randn(B, 4, S, 16, generator=gen)
+    q_pos_T, k_pos_S = torch.arange(S - T, S), torch.arange(S)
+    valid_BS = torch.ones(B, S, dtype=torch.bool)
+    valid_BS[0, : S // 3] = False  # row 0 left-padded
+    mask_BTS = valid_BS[:, None, :] & (k_pos_S[None, :] <= q_pos_T[:, None])
+    pad_BT = ~valid_BS[:, S - T:]
+    mask_BTS |= pad_BT[:, :, None] if padding_sees_all else (k_pos_S[None, :] == q_pos_T[:, None])
+    ref = F.scaled_dot_product_attention(q, k, F.pad(v, (0, 8)), attn_mask=mask_BTS[:, None], scale=0.3)[..., :16]
+    assert torch.allclose(blocked_masked_attention(q, k, v, mask_BTS, 0.3), ref, atol=1e-5)

@@ -181,3 +181,29 @@ def test_dtensors_keep_torch_ops():
         assert few_rows.takes(x, w.to_local()) == few_rows.available()
     finally:
         dist.destroy_process_group()
+
+
+@needs_kernel
+def test_prefill_experts_take_the_op_up_to_the_slot_limit(monkeypatch):
+    """An inference forward over many tokens (a prefill) runs its routed experts through the experts op while the
+    slots per expert stay within `MAX_SLOTS_PER_EXPERT`, with the dispatched path's numbers; beyond, dispatch."""
+    from openk2.model import moe as moe_module
+
+    model = build_model(get_preset("tiny", initializer_range=0.1), seed=0).eval()
+    moe = next(m for m in model.modules() if isinstance(m, moe_module.MoE))
+    E, K = moe.n_experts, moe.top_k
+    tokens = few_rows.MAX_SLOTS_PER_EXPERT * E // K  # exactly at the limit
+    x = torch.randn(1, tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    calls = []
+    real_experts = few_rows.experts
+    monkeypatch.setattr(few_rows, "experts", lambda *a: calls.append(a[0].shape[0]) or real_experts(*a))
+    with torch.inference_mode():
+        ids, weights, _ = moe.gate(x[0])
+        assert moe.experts.takes_few_rows_kernel(x[0], ids)
+        assert not moe.experts.takes_few_rows_kernel(torch.cat((x[0], x[0, :1])), torch.cat((ids, ids[:1])))
+        y = moe(x)
+        assert calls == [tokens]
+        routed = y[0] - moe.shared_experts(x[0]) if moe.shared_experts is not None else y[0]
+        assert torch.allclose(routed, moe._dispatched(x[0], ids, weights), atol=1e-5)
+        moe(torch.cat((x, x[:, :1]), dim=1))  # one token over the limit: dispatched
+    assert calls == [tokens]

@@ -5,7 +5,8 @@ Training runs the expanded form, through `scaled_dot_product_attention` or, on C
 latent `c_kv` and the rotated shared `k_pe` (`kv_lora_rank + qk_rope_head_dim` values per token per layer),
 `W_uk` is folded into the query and `W_uv` into the output, so attention is one multi-query attention over
 the latent. A long chunk with a cache (a prompt's prefill) stores its latents the same way but attends in the
-expanded form, where that costs fewer FLOPs (`MLA._expand_pays`), as DeepSeek-V3's own inference does."""
+expanded form, where that costs fewer FLOPs (`MLA._expand_pays`), as DeepSeek-V3's own inference does; on CPU
+through `blocked_masked_attention`, which skips the causal blocks no query of a block can see."""
 
 from __future__ import annotations
 
@@ -58,6 +59,31 @@ def blocked_causal_attention(
         scores_MtS = torch.baddbmm(bias_tS, q_MTQ[:, start:stop], k_MTQ[:, :stop].transpose(1, 2), alpha=scale)
         out.append(torch.bmm(scores_MtS.softmax(dim=-1), v_MTV[:, :stop]))
     return torch.cat(out, dim=1).view(B, H, T, -1)
+
+
+def blocked_masked_attention(
+    q_BHTQ: torch.Tensor, k_BHSQ: torch.Tensor, v_BHSV: torch.Tensor, mask_BTS: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Softmax attention under a boolean mask (True: attend) as batched matmuls over blocks of query rows, each
+    against only the keys up to the last one any of its rows may see: a cached prefill's causal upper-right blocks
+    are never computed. Every query row must see at least one key (the caches guarantee it).
+
+    On CPU this beats SDPA with a mask, which computes every block and converts the mask for each call: 3.9 vs 5.3
+    ms at config A's [1, 4, 512, 48], 12.8 vs 17.3 ms at config C's [1, 8, 512, 96] (2 threads)."""
+    B, H, T, _ = q_BHTQ.shape
+    rows = _BLOCKED_ATTENTION_QUERY_ROWS
+    seen_TS = mask_BTS.any(dim=0)
+    out_BHTV = q_BHTQ.new_empty(B, H, T, v_BHSV.shape[-1])
+    for start in range(0, T, rows):
+        stop = min(start + rows, T)
+        keys = int(seen_TS[start:stop].any(dim=0).nonzero()[-1]) + 1
+        for b in range(B):
+            bias_tS = torch.zeros(stop - start, keys, dtype=q_BHTQ.dtype, device=q_BHTQ.device).masked_fill_(
+                ~mask_BTS[b, start:stop, :keys], float("-inf"))
+            scores_HtS = torch.baddbmm(bias_tS, q_BHTQ[b, :, start:stop], k_BHSQ[b, :, :keys].transpose(1, 2),
+                                       alpha=scale)
+            torch.bmm(scores_HtS.softmax(dim=-1), v_BHSV[b, :, :keys], out=out_BHTV[b, :, start:stop])
+    return out_BHTV
 
 
 class MLA(nn.Module):
@@ -170,6 +196,8 @@ class MLA(nn.Module):
         k_pe_BHSR = latent_BSL[..., C:].unsqueeze(1).expand(B, H, S, self.rope_dim)
         k_BHSQ = torch.cat((k_nope_BSHN.transpose(1, 2), k_pe_BHSR), dim=-1)
         v_BHSV = v_BSHV.transpose(1, 2)
+        if q_BHTQ.device.type == "cpu":
+            return blocked_masked_attention(q_BHTQ, k_BHSQ, v_BHSV, mask_BTS, self.scale).transpose(1, 2)
         if self.qk_dim > V:  # as in training: SDPA's fused kernel wants V at the QK head dim
             v_BHSV = F.pad(v_BHSV, (0, self.qk_dim - V))
         out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSV, attn_mask=mask_BTS.unsqueeze(1),

@@ -179,7 +179,7 @@ def _moe_step(moe: MoE, x_BD: torch.Tensor) -> torch.Tensor:
     ex = moe.experts
     # The few-row kernel's experts op reads each chosen expert once whatever the batch: it gathers at any batch
     # it takes (`forward_gathered` calls it).
-    if ex.takes_few_rows_kernel(x_BD) or B * K <= _DENSE_ROUTING_MIN_FRACTION * E:
+    if ex.takes_few_rows_kernel(x_BD, expert_ids_BK) or B * K <= _DENSE_ROUTING_MIN_FRACTION * E:
         y_BD = ex.forward_gathered(x_BD, expert_ids_BK, weights_BK)
     else:
         # Every expert on every token, gates zero for the unchosen: each expert's weights are read once.

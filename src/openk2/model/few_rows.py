@@ -7,8 +7,9 @@ large weight at 8 rows at half the speed of this kernel, and takes ~90 us for on
 kernel takes ~35 (docs/benchmarks.md, "Few-row products"). llama.cpp's decode runs kernels of this kind.
 
 The kernel (`csrc/few_rows.cpp`, AVX2 + FMA) keeps 4 input rows x 3 weight rows of dot products in registers (8
-weight rows for one input row) and splits the weight's rows over torch's intra-op threads; its experts op runs a few
-tokens' routed SwiGLU experts on the same tiles, each chosen expert read once. It is compiled on first use with the
+weight rows for one input row) and splits the weight's rows over torch's intra-op threads; its experts op runs the
+routed SwiGLU experts of a decode step or of a prefill of up to a few hundred tokens on the same tiles, each chosen
+expert read once, in one call instead of several per expert. It is compiled on first use with the
 C++ compiler torch.compile's CPU backend needs anyway (~5-15 s), into `~/.cache/openk2/kernels`
 (`OPENK2_KERNEL_CACHE`), keyed by the source, torch's version and the flags, and loaded as the ops
 `torch.ops.openk2_kernels.few_rows_mm` and `.few_rows_experts`, which Dynamo and Inductor see as plain ops.
@@ -41,6 +42,11 @@ log = logging.getLogger(__name__)
 #: weight shape of the bench configs (2 threads); beyond, oneDNN's blocked GEMM, which reuses each loaded input
 #: row across many weight rows, is the right tool.
 MAX_ROWS = 32
+#: The experts op takes up to this many (token, expert) slots per expert on average. Grouped by expert, a prefill's
+#: slots are many small products (config A at 512 tokens: 48 per layer of ~64 x 256 x 128), and per-call costs
+#: dominate them: at 64 slots per expert the op ran at 2.0x (config A) and 1.0x (config C) the per-expert oneDNN
+#: products, at 128 at 1.6x / 1.9x, at 256 at 1.2x / 1.0x (2 threads; docs/benchmarks.md, "Prefill").
+MAX_SLOTS_PER_EXPERT = 128
 SOURCE = Path(__file__).with_name("csrc") / "few_rows.cpp"
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
 
@@ -148,6 +154,14 @@ def takes(x_MK: torch.Tensor, w_NK: torch.Tensor) -> bool:
     return (x_MK.dim() == 2 and x_MK.shape[0] <= MAX_ROWS and x_MK.dtype == torch.float32
             and w_NK.dtype == torch.float32 and x_MK.device.type == "cpu" and w_NK.device.type == "cpu"
             and not isinstance(x_MK, DTensor) and not isinstance(w_NK, DTensor) and available())
+
+
+def takes_experts(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, gate_EFD: torch.Tensor) -> bool:
+    """`takes` for the experts op: fp32 CPU operands, not DTensors, at most `MAX_SLOTS_PER_EXPERT` slots per expert
+    on average, and the kernel available."""
+    return (x_TD.dtype == torch.float32 and gate_EFD.dtype == torch.float32 and x_TD.device.type == "cpu"
+            and gate_EFD.device.type == "cpu" and not isinstance(x_TD, DTensor) and not isinstance(gate_EFD, DTensor)
+            and expert_ids_TK.numel() <= MAX_SLOTS_PER_EXPERT * gate_EFD.shape[0] and available())
 
 
 def mm(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:

@@ -191,14 +191,15 @@ class RoutedExperts(nn.Module):
             h_SF = (h_SF * weights_S1).to(x_SD.dtype)
         return grouped_matmul(h_SF, self.down_proj.transpose(-2, -1), counts_E, impl)
 
-    def takes_few_rows_kernel(self, x_ND: torch.Tensor) -> bool:
+    def takes_few_rows_kernel(self, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor) -> bool:
         """Whether `forward_gathered` runs the few-row kernel's experts op (`_FEW_ROWS_EXPERTS`): CPU fp32 where the
-        kernel builds, except for small experts (< `matmul.MIN_ELEMENTS` per matrix) in compiled code, where
-        Inductor fuses the gathered products with the ops around them for less than a library call costs (config
-        A's experts, 128 x 256: 0.95x at batch 1, 0.98x at batch 8 through the op; docs/benchmarks.md)."""
+        kernel builds, up to `few_rows.MAX_SLOTS_PER_EXPERT` slots per expert, except for small experts (<
+        `matmul.MIN_ELEMENTS` per matrix) in compiled code, where Inductor fuses the gathered products with the ops
+        around them for less than a library call costs (config A's experts, 128 x 256: 0.95x at batch 1, 0.98x at
+        batch 8 through the op; docs/benchmarks.md)."""
         small = self.gate_proj[0].numel() < matmul.MIN_ELEMENTS
         return (_FEW_ROWS_EXPERTS and not (small and torch.compiler.is_compiling())
-                and few_rows.takes(x_ND, self.gate_proj))
+                and few_rows.takes_experts(x_ND, expert_ids_NK, self.gate_proj))
 
     def forward_gathered(
         self, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weights_NK: torch.Tensor
@@ -208,7 +209,7 @@ class RoutedExperts(nn.Module):
         For a few tokens (decode) this beats dispatch + grouped matmul, which pays per-op costs for every
         expert (a handful of ops in all, instead of several per expert)."""
         N, K = expert_ids_NK.shape
-        if self.takes_few_rows_kernel(x_ND):
+        if self.takes_few_rows_kernel(x_ND, expert_ids_NK):
             return few_rows.experts(x_ND, expert_ids_NK, weights_NK, self.gate_proj, self.up_proj, self.down_proj)
         if _SORTED_GATHER and N > 1:  # one token's experts are distinct: nothing to share
             return self._forward_gathered_sorted(x_ND, expert_ids_NK, weights_NK)
@@ -287,9 +288,10 @@ class MoE(nn.Module):
         """Weighted sum of each token's routed experts. Expert parallelism replaces this method (only)."""
         # Few token-slots (decode at small batch): gathering the chosen experts' weights beats dispatch, whose
         # cost grows with the number of experts. Gradient-free only: its backward would scatter into [E, F, D].
-        # The few-row kernel's experts op reads each chosen expert once for all its tokens: it gathers any few tokens.
+        # The few-row kernel's experts op reads each chosen expert once for all its tokens, in one call: it takes
+        # any inference forward up to a few hundred tokens (a prefill), where dispatch pays per-call costs per expert.
         if not torch.is_grad_enabled() and (2 * expert_ids_NK.numel() < self.n_experts
-                                            or self.experts.takes_few_rows_kernel(x_ND)):
+                                            or self.experts.takes_few_rows_kernel(x_ND, expert_ids_NK)):
             return self.experts.forward_gathered(x_ND, expert_ids_NK, weights_NK)
         return self._dispatched(x_ND, expert_ids_NK, weights_NK)
 
