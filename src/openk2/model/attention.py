@@ -73,7 +73,7 @@ def blocked_masked_attention(
     B, H, T, _ = q_BHTQ.shape
     rows = _BLOCKED_ATTENTION_QUERY_ROWS
     seen_TS = mask_BTS.any(dim=0)
-    out_BHTV = q_BHTQ.new_empty(B, H, T, v_BHSV.shape[-1])
+    blocks_B: list[list[torch.Tensor]] = [[] for _ in range(B)]
     for start in range(0, T, rows):
         stop = min(start + rows, T)
         keys = int(seen_TS[start:stop].any(dim=0).nonzero()[-1]) + 1
@@ -82,8 +82,9 @@ def blocked_masked_attention(
                 ~mask_BTS[b, start:stop, :keys], float("-inf"))
             scores_HtS = torch.baddbmm(bias_tS, q_BHTQ[b, :, start:stop], k_BHSQ[b, :, :keys].transpose(1, 2),
                                        alpha=scale)
-            torch.bmm(scores_HtS.softmax(dim=-1), v_BHSV[b, :, :keys], out=out_BHTV[b, :, start:stop])
-    return out_BHTV
+            probs_HtS = scores_HtS.softmax(dim=-1, dtype=torch.float32).to(v_BHSV.dtype)
+            blocks_B[b].append(torch.bmm(probs_HtS, v_BHSV[b, :, :keys]))
+    return torch.stack([torch.cat(blocks, dim=1) for blocks in blocks_B])
 
 
 class MLA(nn.Module):
