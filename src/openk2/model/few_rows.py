@@ -148,20 +148,22 @@ else:  # a torch built without distributed has no DTensor to keep out
     DTensor = ()
 
 
+def _kernel_operands(*tensors: torch.Tensor) -> bool:
+    """fp32 CPU tensors, not DTensors (a sharded weight keeps torch's ops)."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and not isinstance(t, DTensor) for t in tensors)
+
+
 def takes(x_MK: torch.Tensor, w_NK: torch.Tensor) -> bool:
     """fp32 CPU operands (not DTensors: a sharded weight keeps torch's ops), at most `MAX_ROWS` rows, and the
     kernel available."""
-    return (x_MK.dim() == 2 and x_MK.shape[0] <= MAX_ROWS and x_MK.dtype == torch.float32
-            and w_NK.dtype == torch.float32 and x_MK.device.type == "cpu" and w_NK.device.type == "cpu"
-            and not isinstance(x_MK, DTensor) and not isinstance(w_NK, DTensor) and available())
+    return x_MK.dim() == 2 and x_MK.shape[0] <= MAX_ROWS and _kernel_operands(x_MK, w_NK) and available()
 
 
 def takes_experts(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, gate_EFD: torch.Tensor) -> bool:
     """`takes` for the experts op: fp32 CPU operands, not DTensors, at most `MAX_SLOTS_PER_EXPERT` slots per expert
     on average, and the kernel available."""
-    return (x_TD.dtype == torch.float32 and gate_EFD.dtype == torch.float32 and x_TD.device.type == "cpu"
-            and gate_EFD.device.type == "cpu" and not isinstance(x_TD, DTensor) and not isinstance(gate_EFD, DTensor)
-            and expert_ids_TK.numel() <= MAX_SLOTS_PER_EXPERT * gate_EFD.shape[0] and available())
+    return (expert_ids_TK.numel() <= MAX_SLOTS_PER_EXPERT * gate_EFD.shape[0] and _kernel_operands(x_TD, gate_EFD)
+            and available())
 
 
 def mm(x_MK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
