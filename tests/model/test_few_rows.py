@@ -32,7 +32,8 @@ def _threads(n: int):
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 32])
-@pytest.mark.parametrize("n_out, k_in", [(1, 1), (7, 9), (25, 64), (300, 1001), (1000, 256)])
+# (300, 1001) and (1100, 256) are >= 1 MiB: at several rows they take the prefetching tiles.
+@pytest.mark.parametrize("n_out, k_in", [(1, 1), (7, 9), (25, 64), (300, 1001), (1000, 256), (1100, 256)])
 def test_product_equals_float64_reference(rows, n_out, k_in):
     assert few_rows.available(), few_rows._state.get("error")
     gen = torch.Generator().manual_seed(rows * 1000 + n_out)
@@ -80,7 +81,8 @@ def _experts_reference(x, ids, gates, gate_w, up_w, down_w):
 
 @needs_kernel
 @pytest.mark.parametrize("tokens, top_k, experts, ffn, hidden", [(1, 2, 16, 128, 256), (8, 2, 4, 96, 64),
-                                                                 (5, 3, 8, 50, 77), (32, 6, 64, 16, 40)])
+                                                                 (5, 3, 8, 50, 77), (32, 6, 64, 16, 40),
+                                                                 (24, 2, 16, 128, 256)])  # 2 MiB: prefetching
 def test_experts_equal_float64_reference(tokens, top_k, experts, ffn, hidden):
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, hidden, generator=gen)

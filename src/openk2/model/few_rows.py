@@ -7,12 +7,13 @@ large weight at 8 rows at half the speed of this kernel, and takes ~90 us for on
 kernel takes ~35 (docs/benchmarks.md, "Few-row products"). llama.cpp's decode runs kernels of this kind.
 
 The kernel (`csrc/few_rows.cpp`, AVX2 + FMA) keeps 4 input rows x 3 weight rows of dot products in registers (8
-weight rows for one input row) and splits the weight's rows over torch's intra-op threads; its experts op runs the
-routed SwiGLU experts of a decode step or of a prefill of up to a few hundred tokens on the same tiles, each chosen
-expert read once, in one call instead of several per expert. It is compiled on first use with the
-C++ compiler torch.compile's CPU backend needs anyway (~5-15 s), into `~/.cache/openk2/kernels`
-(`OPENK2_KERNEL_CACHE`), keyed by the source, torch's version and the flags, and loaded as the ops
-`torch.ops.openk2_kernels.few_rows_mm` and `.few_rows_experts`, which Dynamo and Inductor see as plain ops.
+weight rows for one input row), prefetches the next weight rows of a weight larger than a core's L2 at several input
+rows (without, a weight read from DRAM at 8 rows streamed at half the bandwidth of one row), and splits the weight's
+rows over torch's intra-op threads; its experts op runs the routed SwiGLU experts of a decode step or of a prefill
+of up to a few hundred tokens on the same tiles, each chosen expert read once, in one call instead of several per
+expert. It is compiled on first use with the C++ compiler torch.compile's CPU backend needs anyway (~5-15 s), into
+`~/.cache/openk2/kernels` (`OPENK2_KERNEL_CACHE`), keyed by the source, torch's version and the flags, and loaded as
+the ops `torch.ops.openk2_kernels.few_rows_mm` and `.few_rows_experts`, which Dynamo and Inductor see as plain ops.
 
 Forward only (no autograd formula): the decode step and other inference products call it. CPUs without AVX2 and
 FMA, other architectures, or a failed build fall back to the caller's path (oneDNN or aten's), with one warning

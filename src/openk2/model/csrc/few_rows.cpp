@@ -30,7 +30,10 @@ inline float hsum(__m256 v) {
 
 // y[m, n] = dot(x[m, :], w[n, :]) for MR rows of x and NR rows of w: MR * NR accumulators in registers
 // (AVX2 has 16: MR = 4, NR = 3 uses 12, plus 3 weight vectors and 1 input vector).
-template <int MR, int NR>
+// PREFETCH: also ask for the next tile's weight rows (the NR rows after these, at the same k), one cache line per
+// row every 16 floats. At several input rows a tile computes long enough that the hardware prefetcher, left alone,
+// lets the weight stream stall between bursts: a weight read from DRAM ran at half the bandwidth of one input row.
+template <int MR, int NR, bool PREFETCH = false>
 inline void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, float* y, int64_t ldy) {
   __m256 acc[MR][NR];
   for (int m = 0; m < MR; ++m)
@@ -39,6 +42,9 @@ inline void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64
   for (; k + 8 <= K; k += 8) {
     __m256 w_v[NR];
     for (int n = 0; n < NR; ++n) w_v[n] = _mm256_loadu_ps(w + n * ldw + k);
+    if constexpr (PREFETCH)
+      if ((k & 15) == 0)
+        for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(w + (n + NR) * ldw + k), _MM_HINT_T0);
     for (int m = 0; m < MR; ++m) {
       const __m256 x_v = _mm256_loadu_ps(x + m * ldx + k);
       for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_fmadd_ps(x_v, w_v[n], acc[m][n]);
@@ -52,35 +58,56 @@ inline void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64
     }
 }
 
-template <int NR>
+// All M rows of x against NR rows of w, 4 input rows at a time; the first block of input rows prefetches the next
+// weight rows (the later blocks find these rows in L1).
+template <int NR, bool PREFETCH>
 inline void rows_tile(const float* x, int64_t ldx, int64_t M, const float* w, int64_t ldw, int64_t K, float* y,
                       int64_t ldy) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile<4, NR>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy);
+  if (M >= 4) {
+    tile<4, NR, PREFETCH>(x, ldx, w, ldw, K, y, ldy);
+    for (m = 4; m + 4 <= M; m += 4) tile<4, NR>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy);
+  }
+  const bool first = m == 0;
   switch (M - m) {
-    case 3: tile<3, NR>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy); break;
-    case 2: tile<2, NR>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy); break;
+    case 3:
+      if (first) tile<3, NR, PREFETCH>(x, ldx, w, ldw, K, y, ldy);
+      else tile<3, NR>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy);
+      break;
+    case 2:
+      if (first) tile<2, NR, PREFETCH>(x, ldx, w, ldw, K, y, ldy);
+      else tile<2, NR>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy);
+      break;
     case 1: tile<1, NR>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy); break;
     default: break;
   }
 }
 
+// A weight at least this large (the L2 of a core) is streamed from L3 or DRAM: its products at several input rows
+// prefetch (`tile`'s PREFETCH). Smaller ones are likely in cache, where the prefetches cost 3-7% (2 threads, AMD
+// EPYC); one input row streams at the bandwidth without them.
+constexpr int64_t kPrefetchMinBytes = 1 << 20;
+
 // Weight rows [n0, n1) for all M rows of x.
 void rows_range(const float* x, int64_t ldx, int64_t M, const float* w, int64_t ldw, int64_t K, float* y,
-                int64_t ldy, int64_t n0, int64_t n1) {
+                int64_t ldy, int64_t n0, int64_t n1, bool prefetch) {
   int64_t n = n0;
   if (M == 1) {  // bandwidth-bound: 8 weight rows in flight, one accumulator each
     for (; n + 8 <= n1; n += 8) tile<1, 8>(x, ldx, w + n * ldw, ldw, K, y + n, ldy);
+  } else if (prefetch) {
+    for (; n + 3 <= n1; n += 3) rows_tile<3, true>(x, ldx, M, w + n * ldw, ldw, K, y + n, ldy);
   } else {
-    for (; n + 3 <= n1; n += 3) rows_tile<3>(x, ldx, M, w + n * ldw, ldw, K, y + n, ldy);
+    for (; n + 3 <= n1; n += 3) rows_tile<3, false>(x, ldx, M, w + n * ldw, ldw, K, y + n, ldy);
   }
-  for (; n < n1; ++n) rows_tile<1>(x, ldx, M, w + n * ldw, ldw, K, y + n, ldy);
+  for (; n < n1; ++n) rows_tile<1, false>(x, ldx, M, w + n * ldw, ldw, K, y + n, ldy);
 }
 
 // Weight rows per unit of work: a multiple of both tile widths (8 and 3).
 constexpr int64_t kBlockRows = 24;
-// A thread's share of the weight is at least this many elements (256 KiB): below that, forking costs more.
-constexpr int64_t kMinElementsPerThread = 1 << 16;
+// A thread's share of a product is at least this many multiply-adds (one input row against 256 KiB of weight):
+// below that, forking costs more. Counted in multiply-adds, not weight elements: at 8 rows a 128 x 256 weight is
+// worth both threads (config A's decode step at batch 8: 1.07x).
+constexpr int64_t kMinFmasPerThread = 1 << 16;
 
 at::Tensor few_rows_mm(const at::Tensor& x_in, const at::Tensor& w_in) {
   TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && x_in.size(1) == w_in.size(1),
@@ -97,9 +124,10 @@ at::Tensor few_rows_mm(const at::Tensor& x_in, const at::Tensor& w_in) {
   float* y_p = y.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldw = w.stride(0);
   const int64_t blocks = (N + kBlockRows - 1) / kBlockRows;
-  const int64_t grain = std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, kBlockRows * K));
+  const int64_t grain = std::max<int64_t>(1, kMinFmasPerThread / std::max<int64_t>(1, kBlockRows * K * M));
+  const bool prefetch = N * K * static_cast<int64_t>(sizeof(float)) >= kPrefetchMinBytes;
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    rows_range(x_p, ldx, M, w_p, ldw, K, y_p, N, b0 * kBlockRows, std::min(N, b1 * kBlockRows));
+    rows_range(x_p, ldx, M, w_p, ldw, K, y_p, N, b0 * kBlockRows, std::min(N, b1 * kBlockRows), prefetch);
   });
   return y;
 }
@@ -166,18 +194,22 @@ at::Tensor few_rows_experts(const at::Tensor& x_in, const at::Tensor& ids_in, co
   float* yr_p = y_rows.data_ptr<float>();
   for (int64_t r = 0; r < R; ++r) std::copy_n(x_p + token_of_row[r] * D, D, xr_p + r * D);
 
+  // The experts together: a layer's experts are streamed from L3 or DRAM when they outgrow a core's L2.
+  const bool prefetch = E * F * D * static_cast<int64_t>(sizeof(float)) >= kPrefetchMinBytes;
   const float* gw_p = gate_w.data_ptr<float>();
   const float* uw_p = up_w.data_ptr<float>();
   const float* dw_p = down_w.data_ptr<float>();
   // gate and up: h_rows[:, :F] = gate, h_rows[:, F:] = up, then h = silu(gate) * up * the slot's gate weight.
   const std::vector<ExpertBlock> up_blocks = expert_blocks(experts, F);
-  const int64_t up_grain = std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, 2 * kBlockRows * D));
+  const int64_t rows_per_expert = std::max<int64_t>(1, R / std::max<int64_t>(1, experts.size()));
+  const int64_t up_grain =
+      std::max<int64_t>(1, kMinFmasPerThread / std::max<int64_t>(1, 2 * kBlockRows * D * rows_per_expert));
   at::parallel_for(0, static_cast<int64_t>(up_blocks.size()), up_grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const auto [e, n0, n1] = up_blocks[b];
       const int64_t r0 = row_start[e], M = count[e];
-      rows_range(xr_p + r0 * D, D, M, gw_p + e * F * D, D, D, hr_p + r0 * 2 * F, 2 * F, n0, n1);
-      rows_range(xr_p + r0 * D, D, M, uw_p + e * F * D, D, D, hr_p + r0 * 2 * F + F, 2 * F, n0, n1);
+      rows_range(xr_p + r0 * D, D, M, gw_p + e * F * D, D, D, hr_p + r0 * 2 * F, 2 * F, n0, n1, prefetch);
+      rows_range(xr_p + r0 * D, D, M, uw_p + e * F * D, D, D, hr_p + r0 * 2 * F + F, 2 * F, n0, n1, prefetch);
       for (int64_t r = r0; r < r0 + M; ++r)
         for (int64_t n = n0; n < n1; ++n) {
           const float g = hr_p[r * 2 * F + n];
@@ -187,12 +219,13 @@ at::Tensor few_rows_experts(const at::Tensor& x_in, const at::Tensor& ids_in, co
   });
   // down: y_rows = h @ down_e.T per expert.
   const std::vector<ExpertBlock> down_blocks = expert_blocks(experts, D);
-  const int64_t down_grain = std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(1, kBlockRows * F));
+  const int64_t down_grain =
+      std::max<int64_t>(1, kMinFmasPerThread / std::max<int64_t>(1, kBlockRows * F * rows_per_expert));
   at::parallel_for(0, static_cast<int64_t>(down_blocks.size()), down_grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const auto [e, n0, n1] = down_blocks[b];
       const int64_t r0 = row_start[e];
-      rows_range(hr_p + r0 * 2 * F, 2 * F, count[e], dw_p + e * D * F, F, F, yr_p + r0 * D, D, n0, n1);
+      rows_range(hr_p + r0 * 2 * F, 2 * F, count[e], dw_p + e * D * F, F, F, yr_p + r0 * D, D, n0, n1, prefetch);
     }
   });
   at::Tensor y = at::zeros({T, D}, x.options());
