@@ -3,6 +3,8 @@ docs/benchmarks.md, "Per-token overhead cut").
 
     PYTHONPATH=src .venv/bin/python bench/decode_variants.py --variants default library-products python-wrapper eager
     PYTHONPATH=src .venv/bin/python bench/decode_variants.py --batch 16 --tokens 32 --variants gathered dense
+    PYTHONPATH=src .venv/bin/python bench/decode_variants.py --prompt 1000 --decode-only \
+        --variants default inductor-attention
 
 Each variant is its own `DecodeStep` on the same model (its own compiled graphs); rounds alternate the variants'
 `generate` calls, so machine load hits them alike, and the report is the median tokens/s and the median of each
@@ -45,7 +47,17 @@ VARIANTS: dict[str, tuple[dict, float, float, bool]] = {
     "token-order-gather": ({}, ROUTING, ONEDNN, True),
     "no-few-rows": ({}, ROUTING, ONEDNN, True),
     "few-rows-dense-only": ({}, ROUTING, ONEDNN, True),
+    "inductor-attention": ({}, ROUTING, ONEDNN, True),
 }
+
+
+def _timed(run, seconds: list[float]):
+    def timed(*args):
+        t0 = time.perf_counter()
+        out = run(*args)
+        seconds.append(time.perf_counter() - t0)
+        return out
+    return timed
 
 
 def main() -> None:
@@ -57,6 +69,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--variants", nargs="+", default=["default", "library-products", "eager"], choices=list(VARIANTS))
+    ap.add_argument("--decode-only", action="store_true",
+                    help="tokens/s of the compiled decode steps alone (their calls' wall time, without the prefill)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = bench_config(args.config)
@@ -73,6 +87,7 @@ def main() -> None:
         moe_module._SORTED_GATHER = name != "token-order-gather"
         decode_module._FEW_ROWS = name != "no-few-rows"
         moe_module._FEW_ROWS_EXPERTS = name not in ("no-few-rows", "few-rows-dense-only")
+        decode_module._LATENT_ATTENTION = name not in ("no-few-rows", "inductor-attention")
         step = DecodeStep(model, **{"compile": True, **kwargs})
         model.__dict__.setdefault("_decode_steps", {})[True] = step
         t0 = time.perf_counter()
@@ -80,16 +95,24 @@ def main() -> None:
         print(f"# {name}: first call {time.perf_counter() - t0:.1f} s, greedy equal {torch.equal(out, ref)}",
               flush=True)
         steps[name] = step
+    step_seconds: list[float] = []  # --decode-only: the wall time of each compiled step call
+    for step in steps.values():
+        step._run = _timed(step._run, step_seconds)
     rates: dict[str, list[float]] = {n: [] for n in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
             model.__dict__["_decode_steps"][True] = step
+            step_seconds.clear()
             t0 = time.perf_counter()
             model.generate(ids, args.tokens, compile=True)
-            rates[name].append(args.batch * args.tokens / (time.perf_counter() - t0))
+            seconds, tokens = time.perf_counter() - t0, args.tokens
+            if args.decode_only:
+                seconds, tokens = sum(step_seconds), len(step_seconds)
+            rates[name].append(args.batch * tokens / seconds)
     load = os.getloadavg()
-    print(f"# {machine_info()}; config {args.config}, batch {args.batch}, {args.tokens} tokens after {args.prompt}; "
-          f"{args.rounds} rounds; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    only = " (decode only)" if args.decode_only else ""
+    print(f"# {machine_info()}; config {args.config}, batch {args.batch}, {args.tokens} tokens after {args.prompt}"
+          f"{only}; {args.rounds} rounds; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     first = args.variants[0]
     print(f"| variant | tokens/s (median) | vs {first} (median of round ratios) |")
     print("|---|---:|---:|")

@@ -51,10 +51,13 @@ def test_window_sizes():
     assert [window_size(n) for n in (0, 1, 64, 65, 128, 129, 1000)] == [64, 64, 64, 128, 128, 256, 1024]
 
 
-# gathered experts / every expert; every matmul through oneDNN (where built in) instead of only the large ones
-@pytest.mark.parametrize(("batch", "dense", "onednn"), [(1, False, False), (5, False, False), (5, True, False),
-                                                         (5, True, True)])
-def test_decode_forward_matches_reference_step(batch, dense, onednn, monkeypatch):
+# gathered experts / every expert; every matmul through oneDNN (where built in) instead of only the large ones;
+# attention through the kernel library's op (where it builds) / as the reductions the step compiles otherwise
+@pytest.mark.parametrize(("batch", "dense", "onednn", "kernel_attention"), [
+    (1, False, False, True), (5, False, False, True), (5, False, False, False), (5, True, False, True),
+    (5, True, True, True)])
+def test_decode_forward_matches_reference_step(batch, dense, onednn, kernel_attention, monkeypatch):
+    monkeypatch.setattr(decode_module, "_LATENT_ATTENTION", kernel_attention)
     if dense:
         monkeypatch.setattr(decode_module, "_DENSE_ROUTING_MIN_FRACTION", 0.0)
     if onednn:

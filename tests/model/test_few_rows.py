@@ -1,6 +1,6 @@
-"""The few-row product kernel (`openk2.model.few_rows`): its products and routed experts equal float64
-references at every row count, tail and stride it meets, independent of the thread count; compiled code calls it
-without a graph break; and a machine where it cannot build falls back with one warning."""
+"""The few-row product kernel (`openk2.model.few_rows`): its products, routed experts and decode attention equal
+float64 references at every row count, tail and stride they meet, independent of the thread count; compiled code
+calls it without a graph break; and a machine where it cannot build falls back with one warning."""
 
 from __future__ import annotations
 
@@ -98,6 +98,41 @@ def test_experts_equal_float64_reference(tokens, top_k, experts, ffn, hidden):
     assert torch.equal(outs[0], outs[1])  # a token's experts are summed in expert order on one thread
     with pytest.raises(RuntimeError, match="out of range"):
         few_rows.experts(x, ids + experts, gates, gate_w, up_w, down_w)
+
+
+def _latent_attention_reference(q_BHL, latent_BSL, key_valid_BS, new_BL, scale, c):
+    q, lat, new = q_BHL.double(), latent_BSL.double(), new_BL.double()
+    scores_BHS = (q @ lat.transpose(1, 2) * scale).masked_fill(~key_valid_BS[:, None, :], float("-inf"))
+    own_BH1 = (q * new[:, None, :]).sum(-1, keepdim=True) * scale
+    probs_BHX = torch.cat((scores_BHS, own_BH1), dim=-1).softmax(dim=-1)
+    S = lat.shape[1]
+    return probs_BHX[..., :S] @ lat[..., :c] + probs_BHX[..., S:] * new[:, None, :c]
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch, heads, keys, latent, c", [(8, 4, 128, 80, 64), (1, 8, 256, 288, 256),
+                                                            (3, 2, 13, 21, 5), (2, 3, 70, 80, 64)])
+def test_latent_attention_equals_float64_reference(batch, heads, keys, latent, c):
+    """Latents strided along rows and keys (a slot cache's live rows), masked keys, a row whose cached keys are all
+    masked (only its own new key counts), tails of every loop; the same numbers on 1 and 2 threads."""
+    gen = torch.Generator().manual_seed(batch * 100 + keys)
+    cache_BSL = torch.randn(batch + 1, keys + 3, latent, generator=gen)
+    latent_BSL = cache_BSL[1:, 2:keys + 2]
+    q_BHL = torch.randn(batch, heads, latent, generator=gen)
+    new_BL = torch.randn(batch, latent, generator=gen)
+    key_valid_BS = torch.rand(batch, keys, generator=gen) < 0.8
+    key_valid_BS[-1, :] = batch == 1  # the last row: nothing cached to see (but a single row sees everything)
+    scale = latent**-0.5
+    outs = []
+    for threads in (1, 2):
+        with _threads(threads):
+            outs.append(few_rows.latent_attention(q_BHL, latent_BSL, key_valid_BS, new_BL, scale, c))
+    assert outs[0].shape == (batch, heads, c)
+    ref = _latent_attention_reference(q_BHL, latent_BSL, key_valid_BS, new_BL, scale, c)
+    assert torch.allclose(outs[0].double(), ref, atol=1e-5)
+    assert torch.equal(outs[0], outs[1])  # each (row, head) pair on one thread
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        few_rows.latent_attention(q_BHL, latent_BSL[:, :-1], key_valid_BS, new_BL, scale, c)
 
 
 @needs_kernel

@@ -82,6 +82,11 @@ _BMM_REDUCTIONS = True
 # where it builds: it streams a weight at 1-8 rows faster than oneDNN and than Inductor's reductions (in-process
 # A/B in docs/benchmarks.md, "Few-row products"). False: the choices above.
 _FEW_ROWS = True
+# The attention over the latent cache (scores, softmax, weighted sum of latents) of a CPU fp32 step through the
+# kernel library's `latent_attention` (`openk2.model.few_rows`) where it builds: compiled, Inductor runs the sum over
+# keys as one chain of dependent adds per output vector (docs/benchmarks.md, "Decode attention"). False: the
+# reductions below.
+_LATENT_ATTENTION = True
 
 CompileSwitch = bool | str  # True, False or "auto"
 
@@ -160,12 +165,15 @@ def _attention_step(
     # W_uk folded into the query: per head [B, N] @ [N, C].
     q_lat_HBC = _bmm(q_BHQ[..., :N].transpose(0, 1), w_HXC[:, :N])
     q_BHL = torch.cat((q_lat_HBC.transpose(0, 1), pe_BXR[:, :H]), dim=-1)
-    scores_BHS = _bmm(q_BHL, latent_BSL.transpose(1, 2)) * attn.scale
-    scores_BHS = scores_BHS.masked_fill(~key_valid_BS[:, None, :], float("-inf"))
-    own_BH1 = (q_BHL * new_BL[:, None, :]).sum(dim=-1, keepdim=True) * attn.scale
-    probs_BHX = torch.cat((scores_BHS, own_BH1), dim=-1).float().softmax(dim=-1).to(latent_BSL.dtype)
-    S = latent_BSL.shape[1]
-    o_lat_BHC = _bmm(probs_BHX[..., :S], latent_BSL[..., :C]) + probs_BHX[..., S:] * ckv_BC[:, None, :]
+    if _LATENT_ATTENTION and few_rows.takes_attention(q_BHL, latent_BSL):
+        o_lat_BHC = few_rows.latent_attention(q_BHL, latent_BSL, key_valid_BS, new_BL, attn.scale, C)
+    else:
+        scores_BHS = _bmm(q_BHL, latent_BSL.transpose(1, 2)) * attn.scale
+        scores_BHS = scores_BHS.masked_fill(~key_valid_BS[:, None, :], float("-inf"))
+        own_BH1 = (q_BHL * new_BL[:, None, :]).sum(dim=-1, keepdim=True) * attn.scale
+        probs_BHX = torch.cat((scores_BHS, own_BH1), dim=-1).float().softmax(dim=-1).to(latent_BSL.dtype)
+        S = latent_BSL.shape[1]
+        o_lat_BHC = _bmm(probs_BHX[..., :S], latent_BSL[..., :C]) + probs_BHX[..., S:] * ckv_BC[:, None, :]
     # W_uv folded into the output: per head [B, C] @ [C, V].
     out_HBV = _bmm(o_lat_BHC.transpose(0, 1), w_HXC[:, N:].transpose(1, 2))
     return _linear(out_HBV.transpose(0, 1).reshape(B, H * V), attn.o_proj.weight), new_BL

@@ -11,9 +11,12 @@ weight rows for one input row), prefetches the next weight rows of a weight larg
 rows (without, a weight read from DRAM at 8 rows streamed at half the bandwidth of one row), and splits the weight's
 rows over torch's intra-op threads; its experts op runs the routed SwiGLU experts of a decode step or of a prefill
 of up to a few hundred tokens on the same tiles, each chosen expert read once, in one call instead of several per
-expert. It is compiled on first use with the C++ compiler torch.compile's CPU backend needs anyway (~5-15 s), into
-`~/.cache/openk2/kernels` (`OPENK2_KERNEL_CACHE`), keyed by the source, torch's version and the flags, and loaded as
-the ops `torch.ops.openk2_kernels.few_rows_mm` and `.few_rows_experts`, which Dynamo and Inductor see as plain ops.
+expert. The same library holds the decode step's absorbed MLA attention over the latent cache
+(`csrc/latent_attention.cpp`, `latent_attention`), whose sum over keys Inductor compiles into latency-bound chains.
+It is compiled on first use with the C++ compiler torch.compile's CPU backend needs anyway (~5-15 s), into
+`~/.cache/openk2/kernels` (`OPENK2_KERNEL_CACHE`), keyed by the sources, torch's version and the flags, and loaded as
+the ops `torch.ops.openk2_kernels.few_rows_mm`, `.few_rows_experts` and `.latent_attention`, which Dynamo and
+Inductor see as plain ops.
 
 Forward only (no autograd formula): the decode step and other inference products call it. CPUs without AVX2 and
 FMA, other architectures, or a failed build fall back to the caller's path (oneDNN or aten's), with one warning
@@ -48,7 +51,7 @@ MAX_ROWS = 32
 #: dominate them: at 64 slots per expert the op ran at 2.0x (config A) and 1.0x (config C) the per-expert oneDNN
 #: products, at 128 at 1.6x / 1.9x, at 256 at 1.2x / 1.0x (2 threads; docs/benchmarks.md, "Prefill").
 MAX_SLOTS_PER_EXPERT = 128
-SOURCE = Path(__file__).with_name("csrc") / "few_rows.cpp"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("few_rows.cpp", "latent_attention.cpp"))
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
 
 _lock = threading.Lock()
@@ -81,11 +84,12 @@ def _compile_command(out: Path) -> list[str]:
     # torch's own libgomp (torch/lib): the kernel's threads are torch's intra-op pool, not a second OpenMP runtime.
     libs = [flag for p in cpp_extension.library_paths() for flag in (f"-L{p}", f"-Wl,-rpath,{p}")]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-    return [cxx, *_FLAGS, abi, *includes, str(SOURCE), "-o", str(out), *libs, "-lc10", "-ltorch_cpu", "-lgomp"]
+    return [cxx, *_FLAGS, abi, *includes, *map(str, SOURCES), "-o", str(out), *libs, "-lc10", "-ltorch_cpu", "-lgomp"]
 
 
 def library_path() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__}|{' '.join(_FLAGS)}".encode()).hexdigest()
+    sources = b"".join(path.read_bytes() for path in SOURCES)
+    key = hashlib.sha256(sources + f"{torch.__version__}|{' '.join(_FLAGS)}".encode()).hexdigest()
     return cache_dir() / f"few_rows-{key[:16]}.so"
 
 
@@ -120,6 +124,10 @@ def _load() -> None:
     @torch.library.register_fake("openk2_kernels::few_rows_experts")
     def _(x_TD, ids_TK, gates_TK, gate_EFD, up_EFD, down_EDF) -> torch.Tensor:
         return x_TD.new_empty(x_TD.shape)
+
+    @torch.library.register_fake("openk2_kernels::latent_attention")
+    def _(q_BHL, latent_BSL, key_valid_BS, new_BL, scale, c) -> torch.Tensor:
+        return q_BHL.new_empty(q_BHL.shape[0], q_BHL.shape[1], c)
 
 
 @torch.compiler.assume_constant_result  # compiled code asks too: a constant of the trace, not a graph break
@@ -178,3 +186,16 @@ def experts(x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, gates_TK: torch.Ten
     expert's weights read once for all the tokens that chose it (`RoutedExperts.forward_gathered`'s numbers).
     Forward only."""
     return torch.ops.openk2_kernels.few_rows_experts(x_TD, expert_ids_TK, gates_TK, gate_EFD, up_EFD, down_EDF)
+
+
+def takes_attention(q_BHL: torch.Tensor, latent_BSL: torch.Tensor) -> bool:
+    """`takes` for `latent_attention`: fp32 CPU operands, not DTensors, and the kernel available."""
+    return _kernel_operands(q_BHL, latent_BSL) and available()
+
+
+def latent_attention(q_BHL: torch.Tensor, latent_BSL: torch.Tensor, key_valid_BS: torch.Tensor, new_BL: torch.Tensor,
+                     scale: float, c: int) -> torch.Tensor:
+    """A decode step's absorbed MLA attention [B, H, c]: softmax over the cached latents (masked by `key_valid_BS`)
+    and the row's own new latent of `scale * q . latent`, weighting the latents' first `c` dims
+    (`decode._attention_step`'s numbers; `csrc/latent_attention.cpp`). Forward only."""
+    return torch.ops.openk2_kernels.latent_attention(q_BHL, latent_BSL, key_valid_BS, new_BL, scale, c)
