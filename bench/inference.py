@@ -120,7 +120,7 @@ def llama_bench(gguf: Path, threads: int, n_prompt: int, n_gen: int) -> float:
 def llama_batched(gguf: Path, threads: int, batch: int, n_prompt: int, n_gen: int) -> float:
     """Summed decode tokens/s of `batch` sequences (llama-batched-bench S_TG)."""
     ctx = max(4096, 2 * batch * (n_prompt + n_gen))
-    for _attempt in range(2):  # a loaded machine once produced a table without its row: run it again
+    for _attempt in range(4):  # a loaded machine now and then produces a table without its row: run it again
         out = subprocess.run([str(llamacpp_bin("llama-batched-bench")), "-m", str(gguf), "-t", str(threads),
                               "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(n_prompt), "-ntg", str(n_gen),
                               "-npl", str(batch)], check=True, capture_output=True, text=True)
