@@ -84,6 +84,7 @@ def _experts_reference(x, ids, gates, gate_w, up_w, down_w):
                                                                  (5, 3, 8, 50, 77), (32, 6, 64, 16, 40),
                                                                  (24, 2, 16, 128, 256)])  # 2 MiB: prefetching
 def test_experts_equal_float64_reference(tokens, top_k, experts, ffn, hidden):
+    assert few_rows.available(), few_rows._state.get("error")
     gen = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, hidden, generator=gen)
     gate_w, up_w = (torch.randn(experts, ffn, hidden, generator=gen) / hidden**0.5 for _ in range(2))
@@ -115,6 +116,7 @@ def _latent_attention_reference(q_BHL, latent_BSL, key_valid_BS, new_BL, scale, 
 def test_latent_attention_equals_float64_reference(batch, heads, keys, latent, c):
     """Latents strided along rows and keys (a slot cache's live rows), masked keys, a row whose cached keys are all
     masked (only its own new key counts), tails of every loop; the same numbers on 1 and 2 threads."""
+    assert few_rows.available(), few_rows._state.get("error")  # loads the library (run alone, nothing else has)
     gen = torch.Generator().manual_seed(batch * 100 + keys)
     cache_BSL = torch.randn(batch + 1, keys + 3, latent, generator=gen)
     latent_BSL = cache_BSL[1:, 2:keys + 2]

@@ -32,6 +32,24 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// exp(x) for 8 floats (Cephes' expf: x = n ln2 + r, a degree-5 polynomial in r, times 2^n), to ~1 ulp over the
+// float range; inputs below -88.38 give 0 and above 88.38 give exp(88.38).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
@@ -120,8 +138,16 @@ at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& latent, co
         p[s] = valid_r[s] ? sc * p[s] : neg_inf;
         top = std::max(top, p[s]);
       }
-      float total = 0.0f;
-      for (s = 0; s < S; ++s) total += (p[s] = std::exp(p[s] - top));
+      // exp(score - max), 8 keys at a time (masked keys: exp8 of -inf is 0)
+      const __m256 top_v = _mm256_set1_ps(top);
+      __m256 total_v = _mm256_setzero_ps();
+      for (s = 0; s + 8 <= S; s += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.data() + s), top_v));
+        _mm256_storeu_ps(p.data() + s, e);
+        total_v = _mm256_add_ps(total_v, e);
+      }
+      float total = hsum8(total_v);
+      for (; s < S; ++s) total += (p[s] = std::exp(p[s] - top));
       own = std::exp(own - top);
       total += own;
       const float inv = 1.0f / total;
