@@ -2,9 +2,9 @@
 //
 // Why: compiled, this part of the step (scores, softmax, the probability-weighted sum of latents) is an Inductor
 // reduction whose sum over keys runs as one chain of dependent adds per output vector: latency-bound, ~150 us per
-// layer on config A at batch 8 where the arithmetic takes ~20 (docs/benchmarks.md, "Decode attention"). Here each
-// (row, head) pair runs its scores as dot products 4 keys at a time and its sum over keys with the latent's
-// vectors as independent accumulators.
+// layer on config A at batch 8 where the arithmetic takes ~20 (docs/benchmarks.md, "Prefetching products, decode
+// attention as a kernel"). Here each (row, head) pair runs its scores as dot products 4 keys at a time, its
+// exponentials 8 at a time, and its sum over keys with the latent's vectors as independent accumulators.
 //
 // For each row b and head h, with q [B, H, L], latents [B, S, L], key_valid [B, S], the row's new latent [B, L]:
 //   scores[s] = scale * q[b, h] . latent[b, s]   (-inf where !key_valid[b, s]),  own = scale * q[b, h] . new[b]
