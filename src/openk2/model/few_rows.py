@@ -52,6 +52,7 @@ MAX_ROWS = 32
 #: products, at 128 at 1.6x / 1.9x, at 256 at 1.2x / 1.0x (2 threads; docs/benchmarks.md, "Prefill").
 MAX_SLOTS_PER_EXPERT = 128
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("few_rows.cpp", "latent_attention.cpp"))
+HEADERS = (Path(__file__).with_name("csrc") / "tiles.h",)  # included by the sources: part of the cache key
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
 
 _lock = threading.Lock()
@@ -88,7 +89,7 @@ def _compile_command(out: Path) -> list[str]:
 
 
 def library_path() -> Path:
-    sources = b"".join(path.read_bytes() for path in SOURCES)
+    sources = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     key = hashlib.sha256(sources + f"{torch.__version__}|{' '.join(_FLAGS)}".encode()).hexdigest()
     return cache_dir() / f"few_rows-{key[:16]}.so"
 

@@ -23,14 +23,12 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "tiles.h"
+
 namespace {
 
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using openk2_kernels::hsum;
+using openk2_kernels::tile;
 
 // exp(x) for 8 floats (Cephes' expf: x = n ln2 + r, a degree-5 polynomial in r, times 2^n), to ~1 ulp over the
 // float range; inputs below -88.38 give 0 and above 88.38 give exp(88.38).
@@ -48,32 +46,6 @@ inline __m256 exp8(__m256 x) {
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float s = hsum8(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// Dot products of q with 4 rows of k (stride ldk): one q load per 4 fused multiply-adds.
-inline void dot4(const float* q, const float* k, int64_t ldk, int64_t n, float* out) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
-         acc3 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 q_v = _mm256_loadu_ps(q + i);
-    acc0 = _mm256_fmadd_ps(q_v, _mm256_loadu_ps(k + i), acc0);
-    acc1 = _mm256_fmadd_ps(q_v, _mm256_loadu_ps(k + ldk + i), acc1);
-    acc2 = _mm256_fmadd_ps(q_v, _mm256_loadu_ps(k + 2 * ldk + i), acc2);
-    acc3 = _mm256_fmadd_ps(q_v, _mm256_loadu_ps(k + 3 * ldk + i), acc3);
-  }
-  out[0] = hsum8(acc0), out[1] = hsum8(acc1), out[2] = hsum8(acc2), out[3] = hsum8(acc3);
-  for (; i < n; ++i)
-    for (int j = 0; j < 4; ++j) out[j] += q[i] * k[j * ldk + i];
 }
 
 // out[:C] = sum_s p[s] * rows[s, :C] + p_last * last[:C], 64 columns at a time in 8 independent accumulators.
@@ -130,10 +102,14 @@ at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& latent, co
       const float* q_r = q_p + u * L;
       const float* lat_r = lat_p + b * lat_b;
       const bool* valid_r = valid_p + b * S;
+      // q against 4 keys at a time: one q load per 4 fused multiply-adds (the few-row products' tile, one input row)
       int64_t s = 0;
-      for (; s + 4 <= S; s += 4) dot4(q_r, lat_r + s * lat_s, lat_s, L, p.data() + s);
-      for (; s < S; ++s) p[s] = dot(q_r, lat_r + s * lat_s, L);
-      float own = sc * dot(q_r, new_p + b * L, L), top = own;
+      for (; s + 4 <= S; s += 4) tile<1, 4>(q_r, 0, lat_r + s * lat_s, lat_s, L, p.data() + s, 0);
+      for (; s < S; ++s) tile<1, 1>(q_r, 0, lat_r + s * lat_s, lat_s, L, p.data() + s, 0);
+      float own;
+      tile<1, 1>(q_r, 0, new_p + b * L, L, L, &own, 0);
+      own *= sc;
+      float top = own;
       for (s = 0; s < S; ++s) {
         p[s] = valid_r[s] ? sc * p[s] : neg_inf;
         top = std::max(top, p[s]);
@@ -146,7 +122,7 @@ at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& latent, co
         _mm256_storeu_ps(p.data() + s, e);
         total_v = _mm256_add_ps(total_v, e);
       }
-      float total = hsum8(total_v);
+      float total = hsum(total_v);
       for (; s < S; ++s) total += (p[s] = std::exp(p[s] - top));
       own = std::exp(own - top);
       total += own;
