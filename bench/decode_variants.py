@@ -48,6 +48,7 @@ VARIANTS: dict[str, tuple[dict, float, float, bool]] = {
     "no-few-rows": ({}, ROUTING, ONEDNN, True),
     "few-rows-dense-only": ({}, ROUTING, ONEDNN, True),
     "inductor-attention": ({}, ROUTING, ONEDNN, True),
+    "experts-op": ({}, ROUTING, ONEDNN, True),
 }
 
 
@@ -88,6 +89,7 @@ def main() -> None:
         decode_module._FEW_ROWS = name != "no-few-rows"
         moe_module._FEW_ROWS_EXPERTS = name not in ("no-few-rows", "few-rows-dense-only")
         decode_module._LATENT_ATTENTION = name not in ("no-few-rows", "inductor-attention")
+        moe_module._SMALL_EXPERTS_TO_INDUCTOR = name != "experts-op"
         step = DecodeStep(model, **{"compile": True, **kwargs})
         model.__dict__.setdefault("_decode_steps", {})[True] = step
         t0 = time.perf_counter()

@@ -21,9 +21,11 @@ def test_query_blocked_prefill_matches_one_block(monkeypatch):
     assert torch.equal(whole_BT, blocked_BT)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "nano"])
-def test_expanded_prefill_matches_absorbed(preset, monkeypatch):
-    """Left padding, then a second chunk on top of the cache: both forms give the same logits."""
+@pytest.mark.parametrize("preset, kernel", [("tiny", True), ("nano", True), ("nano", False)])
+def test_expanded_prefill_matches_absorbed(preset, kernel, monkeypatch):
+    """Left padding, then a second chunk on top of the cache: both forms give the same logits, the expanded one
+    through the kernel library's `masked_attention` (where it builds) and through `blocked_masked_attention`."""
+    monkeypatch.setattr(attention, "_MASKED_ATTENTION_KERNEL", kernel)
     model = build_model(get_preset(preset), seed=0).eval()
     ids_BT = torch.randint(0, 200, (2, 40), generator=torch.Generator().manual_seed(0))
     valid_BT = torch.ones(2, 40, dtype=torch.bool)

@@ -138,6 +138,34 @@ def test_latent_attention_equals_float64_reference(batch, heads, keys, latent, c
 
 
 @needs_kernel
+@pytest.mark.parametrize("batch, heads, queries, keys, qk, v", [(1, 4, 512, 512, 48, 32), (2, 3, 37, 50, 20, 13),
+                                                                (3, 2, 5, 70, 96, 64), (1, 1, 1, 1, 8, 8)])
+def test_masked_attention_equals_float64_reference(batch, heads, queries, keys, qk, v):
+    """A cached prefill's masks (causal after a cached past, left padding, a row that sees no key), q and v strided
+    as `MLA._expanded_cached` passes them, tails of every tile; the same numbers on 1 and 2 threads."""
+    assert few_rows.available(), few_rows._state.get("error")
+    gen = torch.Generator().manual_seed(batch * 1000 + keys)
+    q_BHTQ = torch.randn(batch, queries, heads, qk, generator=gen).transpose(1, 2)
+    k_BHSQ = torch.randn(batch, heads, keys, qk, generator=gen)
+    v_BHSV = torch.randn(batch, keys, heads, v + 3, generator=gen).transpose(1, 2)[..., 3:]
+    mask_BTS = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries).expand(batch, -1, -1).clone()
+    mask_BTS[-1, :, : keys // 3] = False  # the last row is left-padded: its first queries see nothing
+    scale = qk**-0.5
+    outs = []
+    for threads in (1, 2):
+        with _threads(threads):
+            outs.append(few_rows.masked_attention(q_BHTQ, k_BHSQ, v_BHSV, mask_BTS, scale))
+    assert outs[0].shape == (batch, heads, queries, v)
+    scores = (q_BHTQ.double() @ k_BHSQ.double().transpose(-1, -2) * scale).masked_fill(~mask_BTS[:, None],
+                                                                                        float("-inf"))
+    ref = torch.nan_to_num(scores.softmax(dim=-1)) @ v_BHSV.double()  # a row that sees no key: zeros
+    assert torch.allclose(outs[0].double(), ref, atol=1e-5)
+    assert torch.equal(outs[0], outs[1])  # each block of query rows on one thread
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        few_rows.masked_attention(q_BHTQ, k_BHSQ[:, :, :-1], v_BHSV, mask_BTS, scale)
+
+
+@needs_kernel
 def test_compiled_code_calls_the_kernel_without_graph_break():
     """Dynamo sees `available()` as a constant of the trace and the ops through their fake kernels."""
     gen = torch.Generator().manual_seed(0)

@@ -6,7 +6,8 @@ latent `c_kv` and the rotated shared `k_pe` (`kv_lora_rank + qk_rope_head_dim` v
 `W_uk` is folded into the query and `W_uv` into the output, so attention is one multi-query attention over
 the latent. A long chunk with a cache (a prompt's prefill) stores its latents the same way but attends in the
 expanded form, where that costs fewer FLOPs (`MLA._expand_pays`), as DeepSeek-V3's own inference does; on CPU
-through `blocked_masked_attention`, which skips the causal blocks no query of a block can see."""
+through the kernel library's `masked_attention` (fp32; `few_rows`) or `blocked_masked_attention`, both of which skip
+the causal blocks no query of a block can see."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openk2.model import few_rows
 from openk2.model.config import ModelConfig
 from openk2.model.matmul import Linear
 from openk2.model.rope import apply_rope
@@ -34,6 +36,10 @@ _BLOCKED_ATTENTION_QUERY_ROWS = 128
 # this many score elements (32 M, 128 MiB fp32), else a 12k-token prompt needs ~2 GiB per layer, and the passes
 # over it, not the FLOPs, set the prefill time (5x slower on CPU than blocks).
 _ABSORBED_SCORE_BLOCK = 1 << 25
+# A cached prefill's attention on CPU in fp32 runs the kernel library's `masked_attention` (`few_rows`), 1.5-2x
+# `blocked_masked_attention` at the bench configs' heads (docs/benchmarks.md, "Prefill attention as a kernel");
+# False keeps the reference.
+_MASKED_ATTENTION_KERNEL = True
 
 
 def blocked_causal_attention(
@@ -197,6 +203,8 @@ class MLA(nn.Module):
         k_pe_BHSR = latent_BSL[..., C:].unsqueeze(1).expand(B, H, S, self.rope_dim)
         k_BHSQ = torch.cat((k_nope_BSHN.transpose(1, 2), k_pe_BHSR), dim=-1)
         v_BHSV = v_BSHV.transpose(1, 2)
+        if _MASKED_ATTENTION_KERNEL and few_rows.takes_masked_attention(q_BHTQ, k_BHSQ, v_BHSV):
+            return few_rows.masked_attention(q_BHTQ, k_BHSQ, v_BHSV, mask_BTS, self.scale).transpose(1, 2)
         if q_BHTQ.device.type == "cpu":
             return blocked_masked_attention(q_BHTQ, k_BHSQ, v_BHSV, mask_BTS, self.scale).transpose(1, 2)
         if self.qk_dim > V:  # as in training: SDPA's fused kernel wants V at the QK head dim

@@ -51,8 +51,9 @@ MAX_ROWS = 32
 #: dominate them: at 64 slots per expert the op ran at 2.0x (config A) and 1.0x (config C) the per-expert oneDNN
 #: products, at 128 at 1.6x / 1.9x, at 256 at 1.2x / 1.0x (2 threads; docs/benchmarks.md, "Prefill").
 MAX_SLOTS_PER_EXPERT = 128
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("few_rows.cpp", "latent_attention.cpp"))
-HEADERS = (Path(__file__).with_name("csrc") / "tiles.h",)  # included by the sources: part of the cache key
+_CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(_CSRC / name for name in ("few_rows.cpp", "latent_attention.cpp", "masked_attention.cpp"))
+HEADERS = (_CSRC / "tiles.h", _CSRC / "work_split.h")  # included by the sources: part of the cache key
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
 
 _lock = threading.Lock()
@@ -130,6 +131,10 @@ def _load() -> None:
     def _(q_BHL, latent_BSL, key_valid_BS, new_BL, scale, c) -> torch.Tensor:
         return q_BHL.new_empty(q_BHL.shape[0], q_BHL.shape[1], c)
 
+    @torch.library.register_fake("openk2_kernels::masked_attention")
+    def _(q_BHTQ, k_BHSQ, v_BHSV, mask_BTS, scale) -> torch.Tensor:
+        return q_BHTQ.new_empty(*q_BHTQ.shape[:3], v_BHSV.shape[3])
+
 
 @torch.compiler.assume_constant_result  # compiled code asks too: a constant of the trace, not a graph break
 def available() -> bool:
@@ -200,3 +205,15 @@ def latent_attention(q_BHL: torch.Tensor, latent_BSL: torch.Tensor, key_valid_BS
     and the row's own new latent of `scale * q . latent`, weighting the latents' first `c` dims
     (`decode._attention_step`'s numbers; `csrc/latent_attention.cpp`). Forward only."""
     return torch.ops.openk2_kernels.latent_attention(q_BHL, latent_BSL, key_valid_BS, new_BL, scale, c)
+
+
+def takes_masked_attention(q_BHTQ: torch.Tensor, k_BHSQ: torch.Tensor, v_BHSV: torch.Tensor) -> bool:
+    """`takes` for `masked_attention`: fp32 CPU operands, not DTensors, and the kernel available."""
+    return _kernel_operands(q_BHTQ, k_BHSQ, v_BHSV) and available()
+
+
+def masked_attention(q_BHTQ: torch.Tensor, k_BHSQ: torch.Tensor, v_BHSV: torch.Tensor, mask_BTS: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Softmax attention under a boolean mask (True: attend), [B, H, T, V]: `attention.blocked_masked_attention`'s
+    numbers (`csrc/masked_attention.cpp`), for a cached prefill. A row that sees no key gets zeros. Forward only."""
+    return torch.ops.openk2_kernels.masked_attention(q_BHTQ, k_BHSQ, v_BHSV, mask_BTS, scale)

@@ -197,7 +197,7 @@ class RoutedExperts(nn.Module):
         `matmul.MIN_ELEMENTS` per matrix) in compiled code, where Inductor fuses the gathered products with the ops
         around them for less than a library call costs (config A's experts, 128 x 256: 0.95x at batch 1, 0.98x at
         batch 8 through the op; docs/benchmarks.md)."""
-        small = self.gate_proj[0].numel() < matmul.MIN_ELEMENTS
+        small = self.gate_proj[0].numel() < matmul.MIN_ELEMENTS and _SMALL_EXPERTS_TO_INDUCTOR
         return (_FEW_ROWS_EXPERTS and not (small and torch.compiler.is_compiling())
                 and few_rows.takes_experts(x_ND, expert_ids_NK, self.gate_proj))
 
@@ -253,6 +253,9 @@ _SORTED_GATHER = True
 # builds: each chosen expert read once for all its tokens at the kernel's speed (docs/benchmarks.md, "Few-row
 # products"). False: the gathered products above.
 _FEW_ROWS_EXPERTS = True
+# Compiled code leaves experts below `matmul.MIN_ELEMENTS` per matrix to Inductor (`takes_few_rows_kernel`); False
+# sends them through the experts op too (bench/decode_variants.py's `experts-op`).
+_SMALL_EXPERTS_TO_INDUCTOR = True
 
 
 class MoE(nn.Module):

@@ -1,0 +1,248 @@
+// Softmax attention under a boolean mask, forward only, in fp32 on x86-64 with AVX2 and FMA: a cached prefill's
+// attention in the expanded MLA form (`attention.MLA._expanded_cached`).
+//
+// Why: as batched matmuls (`attention.blocked_masked_attention`, which stays the reference) a prefill's attention
+// runs at a fifth of the host's fp32 peak: with heads of 48-96 dims each product is small, and the scores make
+// five passes through memory (bias, product, softmax, copy, product). Here a block of 6 query rows scores its keys
+// in registers (6 rows x 16 keys per step, outer products over the head dim against keys packed once per
+// head), exponentiates 8 at a time and sums the values with the rows' probabilities from L1.
+//
+// For each batch row b, head h and query t:
+//   s = scale * q[b, h, t] . k[b, h, :]   (-inf where !mask[b, t, :]),   out[b, h, t] = softmax(s) @ v[b, h]
+// Every query row must see at least one key (a row that sees none gets zeros). The keys past the last one any row
+// of a block may see are never read: a causal prefill computes half the score matrix.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "tiles.h"
+#include "work_split.h"
+
+namespace {
+
+using openk2_kernels::exp8;
+using openk2_kernels::hsum;
+using openk2_kernels::parallel_by_work;
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+// Query rows per block: the scores' register tile is 6 rows x 16 keys (12 accumulators).
+constexpr int kRows = 6;
+// A thread's share is at least this many multiply-adds: less is not worth a fork (as in few_rows.cpp).
+constexpr int64_t kMinFmasPerThread = 1 << 16;
+// Keys are padded to a multiple of this in the transposed copy, so score tiles never run past it.
+constexpr int64_t kKeyStep = 16;
+
+// p[r, s] = q[r] . k[s] for R query rows and keys [0, S) (S a multiple of 16), the keys packed in panels of 16:
+// panel j is [Q, 16], keys 16 j to 16 j + 15 transposed, so a tile reads one contiguous panel.
+template <int R>
+void scores_tile(const float* q, int64_t ldq, const float* panels, int64_t Q, int64_t S, float* p, int64_t ldp) {
+  for (int64_t s = 0; s < S; s += kKeyStep) {
+    const float* panel = panels + s * Q;
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < Q; ++d) {
+      const __m256 k0 = _mm256_loadu_ps(panel + d * kKeyStep), k1 = _mm256_loadu_ps(panel + d * kKeyStep + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 q_v = _mm256_broadcast_ss(q + r * ldq + d);
+        acc[r][0] = _mm256_fmadd_ps(q_v, k0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(q_v, k1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(p + r * ldp + s, acc[r][0]);
+      _mm256_storeu_ps(p + r * ldp + s + 8, acc[r][1]);
+    }
+  }
+}
+
+// out[r, :NV*8] = sum_s p[r, s] * v[s, :NV*8] for R rows (R * NV <= 12 accumulators).
+template <int R, int NV>
+void weighted_values(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t S, float* out,
+                     int64_t ldo) {
+  __m256 acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    __m256 v_v[NV];
+    for (int j = 0; j < NV; ++j) v_v[j] = _mm256_loadu_ps(v + s * ldv + 8 * j);
+    for (int r = 0; r < R; ++r) {
+      const __m256 p_v = _mm256_broadcast_ss(p + r * ldp + s);
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_fmadd_ps(p_v, v_v[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(out + r * ldo + 8 * j, acc[r][j]);
+}
+
+// All V columns of R rows: 32 columns (3 rows at a time), then 8, then the scalar rest.
+void weighted_values_rows(int R, const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t S, int64_t V,
+                          float* out, int64_t ldo) {
+  int64_t c = 0;
+  for (; c + 32 <= V; c += 32) {
+    int r = 0;
+    for (; r + 3 <= R; r += 3) weighted_values<3, 4>(p + r * ldp, ldp, v + c, ldv, S, out + r * ldo + c, ldo);
+    for (; r < R; ++r) weighted_values<1, 4>(p + r * ldp, ldp, v + c, ldv, S, out + r * ldo + c, ldo);
+  }
+  for (; c + 8 <= V; c += 8) {
+    int r = 0;
+    for (; r + 6 <= R; r += 6) weighted_values<6, 1>(p + r * ldp, ldp, v + c, ldv, S, out + r * ldo + c, ldo);
+    for (; r < R; ++r) weighted_values<1, 1>(p + r * ldp, ldp, v + c, ldv, S, out + r * ldo + c, ldo);
+  }
+  for (; c < V; ++c)
+    for (int r = 0; r < R; ++r) {
+      float sum = 0.0f;
+      for (int64_t s = 0; s < S; ++s) sum += p[r * ldp + s] * v[s * ldv + c];
+      out[r * ldo + c] = sum;
+    }
+}
+
+// Masks a row's scores, exponentiates them in place (minus the row's max) and returns 1 / their sum (0 when the
+// row sees no key).
+float softmax_row(float* p, const bool* mask, int64_t S, float scale) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const __m256 scale_v = _mm256_set1_ps(scale), neg_inf_v = _mm256_set1_ps(neg_inf);
+  __m256 top_v = neg_inf_v;
+  int64_t s = 0;
+  for (; s + 8 <= S; s += 8) {  // 8 mask bytes widened to lanes: all-ones where the key is seen
+    const __m256i seen = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mask + s)));
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(seen, _mm256_setzero_si256()));
+    const __m256 x = _mm256_blendv_ps(neg_inf_v, _mm256_mul_ps(scale_v, _mm256_loadu_ps(p + s)), keep);
+    _mm256_storeu_ps(p + s, x);
+    top_v = _mm256_max_ps(top_v, x);
+  }
+  float top = hmax(top_v);
+  for (; s < S; ++s) {
+    p[s] = mask[s] ? scale * p[s] : neg_inf;
+    top = std::max(top, p[s]);
+  }
+  if (top == neg_inf) {
+    std::fill_n(p, S, 0.0f);
+    return 0.0f;
+  }
+  const __m256 subtract = _mm256_set1_ps(top);
+  __m256 total_v = _mm256_setzero_ps();
+  for (s = 0; s + 8 <= S; s += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), subtract));
+    _mm256_storeu_ps(p + s, e);
+    total_v = _mm256_add_ps(total_v, e);
+  }
+  float total = hsum(total_v);
+  for (; s < S; ++s) total += (p[s] = std::exp(p[s] - top));
+  return 1.0f / total;
+}
+
+// One unit of work: query rows [t0, t0 + rows) of head h of batch row b, against keys [0, keys).
+struct Block {
+  int64_t b, h, t0, rows, keys;
+};
+
+at::Tensor masked_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                            const at::Tensor& mask_in, double scale) {
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4 && mask_in.dim() == 3,
+              "masked_attention: expected q [B, H, T, Q], k [B, H, S, Q], v [B, H, S, V], mask [B, T, S]");
+  const int64_t B = q_in.size(0), H = q_in.size(1), T = q_in.size(2), Q = q_in.size(3), S = k_in.size(2),
+                V = v_in.size(3);
+  TORCH_CHECK(k_in.size(0) == B && k_in.size(1) == H && k_in.size(3) == Q && v_in.size(0) == B &&
+                  v_in.size(1) == H && v_in.size(2) == S && mask_in.size(0) == B && mask_in.size(1) == T &&
+                  mask_in.size(2) == S,
+              "masked_attention: shapes do not match: q ", q_in.sizes(), ", k ", k_in.sizes(), ", v ", v_in.sizes(),
+              ", mask ", mask_in.sizes());
+  for (const at::Tensor* t : {&q_in, &k_in, &v_in})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_cpu(), "masked_attention: fp32 CPU tensors only");
+  TORCH_CHECK(mask_in.scalar_type() == at::kBool, "masked_attention: mask must be bool");
+  const at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+  const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
+  const at::Tensor mask = mask_in.contiguous();
+  at::Tensor out = at::empty({B, H, T, V}, q.options());
+  if (out.numel() == 0) return out;
+  const bool* mask_p = mask.data_ptr<bool>();
+
+  // The last key each query row sees, + 1 (0: none); a block reads keys up to its rows' largest.
+  std::vector<int64_t> seen(B * T);
+  at::parallel_for(0, B * T, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const bool* row = mask_p + i * S;
+      int64_t s = S;
+      while (s > 0 && !row[s - 1]) --s;
+      seen[i] = s;
+    }
+  });
+  std::vector<Block> blocks;
+  bool skipped = false;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t0 = 0; t0 < T; t0 += kRows) {
+      const int64_t rows = std::min<int64_t>(kRows, T - t0);
+      const int64_t keys = *std::max_element(seen.begin() + b * T + t0, seen.begin() + b * T + t0 + rows);
+      if (keys == 0) {
+        skipped = true;
+        continue;
+      }
+      for (int64_t h = 0; h < H; ++h) blocks.push_back({b, h, t0, rows, keys});
+    }
+  // Rows that see no key are zeros; every other row is written by its block.
+  if (skipped) out.zero_();
+
+  // Keys in panels of 16 per head, [B, H, S / 16, Q, 16] (S padded with zero keys): a score tile reads one panel.
+  const int64_t ldk = (S + kKeyStep - 1) / kKeyStep * kKeyStep;
+  at::Tensor k_padded = at::zeros({B, H, ldk, Q}, q.options());
+  k_padded.narrow(2, 0, S).copy_(k_in);
+  const at::Tensor panels = k_padded.view({B, H, ldk / kKeyStep, kKeyStep, Q}).permute({0, 1, 2, 4, 3}).contiguous();
+
+  // Threads take runs of blocks of about equal multiply-adds (a causal block's grow with its keys).
+  std::vector<int64_t> work_end(blocks.size());
+  int64_t total = 0;
+  for (size_t i = 0; i < blocks.size(); ++i) work_end[i] = (total += blocks[i].rows * blocks[i].keys * (Q + V));
+  const float* q_p = q.data_ptr<float>();
+  const float* panels_p = panels.data_ptr<float>();
+  const float* v_p = v.data_ptr<float>();
+  float* out_p = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  parallel_by_work(work_end, kMinFmasPerThread, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(kRows * ldk);
+    std::vector<float> inv(kRows);
+    for (int64_t i = i0; i < i1; ++i) {
+      const auto [b, h, t0, rows, keys] = blocks[i];
+      const int64_t keys_padded = (keys + kKeyStep - 1) / kKeyStep * kKeyStep;
+      const float* q_r = q_p + b * q.stride(0) + h * q.stride(1) + t0 * q.stride(2);
+      const float* panels_h = panels_p + (b * H + h) * ldk * Q;
+      switch (rows) {
+        case 6: scores_tile<6>(q_r, q.stride(2), panels_h, Q, keys_padded, p.data(), ldk); break;
+        case 5: scores_tile<5>(q_r, q.stride(2), panels_h, Q, keys_padded, p.data(), ldk); break;
+        case 4: scores_tile<4>(q_r, q.stride(2), panels_h, Q, keys_padded, p.data(), ldk); break;
+        case 3: scores_tile<3>(q_r, q.stride(2), panels_h, Q, keys_padded, p.data(), ldk); break;
+        case 2: scores_tile<2>(q_r, q.stride(2), panels_h, Q, keys_padded, p.data(), ldk); break;
+        default: scores_tile<1>(q_r, q.stride(2), panels_h, Q, keys_padded, p.data(), ldk); break;
+      }
+      for (int64_t r = 0; r < rows; ++r)
+        inv[r] = softmax_row(p.data() + r * ldk, mask_p + (b * T + t0 + r) * S, keys, sc);
+      float* out_r = out_p + ((b * H + h) * T + t0) * V;
+      weighted_values_rows(static_cast<int>(rows), p.data(), ldk, v_p + b * v.stride(0) + h * v.stride(1),
+                           v.stride(2), keys, V, out_r, V);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < V; ++c) out_r[r * V + c] *= inv[r];
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(openk2_kernels, m) {
+  m.def("masked_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(openk2_kernels, CPU, m) { m.impl("masked_attention", masked_attention); }
