@@ -3,8 +3,10 @@
 // Why: compiled, this part of the step (scores, softmax, the probability-weighted sum of latents) is an Inductor
 // reduction whose sum over keys runs as one chain of dependent adds per output vector: latency-bound, ~150 us per
 // layer on config A at batch 8 where the arithmetic takes ~20 (docs/benchmarks.md, "Prefetching products, decode
-// attention as a kernel"). Here each (row, head) pair runs its scores as dot products 4 keys at a time, its
-// exponentials 8 at a time, and its sum over keys with the latent's vectors as independent accumulators.
+// attention as a kernel"). Here a row's heads, which share its latents, run together: scores as dot products of up
+// to 4 heads x 3 keys per tile, exponentials 8 at a time, the sum over keys for 3 heads x 32 latent dims per pass
+// with each latent vector loaded once; keys outside the row's valid range (the cache window past its length, left
+// padding) are not read.
 //
 // For each row b and head h, with q [B, H, L], latents [B, S, L], key_valid [B, S], the row's new latent [B, L]:
 //   scores[s] = scale * q[b, h] . latent[b, s]   (-inf where !key_valid[b, s]),  own = scale * q[b, h] . new[b]
@@ -31,27 +33,45 @@ using openk2_kernels::exp8;
 using openk2_kernels::hsum;
 using openk2_kernels::tile;
 
-// out[:C] = sum_s p[s] * rows[s, :C] + p_last * last[:C], 64 columns at a time in 8 independent accumulators.
-void weighted_sum(const float* p, const float* rows, int64_t ld, int64_t S, float p_last, const float* last,
-                  int64_t C, float* out) {
+// out[g, :C] = sum_s p[g, s] * rows[s, :C] + p_last[g] * last[:C] for G heads (G <= 3): 32 columns at a time,
+// G x 4 accumulators, each latent vector loaded once for the G heads.
+template <int G>
+void weighted_sum(const float* p, int64_t ldp, const float* rows, int64_t ld, int64_t S, const float* p_last,
+                  const float* last, int64_t C, float* out, int64_t ldo) {
   int64_t c = 0;
-  for (; c + 64 <= C; c += 64) {
-    __m256 acc[8];
-    const __m256 pl = _mm256_set1_ps(p_last);
-    for (int j = 0; j < 8; ++j) acc[j] = _mm256_mul_ps(pl, _mm256_loadu_ps(last + c + 8 * j));
-    for (int64_t s = 0; s < S; ++s) {
-      if (p[s] == 0.0f) continue;  // masked keys (left padding) and underflow
-      const __m256 ps = _mm256_set1_ps(p[s]);
-      const float* row = rows + s * ld + c;
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(ps, _mm256_loadu_ps(row + 8 * j), acc[j]);
+  for (; c + 32 <= C; c += 32) {
+    __m256 acc[G][4];
+    for (int g = 0; g < G; ++g) {
+      const __m256 pl = _mm256_set1_ps(p_last[g]);
+      for (int j = 0; j < 4; ++j) acc[g][j] = _mm256_mul_ps(pl, _mm256_loadu_ps(last + c + 8 * j));
     }
-    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + c + 8 * j, acc[j]);
+    for (int64_t s = 0; s < S; ++s) {
+      const float* row = rows + s * ld + c;
+      __m256 r_v[4];
+      for (int j = 0; j < 4; ++j) r_v[j] = _mm256_loadu_ps(row + 8 * j);
+      for (int g = 0; g < G; ++g) {
+        const __m256 ps = _mm256_set1_ps(p[g * ldp + s]);
+        for (int j = 0; j < 4; ++j) acc[g][j] = _mm256_fmadd_ps(ps, r_v[j], acc[g][j]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + g * ldo + c + 8 * j, acc[g][j]);
   }
-  for (; c < C; ++c) {
-    float acc = p_last * last[c];
-    for (int64_t s = 0; s < S; ++s) acc += p[s] * rows[s * ld + c];
-    out[c] = acc;
-  }
+  for (; c < C; ++c)
+    for (int g = 0; g < G; ++g) {
+      float acc = p_last[g] * last[c];
+      for (int64_t s = 0; s < S; ++s) acc += p[g * ldp + s] * rows[s * ld + c];
+      out[g * ldo + c] = acc;
+    }
+}
+
+// p[g, s] = q[g] . rows[s] for G heads (G <= 4) and keys [0, S): 3 keys at a time, each latent row loaded once for
+// the G heads (the few-row products' tile, G input rows).
+template <int G>
+void scores(const float* q, int64_t L, const float* rows, int64_t ld, int64_t S, float* p, int64_t ldp) {
+  int64_t s = 0;
+  for (; s + 3 <= S; s += 3) tile<G, 3>(q, L, rows + s * ld, ld, L, p + s, ldp);
+  for (; s < S; ++s) tile<G, 1>(q, L, rows + s * ld, ld, L, p + s, ldp);
 }
 
 at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& latent, const at::Tensor& key_valid_in,
@@ -77,41 +97,62 @@ at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& latent, co
   const int64_t lat_b = lat.stride(0), lat_s = lat.stride(1);
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const float sc = static_cast<float>(scale);
-  // One (row, head) pair per unit of work: a row's latents are read by its H heads from cache.
-  at::parallel_for(0, B * H, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> p(S);
+  // A unit of work: one row's group of up to 4 heads, which share the row's latents (multi-query attention); groups
+  // of fewer heads where that gives every thread a unit (batch 1).
+  int64_t group = std::min<int64_t>(4, H);
+  while (group > 1 && B * ((H + group - 1) / group) < at::get_num_threads()) group = (group + 1) / 2;
+  const int64_t groups = (H + group - 1) / group;
+  at::parallel_for(0, B * groups, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> p(4 * S), own(4), inv(4);
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / H;
-      const float* q_r = q_p + u * L;
-      const float* lat_r = lat_p + b * lat_b;
+      const int64_t b = u / groups, h0 = u % groups * group, G = std::min(group, H - h0);
+      const float* q_r = q_p + (b * H + h0) * L;
       const bool* valid_r = valid_p + b * S;
-      // q against 4 keys at a time: one q load per 4 fused multiply-adds (the few-row products' tile, one input row)
-      int64_t s = 0;
-      for (; s + 4 <= S; s += 4) tile<1, 4>(q_r, 0, lat_r + s * lat_s, lat_s, L, p.data() + s, 0);
-      for (; s < S; ++s) tile<1, 1>(q_r, 0, lat_r + s * lat_s, lat_s, L, p.data() + s, 0);
-      float own;
-      tile<1, 1>(q_r, 0, new_p + b * L, L, L, &own, 0);
-      own *= sc;
-      float top = own;
-      for (s = 0; s < S; ++s) {
-        p[s] = valid_r[s] ? sc * p[s] : neg_inf;
-        top = std::max(top, p[s]);
+      // Only keys [first, last) can be valid: a cache's window past its length and a row's left padding are not read.
+      int64_t first = 0, last = S;
+      while (first < last && !valid_r[first]) ++first;
+      while (last > first && !valid_r[last - 1]) --last;
+      const int64_t n = last - first;
+      const float* lat_r = lat_p + b * lat_b + first * lat_s;
+      switch (G) {
+        case 4: scores<4>(q_r, L, lat_r, lat_s, n, p.data(), S); break;
+        case 3: scores<3>(q_r, L, lat_r, lat_s, n, p.data(), S); break;
+        case 2: scores<2>(q_r, L, lat_r, lat_s, n, p.data(), S); break;
+        default: scores<1>(q_r, L, lat_r, lat_s, n, p.data(), S); break;
       }
-      // exp(score - max), 8 keys at a time (masked keys: exp8 of -inf is 0)
-      const __m256 top_v = _mm256_set1_ps(top);
-      __m256 total_v = _mm256_setzero_ps();
-      for (s = 0; s + 8 <= S; s += 8) {
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.data() + s), top_v));
-        _mm256_storeu_ps(p.data() + s, e);
-        total_v = _mm256_add_ps(total_v, e);
+      for (int64_t g = 0; g < G; ++g) {
+        float* p_g = p.data() + g * S;
+        float own_g;
+        tile<1, 1>(q_r + g * L, 0, new_p + b * L, L, L, &own_g, 0);
+        own_g *= sc;
+        float top = own_g;
+        int64_t s;
+        for (s = 0; s < n; ++s) {
+          p_g[s] = valid_r[first + s] ? sc * p_g[s] : neg_inf;
+          top = std::max(top, p_g[s]);
+        }
+        // exp(score - max), 8 keys at a time (masked keys: exp8 of -inf is 0)
+        const __m256 top_v = _mm256_set1_ps(top);
+        __m256 total_v = _mm256_setzero_ps();
+        for (s = 0; s + 8 <= n; s += 8) {
+          const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p_g + s), top_v));
+          _mm256_storeu_ps(p_g + s, e);
+          total_v = _mm256_add_ps(total_v, e);
+        }
+        float total = hsum(total_v);
+        for (; s < n; ++s) total += (p_g[s] = std::exp(p_g[s] - top));
+        own[g] = std::exp(own_g - top);
+        inv[g] = 1.0f / (total + own[g]);
       }
-      float total = hsum(total_v);
-      for (; s < S; ++s) total += (p[s] = std::exp(p[s] - top));
-      own = std::exp(own - top);
-      total += own;
-      const float inv = 1.0f / total;
-      for (s = 0; s < S; ++s) p[s] *= inv;
-      weighted_sum(p.data(), lat_r, lat_s, S, own * inv, new_p + b * L, C, out_p + u * C);
+      float* out_r = out_p + (b * H + h0) * C;
+      const float* new_r = new_p + b * L;
+      int64_t g = 0;
+      for (; g + 3 <= G; g += 3)
+        weighted_sum<3>(p.data() + g * S, S, lat_r, lat_s, n, own.data() + g, new_r, C, out_r + g * C, C);
+      for (; g < G; ++g)
+        weighted_sum<1>(p.data() + g * S, S, lat_r, lat_s, n, own.data() + g, new_r, C, out_r + g * C, C);
+      for (g = 0; g < G; ++g)
+        for (int64_t c = 0; c < C; ++c) out_r[g * C + c] *= inv[g];
     }
   });
   return out;
