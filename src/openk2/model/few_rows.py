@@ -12,11 +12,13 @@ rows (without, a weight read from DRAM at 8 rows streamed at half the bandwidth 
 rows over torch's intra-op threads; its experts op runs the routed SwiGLU experts of a decode step or of a prefill
 of up to a few hundred tokens on the same tiles, each chosen expert read once, in one call instead of several per
 expert. The same library holds the decode step's absorbed MLA attention over the latent cache
-(`csrc/latent_attention.cpp`, `latent_attention`), whose sum over keys Inductor compiles into latency-bound chains.
+(`csrc/latent_attention.cpp`, `latent_attention`), whose sum over keys Inductor compiles into latency-bound chains,
+and a cached prefill's masked attention (`csrc/masked_attention.cpp`, `masked_attention`: register-tiled scores
+where batched matmuls make five passes over them).
 It is compiled on first use with the C++ compiler torch.compile's CPU backend needs anyway (~5-15 s), into
 `~/.cache/openk2/kernels` (`OPENK2_KERNEL_CACHE`), keyed by the sources, torch's version and the flags, and loaded as
-the ops `torch.ops.openk2_kernels.few_rows_mm`, `.few_rows_experts` and `.latent_attention`, which Dynamo and
-Inductor see as plain ops.
+the ops `torch.ops.openk2_kernels.few_rows_mm`, `.few_rows_experts`, `.latent_attention` and `.masked_attention`,
+which Dynamo and Inductor see as plain ops.
 
 Forward only (no autograd formula): the decode step and other inference products call it. CPUs without AVX2 and
 FMA, other architectures, or a failed build fall back to the caller's path (oneDNN or aten's), with one warning
