@@ -9,8 +9,8 @@
 //
 // For each batch row b, head h and query t:
 //   s = scale * q[b, h, t] . k[b, h, :]   (-inf where !mask[b, t, :]),   out[b, h, t] = softmax(s) @ v[b, h]
-// Every query row must see at least one key (a row that sees none gets zeros). The keys past the last one any row
-// of a block may see are never read: a causal prefill computes half the score matrix.
+// A row that sees no key gets zeros. The keys past the last one any row of a block may see are never read: a causal
+// prefill computes half the score matrix.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -33,6 +33,7 @@ using openk2_kernels::exp8;
 using openk2_kernels::hsum;
 using openk2_kernels::parallel_by_work;
 
+// The largest of a vector's lanes.
 inline float hmax(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -44,7 +45,7 @@ inline float hmax(__m256 v) {
 constexpr int kRows = 6;
 // A thread's share is at least this many multiply-adds: less is not worth a fork (as in few_rows.cpp).
 constexpr int64_t kMinFmasPerThread = 1 << 16;
-// Keys are padded to a multiple of this in the transposed copy, so score tiles never run past it.
+// Keys per panel (a score tile's width); the packed keys are padded with zero keys to a multiple of it.
 constexpr int64_t kKeyStep = 16;
 
 // p[r, s] = q[r] . k[s] for R query rows and keys [0, S) (S a multiple of 16), the keys packed in panels of 16:
