@@ -29,8 +29,8 @@
 
 namespace {
 
-using openk2_kernels::exp8;
-using openk2_kernels::hsum;
+using openk2_kernels::exp_sum;
+using openk2_kernels::mask_scale_max;
 using openk2_kernels::tile;
 
 // out[g, :C] = sum_s p[g, s] * rows[s, :C] + p_last[g] * last[:C] for G heads (G <= 3): 32 columns at a time,
@@ -95,7 +95,6 @@ at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& latent, co
   const bool* valid_p = valid.data_ptr<bool>();
   float* out_p = out.data_ptr<float>();
   const int64_t lat_b = lat.stride(0), lat_s = lat.stride(1);
-  const float neg_inf = -std::numeric_limits<float>::infinity();
   const float sc = static_cast<float>(scale);
   // A unit of work: one row's group of up to 4 heads, which share the row's latents (multi-query attention); groups
   // of fewer heads where that gives every thread a unit (batch 1).
@@ -125,22 +124,8 @@ at::Tensor latent_attention(const at::Tensor& q_in, const at::Tensor& latent, co
         float own_g;
         tile<1, 1>(q_r + g * L, 0, new_p + b * L, L, L, &own_g, 0);
         own_g *= sc;
-        float top = own_g;
-        int64_t s;
-        for (s = 0; s < n; ++s) {
-          p_g[s] = valid_r[first + s] ? sc * p_g[s] : neg_inf;
-          top = std::max(top, p_g[s]);
-        }
-        // exp(score - max), 8 keys at a time (masked keys: exp8 of -inf is 0)
-        const __m256 top_v = _mm256_set1_ps(top);
-        __m256 total_v = _mm256_setzero_ps();
-        for (s = 0; s + 8 <= n; s += 8) {
-          const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p_g + s), top_v));
-          _mm256_storeu_ps(p_g + s, e);
-          total_v = _mm256_add_ps(total_v, e);
-        }
-        float total = hsum(total_v);
-        for (; s < n; ++s) total += (p_g[s] = std::exp(p_g[s] - top));
+        const float top = std::max(own_g, mask_scale_max(p_g, valid_r + first, n, sc));
+        const float total = exp_sum(p_g, n, top);
         own[g] = std::exp(own_g - top);
         inv[g] = 1.0f / (total + own[g]);
       }

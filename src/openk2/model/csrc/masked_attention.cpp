@@ -29,17 +29,9 @@
 
 namespace {
 
-using openk2_kernels::exp8;
-using openk2_kernels::hsum;
+using openk2_kernels::exp_sum;
+using openk2_kernels::mask_scale_max;
 using openk2_kernels::parallel_by_work;
-
-// The largest of a vector's lanes.
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
 
 // Query rows per block: the scores' register tile is 6 rows x 16 keys (12 accumulators).
 constexpr int kRows = 6;
@@ -115,36 +107,12 @@ void weighted_values_rows(int R, const float* p, int64_t ldp, const float* v, in
 // Masks a row's scores, exponentiates them in place (minus the row's max) and returns 1 / their sum (0 when the
 // row sees no key).
 float softmax_row(float* p, const bool* mask, int64_t S, float scale) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  const __m256 scale_v = _mm256_set1_ps(scale), neg_inf_v = _mm256_set1_ps(neg_inf);
-  __m256 top_v = neg_inf_v;
-  int64_t s = 0;
-  for (; s + 8 <= S; s += 8) {  // 8 mask bytes widened to lanes: all-ones where the key is seen
-    const __m256i seen = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mask + s)));
-    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(seen, _mm256_setzero_si256()));
-    const __m256 x = _mm256_blendv_ps(neg_inf_v, _mm256_mul_ps(scale_v, _mm256_loadu_ps(p + s)), keep);
-    _mm256_storeu_ps(p + s, x);
-    top_v = _mm256_max_ps(top_v, x);
-  }
-  float top = hmax(top_v);
-  for (; s < S; ++s) {
-    p[s] = mask[s] ? scale * p[s] : neg_inf;
-    top = std::max(top, p[s]);
-  }
-  if (top == neg_inf) {
+  const float top = mask_scale_max(p, mask, S, scale);
+  if (top == -std::numeric_limits<float>::infinity()) {
     std::fill_n(p, S, 0.0f);
     return 0.0f;
   }
-  const __m256 subtract = _mm256_set1_ps(top);
-  __m256 total_v = _mm256_setzero_ps();
-  for (s = 0; s + 8 <= S; s += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), subtract));
-    _mm256_storeu_ps(p + s, e);
-    total_v = _mm256_add_ps(total_v, e);
-  }
-  float total = hsum(total_v);
-  for (; s < S; ++s) total += (p[s] = std::exp(p[s] - top));
-  return 1.0f / total;
+  return 1.0f / exp_sum(p, S, top);
 }
 
 // One unit of work: query rows [t0, t0 + rows) of head h of batch row b, against keys [0, keys).

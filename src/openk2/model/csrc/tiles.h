@@ -3,7 +3,10 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace openk2_kernels {
 
@@ -30,6 +33,51 @@ inline __m256 exp8(__m256 x) {
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// The largest of a vector's lanes.
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+// A softmax's first half for the attention kernels: p[s] = scale * p[s] where mask[s], else -inf (8 mask bytes
+// widened to lanes at a time); returns the max (-inf when no key is seen).
+inline float mask_scale_max(float* p, const bool* mask, int64_t n, float scale) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const __m256 scale_v = _mm256_set1_ps(scale), neg_inf_v = _mm256_set1_ps(neg_inf);
+  __m256 top_v = neg_inf_v;
+  int64_t s = 0;
+  for (; s + 8 <= n; s += 8) {
+    const __m256i seen = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mask + s)));
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(seen, _mm256_setzero_si256()));
+    const __m256 x = _mm256_blendv_ps(neg_inf_v, _mm256_mul_ps(scale_v, _mm256_loadu_ps(p + s)), keep);
+    _mm256_storeu_ps(p + s, x);
+    top_v = _mm256_max_ps(top_v, x);
+  }
+  float top = hmax(top_v);
+  for (; s < n; ++s) {
+    p[s] = mask[s] ? scale * p[s] : neg_inf;
+    top = std::max(top, p[s]);
+  }
+  return top;
+}
+
+// Its second half: p[s] = exp(p[s] - top), 8 at a time (masked keys: exp8 of -inf is 0); returns their sum.
+inline float exp_sum(float* p, int64_t n, float top) {
+  const __m256 top_v = _mm256_set1_ps(top);
+  __m256 total_v = _mm256_setzero_ps();
+  int64_t s = 0;
+  for (; s + 8 <= n; s += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), top_v));
+    _mm256_storeu_ps(p + s, e);
+    total_v = _mm256_add_ps(total_v, e);
+  }
+  float total = hsum(total_v);
+  for (; s < n; ++s) total += (p[s] = std::exp(p[s] - top));
+  return total;
 }
 
 // y[m, n] = dot(x[m, :], w[n, :]) for MR rows of x and NR rows of w: MR * NR accumulators in registers
