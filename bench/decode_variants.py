@@ -49,6 +49,7 @@ VARIANTS: dict[str, tuple[dict, float, float, bool]] = {
     "few-rows-dense-only": ({}, ROUTING, ONEDNN, True),
     "inductor-attention": ({}, ROUTING, ONEDNN, True),
     "experts-op": ({}, ROUTING, ONEDNN, True),
+    "library-routing": ({}, ROUTING, ONEDNN, True),
 }
 
 
@@ -90,6 +91,7 @@ def main() -> None:
         moe_module._FEW_ROWS_EXPERTS = name not in ("no-few-rows", "few-rows-dense-only")
         decode_module._LATENT_ATTENTION = name not in ("no-few-rows", "inductor-attention")
         moe_module._SMALL_EXPERTS_TO_INDUCTOR = name != "experts-op"
+        decode_module._IN_GRAPH_ROUTING = moe_module._IN_GRAPH_ORDER = name != "library-routing"
         step = DecodeStep(model, **{"compile": True, **kwargs})
         model.__dict__.setdefault("_decode_steps", {})[True] = step
         t0 = time.perf_counter()

@@ -11,6 +11,7 @@ import torch
 import openk2.model.decode as decode_module
 from openk2.model import K2Model, build_model, get_preset, matmul
 from openk2.model.decode import DecodeStep, decode_forward, window_size
+from openk2.model.moe import stable_order, top_k_by_argmax
 from openk2.serve.engine import Engine, SamplingParams
 
 V = 256
@@ -232,3 +233,26 @@ def test_cpp_wrapper_failure_retries_with_the_python_wrapper(monkeypatch):
         warnings.simplefilter("error")  # no "torch.compile failed" warning
         assert torch.equal(model.generate([[1, 2, 3]], 6, compile=True), ref)
     assert seen[:2] == [True, False] and not step.cpp_wrapper and step.eager_fallbacks == 0
+
+
+@pytest.mark.parametrize("groups", [dict(), dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)])
+def test_in_graph_routing_chooses_the_routers_experts(groups):
+    """The compiled CPU step's routing (`_route`: logits as a reduction, top-k as rounds of argmax) picks the
+    router's experts with its gate weights, group-limited selection included; the slots' order by expert
+    (`stable_order`) equals a stable argsort, repeated experts and all."""
+    model = _model(**groups)
+    x_BD = torch.randn(8, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    for moe in model.moe_layers():
+        ids_BK, weights_BK, _ = moe.gate(x_BD)
+        compiled = torch.compile(decode_module._route, backend="eager", fullgraph=True)
+        got_ids_BK, got_weights_BK = compiled(moe.gate, x_BD)
+        ids_sorted_BK, order_BK = ids_BK.sort(dim=-1)
+        got_sorted_BK, got_order_BK = got_ids_BK.sort(dim=-1)
+        assert torch.equal(got_sorted_BK, ids_sorted_BK)
+        torch.testing.assert_close(got_weights_BK.gather(1, got_order_BK), weights_BK.gather(1, order_BK))
+    repeated_S = torch.randint(0, 4, (24,), generator=torch.Generator().manual_seed(4))
+    for ids_S in (repeated_S, torch.zeros(5, dtype=torch.long), torch.tensor([3]), torch.arange(9).flip(0)):
+        assert torch.equal(stable_order(ids_S), ids_S.argsort(stable=True))
+    x_TE = torch.randn(6, 16, generator=torch.Generator().manual_seed(5))
+    values_TK, indices_TK = top_k_by_argmax(x_TE, 4)
+    assert torch.equal(values_TK, x_TE.topk(4).values) and torch.equal(indices_TK, x_TE.topk(4).indices)

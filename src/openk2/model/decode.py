@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from openk2.model import few_rows, matmul
 from openk2.model.attention import MLA
-from openk2.model.moe import MLP, MoE
+from openk2.model.moe import MLP, MoE, Router, top_k_by_argmax
 from openk2.model.rope import apply_rope
 from openk2.model.switches import env_switch
 
@@ -87,6 +87,10 @@ _FEW_ROWS = True
 # keys as one chain of dependent adds per output vector; decode at 1,000 tokens of context 1.15-1.25x faster through
 # the op (docs/benchmarks.md, "Prefetching products, decode attention as a kernel"). False: the reductions below.
 _LATENT_ATTENTION = True
+# A compiled CPU step's routing in the graph: the router's logits as a reduction and top-k as rounds of argmax, which
+# Inductor fuses with the sigmoid and the gate weights, where `torch.topk` and the product would be library calls
+# (~45 us per MoE layer on config A). False: `Router.forward` as the eager path runs it.
+_IN_GRAPH_ROUTING = True
 
 CompileSwitch = bool | str  # True, False or "auto"
 
@@ -179,9 +183,21 @@ def _attention_step(
     return _linear(out_HBV.transpose(0, 1).reshape(B, H * V), attn.o_proj.weight), new_BL
 
 
+def _route(gate: Router, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert ids [B, K], gate weights [B, K]): `Router.forward`'s numbers, in the graph where it compiles for a
+    CPU (`_IN_GRAPH_ROUTING`)."""
+    if (_IN_GRAPH_ROUTING and torch.compiler.is_compiling() and x_BD.device.type == "cpu"
+            and x_BD.dtype == torch.float32):
+        scores_BE = torch.sigmoid((x_BD[:, None, :] * gate.weight.float()).sum(dim=-1))
+        expert_ids_BK, weights_BK, _ = gate.route(scores_BE, top_k_by_argmax)
+    else:
+        expert_ids_BK, weights_BK, _ = gate(x_BD)
+    return expert_ids_BK, weights_BK
+
+
 def _moe_step(moe: MoE, x_BD: torch.Tensor) -> torch.Tensor:
     """Routed + shared experts for a few tokens, with shapes that depend only on B (no dispatch sort)."""
-    expert_ids_BK, weights_BK, _ = moe.gate(x_BD)
+    expert_ids_BK, weights_BK = _route(moe.gate, x_BD)
     B, K = expert_ids_BK.shape
     E = moe.n_experts
     ex = moe.experts

@@ -8,6 +8,8 @@ the chosen experts, renormalized when `norm_topk_prob`, times `routed_scaling_fa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,22 +45,60 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (expert ids [T, K], gate weights [T, K] fp32, sigmoid scores [T, E] fp32)."""
-        scores_TE = torch.sigmoid(F.linear(x_TD.float(), self.weight.float()))
+        return self.route(torch.sigmoid(F.linear(x_TD.float(), self.weight.float())))
+
+    def route(
+        self, scores_TE: torch.Tensor, topk: TopK | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` from the sigmoid scores [T, E] fp32. `topk(x, k)` -> (values, indices) replaces `torch.topk`
+        (the compiled decode step's, `top_k_by_argmax`)."""
+        topk = topk or _torch_topk
         with torch.no_grad():
             choice_TE = scores_TE + self.e_score_correction_bias
             if self.n_group > 1:
                 T, E = choice_TE.shape
                 choice_TGe = choice_TE.view(T, self.n_group, E // self.n_group)
-                group_scores_TG = choice_TGe.topk(2, dim=-1).values.sum(dim=-1)
-                top_groups_TG = group_scores_TG.topk(self.topk_group, dim=-1).indices
+                group_scores_TG = topk(choice_TGe, 2)[0].sum(dim=-1)
+                top_groups_TG = topk(group_scores_TG, self.topk_group)[1]
                 keep_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, top_groups_TG, True)
                 choice_TE = choice_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view(T, E)
-            expert_ids_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
+            expert_ids_TK = topk(choice_TE, self.top_k)[1]
         # The bias only selects experts; gate weights come from the unbiased scores.
         weights_TK = scores_TE.gather(1, expert_ids_TK)
         if self.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         return expert_ids_TK, weights_TK * self.scaling, scores_TE
+
+
+TopK = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _torch_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.topk(k, dim=-1, sorted=False)
+
+
+def top_k_by_argmax(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`topk` along the last dim as k rounds of argmax (largest first; a tie goes to the lower index). Compiled on
+    CPU, `torch.topk` is a library call (~15 us for decode's few rows); these are reductions Inductor fuses."""
+    values, indices = [], []
+    for _ in range(k):
+        index = x.argmax(dim=-1, keepdim=True)
+        values.append(x.gather(-1, index))
+        indices.append(index)
+        x = x.scatter(-1, index, float("-inf"))
+    return torch.cat(values, dim=-1), torch.cat(indices, dim=-1)
+
+
+def stable_order(ids_S: torch.Tensor) -> torch.Tensor:
+    """`ids_S.argsort(stable=True)` for a few values: each position's rank counted by comparisons (S^2 of them),
+    then inverted by a scatter. Compiled on CPU, argsort is a library call (~40 us for decode's 16 slots); these
+    are elementwise ops and reductions Inductor fuses."""
+    S = ids_S.shape[0]
+    position_S = torch.arange(S, device=ids_S.device)
+    before_SS = (ids_S[None, :] < ids_S[:, None]) | ((ids_S[None, :] == ids_S[:, None]) & (position_S[None, :]
+                                                                                            < position_S[:, None]))
+    rank_S = before_SS.sum(dim=1)
+    return torch.empty_like(position_S).scatter_(0, rank_S, position_S)
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -234,7 +274,8 @@ class RoutedExperts(nn.Module):
         weights back to back, the second time from cache, so DRAM traffic approaches the chosen experts' union."""
         N, K = expert_ids_NK.shape
         ids_S = expert_ids_NK.reshape(-1)
-        order_S = ids_S.argsort(stable=True)
+        in_graph = _IN_GRAPH_ORDER and torch.compiler.is_compiling()
+        order_S = stable_order(ids_S) if in_graph else ids_S.argsort(stable=True)
         experts_S, tokens_S = ids_S[order_S], order_S // K
         x_S1D = x_ND.index_select(0, tokens_S).unsqueeze(1)
         h_S1F = (F.silu(torch.bmm(x_S1D, self.gate_proj.index_select(0, experts_S).transpose(1, 2)))
@@ -249,6 +290,8 @@ class RoutedExperts(nn.Module):
 # token-order-gather): config C batch 8 1.05x, config A batch 8 1.01x; at batch 1 (nothing shared) the sort and
 # scatter cost 7% on config A, so one token keeps token order.
 _SORTED_GATHER = True
+# Compiled, that order by counting (`stable_order`), in the graph; False: argsort, a library call.
+_IN_GRAPH_ORDER = True
 # `forward_gathered` through the few-row kernel's experts op (`openk2.model.few_rows.experts`) on CPUs where it
 # builds: each chosen expert read once for all its tokens at the kernel's speed (docs/benchmarks.md, "Few-row
 # products"). False: the gathered products above.
