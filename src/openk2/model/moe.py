@@ -95,9 +95,9 @@ def stable_order(ids_S: torch.Tensor) -> torch.Tensor:
     are elementwise ops and reductions Inductor fuses."""
     S = ids_S.shape[0]
     position_S = torch.arange(S, device=ids_S.device)
-    before_SS = (ids_S[None, :] < ids_S[:, None]) | ((ids_S[None, :] == ids_S[:, None]) & (position_S[None, :]
-                                                                                            < position_S[:, None]))
-    rank_S = before_SS.sum(dim=1)
+    other_SS, own_SS = ids_S[None, :], ids_S[:, None]  # [s, t]: slot t against slot s
+    earlier_SS = position_S[None, :] < position_S[:, None]
+    rank_S = ((other_SS < own_SS) | ((other_SS == own_SS) & earlier_SS)).sum(dim=1)
     return torch.empty_like(position_S).scatter_(0, rank_S, position_S)
 
 
@@ -274,7 +274,7 @@ class RoutedExperts(nn.Module):
         weights back to back, the second time from cache, so DRAM traffic approaches the chosen experts' union."""
         N, K = expert_ids_NK.shape
         ids_S = expert_ids_NK.reshape(-1)
-        in_graph = _IN_GRAPH_ORDER and torch.compiler.is_compiling()
+        in_graph = _IN_GRAPH_ORDER and torch.compiler.is_compiling() and ids_S.device.type == "cpu"
         order_S = stable_order(ids_S) if in_graph else ids_S.argsort(stable=True)
         experts_S, tokens_S = ids_S[order_S], order_S // K
         x_S1D = x_ND.index_select(0, tokens_S).unsqueeze(1)
@@ -290,7 +290,7 @@ class RoutedExperts(nn.Module):
 # token-order-gather): config C batch 8 1.05x, config A batch 8 1.01x; at batch 1 (nothing shared) the sort and
 # scatter cost 7% on config A, so one token keeps token order.
 _SORTED_GATHER = True
-# Compiled, that order by counting (`stable_order`), in the graph; False: argsort, a library call.
+# Compiled for a CPU, that order by counting (`stable_order`), in the graph; False: argsort, a library call.
 _IN_GRAPH_ORDER = True
 # `forward_gathered` through the few-row kernel's experts op (`openk2.model.few_rows.experts`) on CPUs where it
 # builds: each chosen expert read once for all its tokens at the kernel's speed (docs/benchmarks.md, "Few-row
