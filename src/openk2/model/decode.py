@@ -124,10 +124,16 @@ def _linear(x_BK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     if _FEW_ROWS and not fused_reduction and few_rows.takes(x_BK, w_NK):
         return few_rows.mm(x_BK, w_NK)
     if cpu_fp32 and torch.compiler.is_compiling() and _REDUCTION_PRODUCTS and (x_BK.shape[0] == 1 or not large):
-        return (x_BK[:, None, :] * w_NK).sum(dim=-1)
+        return _reduction_product(x_BK, w_NK)
     if large and cpu_fp32 and matmul.ENABLED:
         return matmul.onednn_mm(x_BK, w_NK.t())
     return F.linear(x_BK, w_NK)
+
+
+def _reduction_product(x_BK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    """x @ w.T spelt as a broadcast multiply and a sum: compiled, an Inductor reduction fused with the ops around it
+    instead of a library call."""
+    return (x_BK[:, None, :] * w_NK).sum(dim=-1)
 
 
 def _bmm(a_XMK: torch.Tensor, b_XKN: torch.Tensor) -> torch.Tensor:
@@ -188,7 +194,7 @@ def _route(gate: Router, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     CPU (`_IN_GRAPH_ROUTING`)."""
     if (_IN_GRAPH_ROUTING and torch.compiler.is_compiling() and x_BD.device.type == "cpu"
             and x_BD.dtype == torch.float32):
-        scores_BE = torch.sigmoid((x_BD[:, None, :] * gate.weight.float()).sum(dim=-1))
+        scores_BE = torch.sigmoid(_reduction_product(x_BD, gate.weight.float()))
         expert_ids_BK, weights_BK, _ = gate.route(scores_BE, top_k_by_argmax)
     else:
         expert_ids_BK, weights_BK, _ = gate(x_BD)
