@@ -50,6 +50,7 @@ VARIANTS: dict[str, tuple[dict, float, float, bool]] = {
     "inductor-attention": ({}, ROUTING, ONEDNN, True),
     "experts-op": ({}, ROUTING, ONEDNN, True),
     "library-routing": ({}, ROUTING, ONEDNN, True),
+    "dynamo-calls": ({}, ROUTING, ONEDNN, True),
 }
 
 
@@ -92,6 +93,7 @@ def main() -> None:
         decode_module._LATENT_ATTENTION = name not in ("no-few-rows", "inductor-attention")
         moe_module._SMALL_EXPERTS_TO_INDUCTOR = name != "experts-op"
         decode_module._IN_GRAPH_ROUTING = moe_module._IN_GRAPH_ORDER = name != "library-routing"
+        decode_module._DIRECT_CALLS = name != "dynamo-calls"
         step = DecodeStep(model, **{"compile": True, **kwargs})
         model.__dict__.setdefault("_decode_steps", {})[True] = step
         t0 = time.perf_counter()

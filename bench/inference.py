@@ -9,8 +9,9 @@ llama.cpp's converter needs), converted to an F32 GGUF with llama.cpp's own `con
 each round runs, back to back (interleaved, so machine load hits every system alike), each measurement after
 one untimed call of the same work (llama-bench and llama-batched-bench warm up the same way):
 
-* decode, batch 1: `llama-bench -n 128` (tg128); openk2 and transformers `generate` of 128 tokens after a
-  16-token prompt (tokens / wall time of the whole call, prompt included: it is < 2% of the call);
+* decode, batch 1: `llama-bench -n 128` (tg128, decode only: llama-bench times no prompt with `-p 0`); openk2 and
+  transformers `generate` of 128 tokens after a 16-token prompt, as the whole call (`*_b1`, prompt included: ~3%
+  of the call on config C) and decode only (`*_b1_decode`: the call minus a `generate` of 1 token);
 * decode, batch 8 (tokens/s summed over the 8 sequences): `llama-batched-bench -npp 32 -ntg 64 -npl 8`
   (S_TG, decode only); openk2 and transformers `generate` of 64 tokens after 8 prompts of 32 tokens, as the whole
   call (`*_b8`) and decode only (`*_b8_decode`: the call minus a `generate` of 1 token, i.e. the prefill and first
@@ -195,11 +196,13 @@ def run_config(name: str, rounds: int, threads: int, quick: bool, skip_hf: bool,
     }
     # The prompts' prefill and first token alone, so that batch 8's decode-only rate can be compared with
     # llama-batched-bench's S_TG, which excludes prompt processing: 8 x (n8 - 1) tokens / (t(b8) - t(b8_first)).
-    fns["ours_b8_first"] = ours_gen(ids_b8, 1, True)
+    # Batch 1 the same way, since llama-bench's tg128 times no prompt either.
+    fns.update({"ours_b8_first": ours_gen(ids_b8, 1, True), "ours_b1_first": ours_gen(ids_b1, 1, True)})
     if hf is not None:
         fns.update({"hf_b1": hf_gen(ids_b1, n1), "hf_b8": hf_gen(ids_b8, n8), "hf_prefill": hf_prefill,
-                    "hf_b8_first": hf_gen(ids_b8, 1)})
-    tokens = {"b1": n1, "eager_b1": n1, "b8": 8 * n8, "b8_first": 8, "prefill": PREFILL_TOKENS}
+                    "hf_b8_first": hf_gen(ids_b8, 1), "hf_b1_first": hf_gen(ids_b1, 1)})
+    tokens = {"b1": n1, "eager_b1": n1, "b8": 8 * n8, "b8_first": 8, "b1_first": 1, "prefill": PREFILL_TOKENS}
+    new_tokens = {"b1": n1, "b8": n8}
     for fn in fns.values():  # warm-up
         fn()
     rates: dict[str, list[float]] = {k: [] for k in fns}
@@ -215,8 +218,10 @@ def run_config(name: str, rounds: int, threads: int, quick: bool, skip_hf: bool,
             seconds[k] = time.perf_counter() - t0
             rates[k].append(tokens[k.split("_", 1)[1]] / seconds[k])
         for k in [k for k in fns if k.endswith("_first")]:
-            system = k.split("_", 1)[0]
-            rates[f"{system}_b8_decode"].append(8 * (n8 - 1) / max(seconds[f"{system}_b8"] - seconds[k], 1e-9))
+            system, batch, _ = k.split("_")
+            whole = f"{system}_{batch}"
+            rates[f"{whole}_decode"].append(tokens[f"{batch}_first"] * (new_tokens[batch] - 1)
+                                            / max(seconds[whole] - seconds[k], 1e-9))
         if have_llama:
             rates["llama_b1"].append(llama_bench(gguf, threads, 0, n1))
             rates["llama_b8"].append(llama_batched(gguf, threads, 8, DECODE_B8_PROMPT, n8))
@@ -229,10 +234,11 @@ def run_config(name: str, rounds: int, threads: int, quick: bool, skip_hf: bool,
 def summarize(r: dict, bandwidth: float) -> None:
     roof = bandwidth / r["bytes_per_token"]
     r["roofline_tok_s"] = roof
-    for k in ("ours_b1", "ours_eager_b1", "hf_b1", "llama_b1"):
+    for k in ("ours_b1", "ours_b1_decode", "ours_eager_b1", "hf_b1", "llama_b1"):
         if k in r:
             r[f"{k}_of_roofline"] = r[k] / roof
-    for a, b in (("ours_b1", "llama_b1"), ("ours_b8", "llama_b8"), ("ours_b8_decode", "llama_b8"),
+    for a, b in (("ours_b1", "llama_b1"), ("ours_b1_decode", "llama_b1"), ("ours_b8", "llama_b8"),
+                 ("ours_b8_decode", "llama_b8"), ("ours_b1_decode", "hf_b1_decode"),
                  ("ours_prefill", "llama_prefill"), ("ours_b1", "hf_b1"), ("ours_b8", "hf_b8"),
                  ("ours_b8_decode", "hf_b8_decode"), ("ours_prefill", "hf_prefill"), ("ours_b1", "ours_eager_b1")):
         if a in r and b in r:

@@ -256,3 +256,34 @@ def test_in_graph_routing_chooses_the_routers_experts(groups):
     x_TE = torch.randn(6, 16, generator=torch.Generator().manual_seed(5))
     values_TK, indices_TK = top_k_by_argmax(x_TE, 4)
     assert torch.equal(values_TK, x_TE.topk(4).values) and torch.equal(indices_TK, x_TE.topk(4).indices)
+
+
+@pytest.mark.slow
+def test_direct_calls_skip_dynamo_and_see_the_live_weights(monkeypatch):
+    """After a CPU graph's first call, later calls go to Inductor's graph directly (`direct_call`): with Dynamo's
+    compiled function made to fail, generating still works, and it reads the weights as they are now, updated in
+    place (RL) or replaced."""
+    model = _model(num_hidden_layers=2, first_k_dense_replace=1)
+    step = _install(model, DecodeStep(model, compile=True))
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    out = model.generate(prompts, 8, compile=True)
+    if not step.compiled:
+        pytest.skip("torch.compile is not available on this machine")
+    assert torch.equal(out, model.generate(prompts, 8, compile=False))
+    assert [kind for kind, _ in step._direct] == ["greedy"]
+
+    def no_dynamo(kind):
+        raise AssertionError("called through Dynamo")
+
+    monkeypatch.setattr(step, "_compiled_fn", no_dynamo)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)
+    assert torch.equal(model.generate(prompts, 8, compile=True), model.generate(prompts, 8, compile=False))
+    model.model.layers[1].self_attn.o_proj.weight = torch.nn.Parameter(
+        torch.randn_like(model.model.layers[1].self_attn.o_proj.weight), requires_grad=False)
+    assert torch.equal(model.generate(prompts, 8, compile=True), model.generate(prompts, 8, compile=False))
+    # Arguments of another kind (here: outside inference mode) are Dynamo's to guard: no direct call for them.
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="called through Dynamo"):
+        cache = model.new_cache(2, 64)
+        assert step.greedy(cache.latent_NBSL, cache.key_valid_BS, torch.tensor([1, 2]), torch.tensor([0, 0]),
+                           torch.tensor([False, False]), torch.tensor([0]), torch.tensor(-1), torch.tensor(0)) is None

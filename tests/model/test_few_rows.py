@@ -32,7 +32,7 @@ def _threads(n: int):
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 32])
-# (300, 1001) and (1100, 256) are >= 1 MiB: at several rows they take the prefetching tiles.
+# At one row, k_in <= 256 streams the rows one after another, (300, 1001) 8 rows at a time.
 @pytest.mark.parametrize("n_out, k_in", [(1, 1), (7, 9), (25, 64), (300, 1001), (1000, 256), (1100, 256)])
 def test_product_equals_float64_reference(rows, n_out, k_in):
     assert few_rows.available(), few_rows._state.get("error")
@@ -47,6 +47,18 @@ def test_product_equals_float64_reference(rows, n_out, k_in):
     assert outs[0].shape == (rows, n_out) and outs[0].dtype == torch.float32
     assert torch.allclose(outs[0].double(), ref, atol=1e-4 * k_in**0.5, rtol=1e-5)
     assert torch.equal(outs[0], outs[1])  # each output is one thread's dot product: no thread-count dependence
+
+
+@needs_kernel
+@pytest.mark.parametrize("k_in", [256, 1001])
+def test_product_rows_do_not_depend_on_the_tile(k_in):
+    """Every tile (one row: short rows one by one or 8 at a time; several rows: 4 x 3) sums each output the same
+    way, so a row's result does not depend on how many rows came with it (decode batches give the same tokens)."""
+    gen = torch.Generator().manual_seed(k_in)
+    x = torch.randn(8, k_in, generator=gen)
+    w = torch.randn(100, k_in, generator=gen)
+    assert torch.equal(few_rows.mm(x[:1], w), few_rows.mm(x, w)[:1])
+    assert torch.equal(few_rows.mm(x[5:6], w), few_rows.mm(x[4:7], w)[1:2])
 
 
 @needs_kernel

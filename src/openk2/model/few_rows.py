@@ -6,15 +6,15 @@ the FMA peak. The GEMMs torch ships are tuned for many rows: on the AMD EPYC hos
 large weight at 8 rows at half the speed of this kernel, and takes ~90 us for one row of a 2 MiB weight where this
 kernel takes ~35 (docs/benchmarks.md, "Few-row products"). llama.cpp's decode runs kernels of this kind.
 
-The kernel (`csrc/few_rows.cpp`, AVX2 + FMA) keeps 4 input rows x 3 weight rows of dot products in registers (8
-weight rows for one input row), prefetches the next weight rows of a weight larger than a core's L2 at several input
-rows (without, a weight read from DRAM at 8 rows streamed at half the bandwidth of one row), and splits the weight's
-rows over torch's intra-op threads; its experts op runs the routed SwiGLU experts of a decode step or of a prefill
-of up to a few hundred tokens on the same tiles, each chosen expert read once, in one call instead of several per
-expert. The same library holds the decode step's absorbed MLA attention over the latent cache
-(`csrc/latent_attention.cpp`, `latent_attention`), whose sum over keys Inductor compiles into latency-bound chains,
-and a cached prefill's masked attention (`csrc/masked_attention.cpp`, `masked_attention`: register-tiled scores
-where batched matmuls make five passes over them).
+The kernel (`csrc/few_rows.cpp`, AVX2 + FMA) keeps 4 input rows x 3 weight rows of dot products in registers (for
+one input row: 8 weight rows, or short rows one after another as one linear stream), prefetches the next weight
+rows at several input rows (without, a weight read from DRAM at 8 rows streamed at half the bandwidth of one row),
+and splits the weight's rows over torch's intra-op threads; its experts op runs the routed SwiGLU experts of a
+decode step or of a prefill of up to a few hundred tokens on the same tiles, each chosen expert read once, in one
+call instead of several per expert. The same library holds the decode step's absorbed MLA attention over the
+latent cache (`csrc/latent_attention.cpp`, `latent_attention`), whose sum over keys Inductor compiles into
+latency-bound chains, and a cached prefill's masked attention (`csrc/masked_attention.cpp`, `masked_attention`:
+register-tiled scores where batched matmuls make five passes over them).
 It is compiled on first use with the C++ compiler torch.compile's CPU backend needs anyway (~5-15 s), into
 `~/.cache/openk2/kernels` (`OPENK2_KERNEL_CACHE`), keyed by the sources, torch's version and the flags, and loaded as
 the ops `torch.ops.openk2_kernels.few_rows_mm`, `.few_rows_experts`, `.latent_attention` and `.masked_attention`,

@@ -29,23 +29,26 @@ using openk2_kernels::parallel_by_work;
 using openk2_kernels::tile;
 
 // All M rows of x against NR rows of w, 4 input rows at a time; the first block of input rows prefetches the next
-// weight rows (the later blocks find these rows in L1).
-template <int NR, bool PREFETCH>
+// weight rows (the later blocks find these rows in L1). Prefetching pays whatever the weight's size: a decode step
+// streams every weight of a model larger than the last-level cache from DRAM, small ones included (config A's
+// 128 x 256 weights at 8 rows: 15 vs 22 us cold, 2 threads; the step 1.035x; docs/benchmarks.md). A weight already
+// in cache pays 3-7% for the prefetches. One input row streams at the bandwidth without them.
+template <int NR>
 inline void rows_tile(const float* x, int64_t ldx, int64_t M, const float* w, int64_t ldw, int64_t K, float* y,
                       int64_t ldy) {
   int64_t m = 0;
   if (M >= 4) {
-    tile<4, NR, PREFETCH>(x, ldx, w, ldw, K, y, ldy);
+    tile<4, NR, true>(x, ldx, w, ldw, K, y, ldy);
     for (m = 4; m + 4 <= M; m += 4) tile<4, NR>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy);
   }
   const bool first = m == 0;
   switch (M - m) {
     case 3:
-      if (first) tile<3, NR, PREFETCH>(x, ldx, w, ldw, K, y, ldy);
+      if (first) tile<3, NR, true>(x, ldx, w, ldw, K, y, ldy);
       else tile<3, NR>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy);
       break;
     case 2:
-      if (first) tile<2, NR, PREFETCH>(x, ldx, w, ldw, K, y, ldy);
+      if (first) tile<2, NR, true>(x, ldx, w, ldw, K, y, ldy);
       else tile<2, NR>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy);
       break;
     case 1: tile<1, NR>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy); break;
@@ -53,23 +56,25 @@ inline void rows_tile(const float* x, int64_t ldx, int64_t M, const float* w, in
   }
 }
 
-// A weight at least this large (the L2 of a core) is streamed from L3 or DRAM: its products at several input rows
-// prefetch (`tile`'s PREFETCH). Smaller ones are likely in cache, where the prefetches cost 3-7% (2 threads, AMD
-// EPYC); one input row streams at the bandwidth without them.
-constexpr int64_t kPrefetchMinBytes = 1 << 20;
+// At one input row, weight rows of up to this many floats (1 KiB) are read one after another, a single linear stream:
+// 8 rows at a time are 8 streams of 16 cache lines each, too short for the hardware prefetcher to ramp up. Cold
+// (2 threads, AMD EPYC): 8192 x 256 (config A's LM head) 440 vs 560-630 us, 1536 x 128 53 vs 65 us; at 1,024 floats
+// and more, 8 rows at a time stream faster (1032 x 1024: 212 vs 240 us). Config A's batch-1 decode: 1.13x. Each
+// output is the same single-accumulator sum either way.
+constexpr int64_t kShortRowFloats = 256;
 
 // Weight rows [n0, n1) for all M rows of x.
 void rows_range(const float* x, int64_t ldx, int64_t M, const float* w, int64_t ldw, int64_t K, float* y,
-                int64_t ldy, int64_t n0, int64_t n1, bool prefetch) {
+                int64_t ldy, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  if (M == 1) {  // bandwidth-bound: 8 weight rows in flight, one accumulator each
+  if (M == 1 && K <= kShortRowFloats) {  // bandwidth-bound: one linear stream of short rows
+    for (; n < n1; ++n) tile<1, 1>(x, ldx, w + n * ldw, ldw, K, y + n, ldy);
+  } else if (M == 1) {  // bandwidth-bound: 8 weight rows in flight, one accumulator each
     for (; n + 8 <= n1; n += 8) tile<1, 8>(x, ldx, w + n * ldw, ldw, K, y + n, ldy);
-  } else if (prefetch) {
-    for (; n + 3 <= n1; n += 3) rows_tile<3, true>(x, ldx, M, w + n * ldw, ldw, K, y + n, ldy);
   } else {
-    for (; n + 3 <= n1; n += 3) rows_tile<3, false>(x, ldx, M, w + n * ldw, ldw, K, y + n, ldy);
+    for (; n + 3 <= n1; n += 3) rows_tile<3>(x, ldx, M, w + n * ldw, ldw, K, y + n, ldy);
   }
-  for (; n < n1; ++n) rows_tile<1, false>(x, ldx, M, w + n * ldw, ldw, K, y + n, ldy);
+  for (; n < n1; ++n) rows_tile<1>(x, ldx, M, w + n * ldw, ldw, K, y + n, ldy);
 }
 
 // Weight rows per unit of work: a multiple of both tile widths (8 and 3).
@@ -95,9 +100,8 @@ at::Tensor few_rows_mm(const at::Tensor& x_in, const at::Tensor& w_in) {
   const int64_t ldx = x.stride(0), ldw = w.stride(0);
   const int64_t blocks = (N + kBlockRows - 1) / kBlockRows;
   const int64_t grain = std::max<int64_t>(1, kMinFmasPerThread / std::max<int64_t>(1, kBlockRows * K * M));
-  const bool prefetch = N * K * static_cast<int64_t>(sizeof(float)) >= kPrefetchMinBytes;
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    rows_range(x_p, ldx, M, w_p, ldw, K, y_p, N, b0 * kBlockRows, std::min(N, b1 * kBlockRows), prefetch);
+    rows_range(x_p, ldx, M, w_p, ldw, K, y_p, N, b0 * kBlockRows, std::min(N, b1 * kBlockRows));
   });
   return y;
 }
@@ -196,8 +200,6 @@ at::Tensor few_rows_experts(const at::Tensor& x_in, const at::Tensor& ids_in, co
     for (int64_t r = r0; r < r1; ++r) std::copy_n(x_p + token_of_row[r] * D, D, xr_p + r * D);
   });
 
-  // The experts together: a layer's experts are streamed from L3 or DRAM when they outgrow a core's L2.
-  const bool prefetch = E * F * D * static_cast<int64_t>(sizeof(float)) >= kPrefetchMinBytes;
   const float* gw_p = gate_w.data_ptr<float>();
   const float* uw_p = up_w.data_ptr<float>();
   const float* dw_p = down_w.data_ptr<float>();
@@ -208,8 +210,8 @@ at::Tensor few_rows_experts(const at::Tensor& x_in, const at::Tensor& ids_in, co
     for (int64_t b = b0; b < b1; ++b) {
       const auto [e, n0, n1] = up_blocks[b];
       const int64_t r0 = row_start[e], M = count[e];
-      rows_range(xr_p + r0 * D, D, M, gw_p + e * F * D, D, D, hr_p + r0 * 2 * F, 2 * F, n0, n1, prefetch);
-      rows_range(xr_p + r0 * D, D, M, uw_p + e * F * D, D, D, hr_p + r0 * 2 * F + F, 2 * F, n0, n1, prefetch);
+      rows_range(xr_p + r0 * D, D, M, gw_p + e * F * D, D, D, hr_p + r0 * 2 * F, 2 * F, n0, n1);
+      rows_range(xr_p + r0 * D, D, M, uw_p + e * F * D, D, D, hr_p + r0 * 2 * F + F, 2 * F, n0, n1);
       for (int64_t r = r0; r < r0 + M; ++r)
         swiglu(hr_p + r * 2 * F + n0, hr_p + r * 2 * F + F + n0, n1 - n0, gate_of_row[r]);
     }
@@ -220,7 +222,7 @@ at::Tensor few_rows_experts(const at::Tensor& x_in, const at::Tensor& ids_in, co
     for (int64_t b = b0; b < b1; ++b) {
       const auto [e, n0, n1] = down_blocks[b];
       const int64_t r0 = row_start[e];
-      rows_range(hr_p + r0 * 2 * F, 2 * F, count[e], dw_p + e * D * F, F, F, yr_p + r0 * D, D, n0, n1, prefetch);
+      rows_range(hr_p + r0 * 2 * F, 2 * F, count[e], dw_p + e * D * F, F, F, yr_p + r0 * D, D, n0, n1);
     }
   });
   // Each token's rows summed in row order (by expert), so the result does not depend on the threads.
