@@ -44,6 +44,7 @@ def test_call_key_tells_apart_what_dynamo_guards():
     assert direct_call.call_key((None, a.int())) != key
     assert direct_call.call_key((None, torch.zeros(5, dtype=torch.long))) != key
     assert direct_call.call_key((None, torch.zeros(8, dtype=torch.long)[::2])) != key
+    assert direct_call.call_key((None, torch.zeros(4, requires_grad=True))) != direct_call.call_key((None, a.float()))
     with torch.no_grad():
         assert direct_call.call_key((None, a)) != key
     with torch.inference_mode():

@@ -1,17 +1,17 @@
 """Calling a compiled CPU decode graph without Dynamo's per-call work.
 
-Why: a `torch.compile`d function runs, at every call, Dynamo's frame hook and cache lookup, the bytecode that gathers
-the model's ~75 parameters into the graph's flat inputs, and the AOT wrappers, before Inductor's compiled graph. On
-config A at batch 8 that was 345 us of a 3.55 ms step (docs/benchmarks.md, "Calling the graph directly"): more than
-any single kernel but the LM head.
+Why: a `torch.compile`d function runs, at every call, Dynamo's frame hook, its cache lookup and the bytecode that
+gathers the model's ~75 parameters into the graph's flat inputs, before the compiled graph (AOT's wrapper around
+Inductor's code). On config A at batch 8 that was 345 us of a 3.55 ms step (docs/benchmarks.md, "Calling the graph
+directly"): more than any single kernel but the LM head.
 
 How: `DecodeStep` compiles through `capturing_backend`, Inductor's `compile_fx` with the step's options, which also
 hands back the compiled graph and its flat inputs on the graph's first call. `plan` maps each flat input to where
 it comes from: one of the step's own arguments, or a parameter or buffer of the model, read again from its module at
 every call (so weights updated in place, or replaced, are the ones used). Later calls whose arguments match the
 first call's in every property Dynamo's guards check on them (`call_key`: shapes, strides, dtypes, devices,
-inference-tensor or not, grad and inference mode) call the graph directly. Anything else goes through Dynamo, which
-guards and recompiles as before; so does any graph whose flat inputs `plan` cannot account for.
+inference tensor or not, requires_grad, grad and inference mode) call the graph directly. Anything else goes through
+Dynamo, which guards and recompiles as before; so does any graph whose flat inputs `plan` cannot account for.
 
 Like `decode._input_guards_only`, this trusts that the model's structure does not change under a compiled step: a
 parameter replaced by one of another shape is not noticed (Dynamo's guards on parameters are filtered out too).
@@ -32,7 +32,8 @@ CallKey = tuple
 def call_key(args: Sequence[torch.Tensor | None]) -> CallKey:
     """What Dynamo's guards check on the step's arguments, and the global state they check, as a dict key."""
     return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
-            *[None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.is_inference()) for t in args])
+            *[None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.is_inference(), t.requires_grad)
+              for t in args])
 
 
 class DirectCall:
