@@ -114,6 +114,11 @@ def compile_enabled(compile: CompileSwitch) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- the step
+def _compiling_for_cpu_fp32(t: torch.Tensor) -> bool:
+    """Dynamo is tracing a CPU fp32 step: where the step's products and routing become Inductor's own kernels."""
+    return torch.compiler.is_compiling() and t.device.type == "cpu" and t.dtype == torch.float32
+
+
 def _linear(x_BK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     """x @ w.T for the step. On CPU in fp32, compiled or not: our few-row kernel (`_FEW_ROWS`, up to
     `few_rows.MAX_ROWS` rows), except a compiled one-row step's small weights, whose fused reductions cost less
@@ -127,7 +132,7 @@ def _linear(x_BK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     fused_reduction = torch.compiler.is_compiling() and _REDUCTION_PRODUCTS and x_BK.shape[0] == 1 and not large
     if _FEW_ROWS and not fused_reduction and few_rows.takes(x_BK, w_NK):
         return few_rows.mm(x_BK, w_NK)
-    if cpu_fp32 and torch.compiler.is_compiling() and _REDUCTION_PRODUCTS and (x_BK.shape[0] == 1 or not large):
+    if _compiling_for_cpu_fp32(w_NK) and _REDUCTION_PRODUCTS and (x_BK.shape[0] == 1 or not large):
         return _reduction_product(x_BK, w_NK)
     if large and cpu_fp32 and matmul.ENABLED:
         return matmul.onednn_mm(x_BK, w_NK.t())
@@ -142,8 +147,7 @@ def _reduction_product(x_BK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
 
 def _bmm(a_XMK: torch.Tensor, b_XKN: torch.Tensor) -> torch.Tensor:
     """Batched a @ b; compiled on CPU in fp32 (`_REDUCTION_PRODUCTS`), an Inductor reduction like `_linear`'s."""
-    if (_REDUCTION_PRODUCTS and _BMM_REDUCTIONS and torch.compiler.is_compiling() and a_XMK.device.type == "cpu"
-            and a_XMK.dtype == torch.float32):
+    if _REDUCTION_PRODUCTS and _BMM_REDUCTIONS and _compiling_for_cpu_fp32(a_XMK):
         return (a_XMK[..., :, :, None] * b_XKN[..., None, :, :]).sum(dim=-2)
     return torch.bmm(a_XMK, b_XKN)
 
@@ -196,8 +200,7 @@ def _attention_step(
 def _route(gate: Router, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(expert ids [B, K], gate weights [B, K]): `Router.forward`'s numbers, in the graph where it compiles for a
     CPU (`_IN_GRAPH_ROUTING`)."""
-    if (_IN_GRAPH_ROUTING and torch.compiler.is_compiling() and x_BD.device.type == "cpu"
-            and x_BD.dtype == torch.float32):
+    if _IN_GRAPH_ROUTING and _compiling_for_cpu_fp32(x_BD):
         scores_BE = torch.sigmoid(_reduction_product(x_BD, gate.weight.float()))
         expert_ids_BK, weights_BK, _ = gate.route(scores_BE, top_k_by_argmax)
     else:
