@@ -21,8 +21,9 @@ for small batches, or every expert with zero gates for larger ones), and `torch.
 hundred-odd small ops of a step (norms, rope, softmax, SwiGLU, routing) into a few C++ (CPU) or Triton
 (GPU) kernels around the matmuls. Per-call overhead is cut where it showed in profiles (config A, CPU):
 Dynamo checks only the guards on the step's inputs (not ~650 on the model's parameters), Inductor's C++
-wrapper calls the kernels (not a Python function), and on CPU a graph, once compiled, is called directly
-(`openk2.model.direct_call`) instead of through Dynamo's per-call work.
+wrapper calls the kernels (not a Python function), on CPU a graph, once compiled, is called directly
+(`openk2.model.direct_call`) instead of through Dynamo's per-call work, and without oneDNN the LM head, the
+largest matrix of a token, is read from a transposed copy whose GEMV runs faster on CPU BLAS.
 
 Shapes that need a new graph compile once each (`dynamic=False`) up to `max_graphs` per `DecodeStep`;
 beyond that, or when compilation fails (no C++ compiler, an unsupported platform), the step runs the
