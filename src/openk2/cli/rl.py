@@ -38,4 +38,4 @@ def rl(
         console.print(f"rl: {name} held-out greedy pass@1 {value:.1%} -> {after.get(key, float('nan')):.1%}",
                       markup=False, highlight=False)
     console.print(f"rl: {cfg.run.dir} at step {summary['steps']} (policy version {summary['version']}), "
-                  f"{summary['skipped_updates']} updates skipped", markup=False, highlight=False)
+                  f"{summary['skipped_updates']} updates skipped", markup=False, highlight=False, soft_wrap=True)
