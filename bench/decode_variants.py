@@ -14,6 +14,7 @@ round's ratio to the first variant. Greedy tokens are checked against the eager 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -51,6 +52,7 @@ VARIANTS: dict[str, tuple[dict, float, float, bool]] = {
     "experts-op": ({}, ROUTING, ONEDNN, True),
     "library-routing": ({}, ROUTING, ONEDNN, True),
     "dynamo-calls": ({}, ROUTING, ONEDNN, True),
+    "small-pages": ({}, ROUTING, ONEDNN, True),  # a copy of the model whose weights stay on 4 KiB pages
 }
 
 
@@ -78,9 +80,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = bench_config(args.config)
     model = build_model(cfg, seed=0).eval()
+    small_pages_model = copy.deepcopy(model) if "small-pages" in args.variants else None
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
     ref = model.generate(ids, args.tokens, compile=False)
-    steps: dict[str, DecodeStep] = {}
+    steps: dict[str, tuple[DecodeStep, torch.nn.Module]] = {}
     for name in args.variants:
         kwargs, fraction, onednn, reductions = VARIANTS[name]
         decode_module._DENSE_ROUTING_MIN_FRACTION = fraction  # all read when the graph is traced
@@ -94,23 +97,25 @@ def main() -> None:
         moe_module._SMALL_EXPERTS_TO_INDUCTOR = name != "experts-op"
         decode_module._IN_GRAPH_ROUTING = moe_module._IN_GRAPH_ORDER = name != "library-routing"
         decode_module._DIRECT_CALLS = name != "dynamo-calls"
-        step = DecodeStep(model, **{"compile": True, **kwargs})
-        model.__dict__.setdefault("_decode_steps", {})[True] = step
+        decode_module._HUGE_PAGE_WEIGHTS = name != "small-pages"
+        m = small_pages_model if name == "small-pages" else model
+        step = DecodeStep(m, **{"compile": True, **kwargs})
+        m.__dict__.setdefault("_decode_steps", {})[True] = step
         t0 = time.perf_counter()
-        out = model.generate(ids, args.tokens, compile=True)
+        out = m.generate(ids, args.tokens, compile=True)
         print(f"# {name}: first call {time.perf_counter() - t0:.1f} s, greedy equal {torch.equal(out, ref)}",
               flush=True)
-        steps[name] = step
+        steps[name] = (step, m)
     step_seconds: list[float] = []  # --decode-only: the wall time of each compiled step call
-    for step in steps.values():
+    for step, _ in steps.values():
         step._run = _timed(step._run, step_seconds)
     rates: dict[str, list[float]] = {n: [] for n in steps}
     for _ in range(args.rounds):
-        for name, step in steps.items():
-            model.__dict__["_decode_steps"][True] = step
+        for name, (step, m) in steps.items():
+            m.__dict__["_decode_steps"][True] = step
             step_seconds.clear()
             t0 = time.perf_counter()
-            model.generate(ids, args.tokens, compile=True)
+            m.generate(ids, args.tokens, compile=True)
             seconds, tokens = time.perf_counter() - t0, args.tokens
             if args.decode_only:
                 seconds, tokens = sum(step_seconds), len(step_seconds)

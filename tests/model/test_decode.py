@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import openk2.model.decode as decode_module
-from openk2.model import K2Model, build_model, get_preset, matmul
+from openk2.model import K2Model, build_model, get_preset, huge_pages, matmul
 from openk2.model.decode import DecodeStep, decode_forward, window_size
 from openk2.model.moe import stable_order, top_k_by_argmax
 from openk2.serve.engine import Engine, SamplingParams
@@ -262,7 +262,11 @@ def test_in_graph_routing_chooses_the_routers_experts(groups):
 def test_direct_calls_skip_dynamo_and_see_the_live_weights(monkeypatch):
     """After a CPU graph's first call, later calls go to Inductor's graph directly (`direct_call`): with Dynamo's
     compiled function made to fail, generating still works, and it reads the weights as they are now, updated in
-    place (RL) or replaced."""
+    place (RL) or replaced. The step's first call moved the large weights onto huge pages (`huge_pages`, made to
+    take this model's small ones here)."""
+    if huge_pages.thp_mode() != "unavailable":
+        monkeypatch.setattr(huge_pages, "thp_mode", lambda: "madvise")
+        monkeypatch.setattr(huge_pages, "MIN_BYTES", 16 * 1024)
     model = _model(num_hidden_layers=2, first_k_dense_replace=1)
     step = _install(model, DecodeStep(model, compile=True))
     prompts = [[1, 2, 3, 4], [5, 6]]
@@ -270,6 +274,8 @@ def test_direct_calls_skip_dynamo_and_see_the_live_weights(monkeypatch):
     if not step.compiled:
         pytest.skip("torch.compile is not available on this machine")
     assert torch.equal(out, model.generate(prompts, 8, compile=False))
+    if huge_pages.thp_mode() != "unavailable":
+        assert model.lm_head.weight.data_ptr() % huge_pages.HUGE_PAGE == 0
     assert [kind for kind, _ in step._direct] == ["greedy"]
 
     def no_dynamo(kind):

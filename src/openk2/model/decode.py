@@ -23,7 +23,9 @@ hundred-odd small ops of a step (norms, rope, softmax, SwiGLU, routing) into a f
 Dynamo checks only the guards on the step's inputs (not ~650 on the model's parameters), Inductor's C++
 wrapper calls the kernels (not a Python function), on CPU a graph, once compiled, is called directly
 (`openk2.model.direct_call`) instead of through Dynamo's per-call work, and without oneDNN the LM head, the
-largest matrix of a token, is read from a transposed copy whose GEMV runs faster on CPU BLAS.
+largest matrix of a token, is read from a transposed copy whose GEMV runs faster on CPU BLAS. On CPU the step's
+first call also moves the model's large weights onto transparent huge pages (`openk2.model.huge_pages`), which a
+token streams faster than 4 KiB pages.
 
 Shapes that need a new graph compile once each (`dynamic=False`) up to `max_graphs` per `DecodeStep`;
 beyond that, or when compilation fails (no C++ compiler, an unsupported platform), the step runs the
@@ -47,7 +49,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from openk2.model import direct_call, few_rows, matmul
+from openk2.model import direct_call, few_rows, huge_pages, matmul
 from openk2.model.attention import MLA
 from openk2.model.moe import MLP, MoE, Router, top_k_by_argmax
 from openk2.model.rope import apply_rope
@@ -96,6 +98,10 @@ _IN_GRAPH_ROUTING = True
 # without Dynamo's frame hook, guards and parameter-gathering bytecode, ~0.35 ms of config A's 3.5 ms batch-8 step.
 # False: every call through Dynamo.
 _DIRECT_CALLS = True
+# A CPU step's first call puts the model's large weights on transparent huge pages (`huge_pages`), which stream
+# faster than 4 KiB pages: config C's batch-1 decode 1.14x, batch 8 1.09x (in-process A/B, docs/benchmarks.md).
+# False: the weights stay where they are.
+_HUGE_PAGE_WEIGHTS = True
 
 CompileSwitch = bool | str  # True, False or "auto"
 
@@ -384,6 +390,7 @@ class DecodeStep:
         self._lm_head_DV: torch.Tensor | None = None
         self._lm_head_version: tuple[int, int] | None = None
         self._capture = direct_call.Capture()
+        self._weights_placed = False  # huge pages (`_HUGE_PAGE_WEIGHTS`) are set up at the first compiled call
         self._direct: dict[direct_call.CallKey, direct_call.DirectCall] = {}
 
     def raise_budget(self, max_graphs: int) -> None:
@@ -464,6 +471,10 @@ class DecodeStep:
             return None
         latent_NBSL = args[0]
         model = self.model
+        if not self._weights_placed:
+            self._weights_placed = True
+            if _HUGE_PAGE_WEIGHTS and latent_NBSL.device.type == "cpu":
+                huge_pages.move_weights_to_huge_pages(model)
         if model._rope is None or model._rope[0].device != latent_NBSL.device:
             model._cos_sin(args[3][:1, None], latent_NBSL.dtype)  # builds model._rope
         step_args = (self._lm_head_input(), model._rope[0], *args)
