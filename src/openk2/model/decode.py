@@ -99,7 +99,8 @@ _IN_GRAPH_ROUTING = True
 # False: every call through Dynamo.
 _DIRECT_CALLS = True
 # A CPU step's first call puts the model's large weights on transparent huge pages (`huge_pages`), which stream
-# faster than 4 KiB pages: config C's batch-1 decode 1.14x, batch 8 1.09x (in-process A/B, docs/benchmarks.md).
+# faster than 4 KiB pages: config C's batch-1 decode 1.07-1.14x, batch 8 1.05-1.09x (in-process A/Bs,
+# docs/benchmarks.md).
 # False: the weights stay where they are.
 _HUGE_PAGE_WEIGHTS = True
 

@@ -72,14 +72,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d(loss)/d(logits) = softmax - onehot(target), zero on ignored rows.
             grad_VC = exp_VC.mul_(valid_1C / sum_1C).scatter_add_(0, target_1C, -valid_1C.to(exp_VC.dtype))
             grad_VC = grad_VC.to(x_ND.dtype)
+            # grad_x by aten's GEMM in every case: BLAS reads the transposed grad in place, where oneDNN's linear
+            # first copies it (~6 ms per chunk of config A's LM head; the training step 1.02-1.05x on configs A and B,
+            # in-process A/B, docs/benchmarks.md).
+            torch.mm(grad_VC.t(), w_VD, out=grad_x_ND[start:start + chunk])
             if takes_onednn(grad_VC, w_VD):
-                grad_x_ND[start:start + chunk] = mm(grad_VC.t(), w_VD)
                 grad_w_VD += mm(grad_VC, x_CD)
             elif grad_w_VD.dtype == x_CD.dtype:
-                torch.mm(grad_VC.t(), w_VD, out=grad_x_ND[start:start + chunk])
                 grad_w_VD.addmm_(grad_VC, x_CD)
             else:  # low-precision matmul, fp32 accumulation across chunks
-                torch.mm(grad_VC.t(), w_VD, out=grad_x_ND[start:start + chunk])
                 grad_w_VD += grad_VC @ x_CD
         # Plain attributes, not save_for_backward (they are neither inputs nor outputs): backward takes the only
         # references, scales them in place and hands them over, with no new [V, D] allocation.
