@@ -3,6 +3,7 @@ and their trainability, and nothing moves where the kernel would not honour the 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ def test_copy_is_equal_aligned_and_advised(madvise_mode):
     t = torch.randn(1000, 300)
     c = huge_pages.huge_page_copy(t)
     assert torch.equal(c, t) and c.is_contiguous() and c.data_ptr() % huge_pages.HUGE_PAGE == 0
+    assert c.untyped_storage().nbytes() == t.numel() * 4  # no padding in its storage (torch.save writes it all)
     assert "hg" in _mapping_flags(c.data_ptr())  # MADV_HUGEPAGE took
 
 
@@ -59,6 +61,12 @@ def test_moving_keeps_parameters_ties_values_and_training(madvise_mode):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
     assert torch.equal(model.generate(ids, 6, compile=False), tokens)
     assert huge_pages.move_weights_to_huge_pages(model, min_bytes=64 * 1024) == 0  # once
+    # Saved and loaded like any weights, without the mappings' padding.
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    assert buf.tell() < 1.1 * sum(p.numel() * 4 for p in model.parameters()) + 100_000
+    buf.seek(0)
+    assert all(torch.equal(v, before[k]) for k, v in torch.load(buf).items() if k in before)
     # Training updates the moved weights in place.
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model(ids, labels=ids).loss.backward()

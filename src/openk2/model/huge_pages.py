@@ -48,14 +48,14 @@ def thp_mode() -> str:
 
 def huge_page_copy(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of `t` at the start of a 2 MiB-aligned anonymous mapping advised for huge pages. The mapping
-    lives as long as the returned tensor (torch keeps the buffer object alive)."""
+    lives as long as the returned tensor (torch keeps the buffer object alive), whose storage is exactly its own
+    bytes (`torch.save` writes no padding)."""
     nbytes = t.numel() * t.element_size()
     size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE  # one page spare to align the start
     area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     area.madvise(mmap.MADV_HUGEPAGE)
-    raw = torch.frombuffer(area, dtype=torch.uint8)
-    start = -raw.data_ptr() % HUGE_PAGE
-    out = raw[start:start + nbytes].view(t.dtype).view(t.shape)
+    start = -torch.frombuffer(area, dtype=torch.uint8).data_ptr() % HUGE_PAGE
+    out = torch.frombuffer(memoryview(area)[start:start + nbytes], dtype=t.dtype).view(t.shape)
     out.copy_(t)  # the first touch: the kernel backs the advised range with huge pages now
     return out
 
