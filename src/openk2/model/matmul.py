@@ -2,7 +2,8 @@
 
 Why: on the AMD EPYC hosts we develop and test on, the MKL in torch's CPU wheel runs fp32 GEMMs at about half
 oneDNN's speed (training shapes: ~85 vs ~180 GFLOP/s on one thread), its GEMVs at a third to a half (decode),
-and does not split a GEMV over two threads; oneDNN does (docs/benchmarks.md, "oneDNN matmuls"). torch itself
+and does not split a GEMV over two threads; oneDNN does (docs/benchmarks.md, "oneDNN matmuls"). On a Zen 4 host
+the gap is smaller (GEMMs at ~0.9x, small-K training shapes at ~0.5x; "Weights on huge pages"). torch itself
 calls oneDNN for fp32 matmuls only inside frozen Inductor graphs, so the model calls it here: `Linear` (every
 projection of the model), `mm` (the LM head's chunked cross-entropy, the routed experts' per-expert products),
 and the compiled decode step. The op is one of ours (`openk2::onednn_mm`, with its backward), so autograd,
