@@ -18,10 +18,10 @@ one untimed call of the same work (llama-bench and llama-batched-bench warm up t
   token, which S_TG does not count either);
 * prefill of 512 tokens: `llama-bench -p 512` (pp512); openk2 and transformers forward over 512 tokens.
 
-Reported: medians over rounds, ratios within the run, the compile time of openk2's decode step (first call
-per graph, separately), and the memory roofline: bandwidth (numpy copy of 1 GiB, best of 5, bytes read +
-written) over the fp32 bytes one decode token reads (attention, dense and shared MLPs, the top-k routed
-experts, routers, norms, LM head, one embedding row), and each system's fraction of it.
+Reported: medians over rounds, ratios within the run (the median of the rounds' ratios), the compile time of
+openk2's decode step (first call per graph, separately), and the memory roofline: bandwidth (numpy copy of 1 GiB,
+best of 5, bytes read + written) over the fp32 bytes one decode token reads (attention, dense and shared MLPs, the
+top-k routed experts, routers, norms, LM head, one embedding row), and each system's fraction of it.
 
 Without llama.cpp built, the bench says how to build it and measures the rest.
 """
@@ -228,6 +228,7 @@ def run_config(name: str, rounds: int, threads: int, quick: bool, skip_hf: bool,
             rates["llama_prefill"].append(llama_bench(gguf, threads, PREFILL_TOKENS, 0))
     for k, v in rates.items():
         r[k] = statistics.median(v)
+    r["rounds"] = rates
     return r
 
 
@@ -242,7 +243,10 @@ def summarize(r: dict, bandwidth: float) -> None:
                  ("ours_prefill", "llama_prefill"), ("ours_b1", "hf_b1"), ("ours_b8", "hf_b8"),
                  ("ours_b8_decode", "hf_b8_decode"), ("ours_prefill", "hf_prefill"), ("ours_b1", "ours_eager_b1")):
         if a in r and b in r:
-            r[f"{a}/{b}"] = r[a] / r[b]
+            # The median of the rounds' ratios: each round measures both systems back to back, so a host whose
+            # speed drifts between rounds moves both sides of a round's ratio alike.
+            rounds = r["rounds"]
+            r[f"{a}/{b}"] = statistics.median(x / y for x, y in zip(rounds[a], rounds[b], strict=True))
 
 
 def main() -> None:
@@ -279,8 +283,8 @@ def main() -> None:
         summarize(r, bandwidth)
     load = os.getloadavg()
     print(f"# {machine_info()}; bandwidth {bandwidth / 1e9:.1f} GB/s; load average {load[0]:.1f} {load[1]:.1f} "
-          f"{load[2]:.1f}; {args.rounds} rounds, medians")
-    keys = [k for k in results[0] if k not in ("config", "graphs")]
+          f"{load[2]:.1f}; {args.rounds} rounds, medians (ratios: medians of the rounds' ratios)")
+    keys = [k for k in results[0] if k not in ("config", "graphs", "rounds")]
     print("| metric | " + " | ".join(r["config"] for r in results) + " |")
     print("|---|" + "---:|" * len(results))
     for k in keys:
