@@ -238,6 +238,7 @@ def summarize(r: dict, bandwidth: float) -> None:
     for k in ("ours_b1", "ours_b1_decode", "ours_eager_b1", "hf_b1", "llama_b1"):
         if k in r:
             r[f"{k}_of_roofline"] = r[k] / roof
+    rounds = r["rounds"]
     for a, b in (("ours_b1", "llama_b1"), ("ours_b1_decode", "llama_b1"), ("ours_b8", "llama_b8"),
                  ("ours_b8_decode", "llama_b8"), ("ours_b1_decode", "hf_b1_decode"),
                  ("ours_prefill", "llama_prefill"), ("ours_b1", "hf_b1"), ("ours_b8", "hf_b8"),
@@ -245,7 +246,6 @@ def summarize(r: dict, bandwidth: float) -> None:
         if a in r and b in r:
             # The median of the rounds' ratios: each round measures both systems back to back, so a host whose
             # speed drifts between rounds moves both sides of a round's ratio alike.
-            rounds = r["rounds"]
             r[f"{a}/{b}"] = statistics.median(x / y for x, y in zip(rounds[a], rounds[b], strict=True))
 
 
