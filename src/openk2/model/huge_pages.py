@@ -3,7 +3,9 @@
 Why: a decode step streams every active weight from memory once per token, and on 4 KiB pages each 4 KiB of a
 weight is a TLB miss and a page walk; the hardware prefetchers also stop at 4 KiB page boundaries. On 2 MiB pages
 the same stream runs faster: config C's batch-1 decode 1.07-1.14x, batch 8 1.05-1.09x, config A at batch 8
-1.05-1.07x (in-process A/Bs, 2 threads, AMD EPYC; docs/benchmarks.md, "Weights on huge pages").
+1.05-1.07x (in-process A/Bs, 2 threads, AMD EPYC Zen 4; docs/benchmarks.md, "Weights on huge pages"). An earlier
+measurement on a Zen 2 host, with all of torch's allocations on huge pages, read slower (same section): not yet
+re-measured there with this change.
 
 Linux backs memory with huge pages where `/sys/kernel/mm/transparent_hugepage/enabled` says `always`, or says
 `madvise` (the common default) and the program asked for them with `madvise(MADV_HUGEPAGE)`. torch's CPU allocator
