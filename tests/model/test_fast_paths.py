@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import openk2.model.moe as moe_module
 from openk2.model import K2Model, build_model, get_preset
-from openk2.model.transformer import linear_cross_entropy
+from openk2.model import transformer
+from openk2.model.transformer import linear_cross_entropy, loss_chunk_rows
 
 
 def _random_model(**overrides) -> K2Model:
@@ -40,6 +41,20 @@ def test_linear_cross_entropy_matches_plain(chunk_rows):
     assert torch.allclose(loss, ref, atol=1e-5, rtol=1e-6)
     assert torch.allclose(x.grad, x2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
     assert x.grad[0].abs().max() == 0  # ignored rows get no gradient
+
+
+@pytest.mark.parametrize(("l3", "rows"), [(8 << 20, 256), (32 << 20, 512), (256 << 20, 512), (0, 64)])
+def test_loss_chunks_fill_the_last_level_cache_up_to_16_mib(monkeypatch, l3, rows):
+    """CPU chunks hold min(L3, 16 MiB) of fp32 logits (larger ones page-fault on every step), at least 64 rows; other
+    devices 8 MiB."""
+    monkeypatch.setattr(transformer, "_last_level_cache_bytes", lambda: l3)
+    assert loss_chunk_rows(8192, torch.device("cpu")) == rows
+    assert loss_chunk_rows(8192, torch.device("meta")) == 256
+
+
+def test_last_level_cache_size_is_read_or_defaults():
+    transformer._last_level_cache_bytes.cache_clear()
+    assert transformer._last_level_cache_bytes() >= 1 << 20
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

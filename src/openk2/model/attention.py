@@ -20,6 +20,7 @@ from torch import nn
 from openk2.model import few_rows
 from openk2.model.config import ModelConfig
 from openk2.model.matmul import Linear
+from openk2.model.norm import RMSNorm
 from openk2.model.rope import apply_rope
 
 if TYPE_CHECKING:
@@ -107,10 +108,10 @@ class MLA(nn.Module):
             self.q_proj = Linear(D, H * self.qk_dim, bias=False)
         else:
             self.q_a_proj = Linear(D, cfg.q_lora_rank, bias=cfg.attention_bias)
-            self.q_a_layernorm = nn.RMSNorm(cfg.q_lora_rank, eps=_LORA_NORM_EPS)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=_LORA_NORM_EPS)
             self.q_b_proj = Linear(cfg.q_lora_rank, H * self.qk_dim, bias=False)
         self.kv_a_proj_with_mqa = Linear(D, cfg.kv_lora_rank + self.rope_dim, bias=cfg.attention_bias)
-        self.kv_a_layernorm = nn.RMSNorm(cfg.kv_lora_rank, eps=_LORA_NORM_EPS)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, eps=_LORA_NORM_EPS)
         self.kv_b_proj = Linear(cfg.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = Linear(H * self.v_dim, D, bias=cfg.attention_bias)
         # QK-Clip support: when `record_max_logits` is set, each training forward folds the per-head

@@ -8,10 +8,12 @@ only on export (`openk2.model.hf`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,7 @@ from openk2.model.config import ModelConfig
 from openk2.model.kv_cache import KVCache
 from openk2.model.matmul import Linear, mm, takes_onednn
 from openk2.model.moe import MLP, MoE
+from openk2.model.norm import RMSNorm
 from openk2.model.rope import rope_cos_sin, rope_inv_freq
 
 IGNORE_INDEX = -100
@@ -106,18 +109,38 @@ def linear_cross_entropy(
     if torch.is_autocast_enabled(x_ND.device.type):
         dtype = torch.get_autocast_dtype(x_ND.device.type)
         x_ND, w_VD = x_ND.to(dtype), w_VD.to(dtype)
-    # ~2M logits (8 MiB fp32) per chunk: stays in a CPU's L3 and is large enough for efficient matmuls.
-    chunk = chunk_rows or max(64, (1 << 21) // w_VD.shape[0])
+    chunk = chunk_rows or loss_chunk_rows(w_VD.shape[0], x_ND.device)
     with torch.autocast(x_ND.device.type, enabled=False):
         return _LinearCrossEntropy.apply(x_ND, w_VD, labels_N, chunk)
+
+
+def loss_chunk_rows(vocab_size: int, device: torch.device) -> int:
+    """Rows per chunk of `linear_cross_entropy`. On CPU, as many fp32 logits as the last-level cache holds, up to 16 MiB
+    (8 MiB on an 8 MiB L3, 16 MiB on the 32 MiB L3 of config A's Zen 4 host: the training step 1.034x over 8 MiB there,
+    fewer and larger products and fewer passes over the [V, D] gradient). Not more: glibc's malloc serves a freed size
+    up to 32 MiB from its heap, but maps anything larger afresh, page fault by page fault, on every step (32 MiB chunks:
+    1.004x; docs/benchmarks.md, "Loss chunks and RMSNorm's backward"). Elsewhere 2M logits (8 MiB)."""
+    chunk_bytes = min(_last_level_cache_bytes(), 16 << 20) if device.type == "cpu" else 8 << 20
+    return max(64, chunk_bytes // 4 // vocab_size)
+
+
+@functools.cache
+def _last_level_cache_bytes() -> int:
+    """The L3 size Linux reports for CPU 0 (sysfs), 8 MiB where it reports none."""
+    try:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+        return int(size.rstrip("KMG")) * scale
+    except (OSError, ValueError):
+        return 8 << 20
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.self_attn = MLA(cfg, layer_idx)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp: MLP | MoE = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x_BTD, cos_BTR, sin_BTR, cache=None) -> torch.Tensor:
@@ -132,7 +155,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
 
 class K2Model(nn.Module):

@@ -86,7 +86,7 @@ def token_logprobs(
         raise ValueError(f"response token ids must be in [0, {w_VD.shape[0]})")
     x_BTD = model.hidden_states(inputs_BT.to(device))
     x_ND = x_BTD[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
-    # ~2M logits (8 MiB fp32) per chunk, as `linear_cross_entropy`.
+    # ~2M logits (8 MiB fp32) per chunk: each is recomputed in the backward (checkpointed).
     chunk = chunk_rows or max(64, (1 << 21) // w_VD.shape[0])
     checkpointed = torch.is_grad_enabled() and (x_ND.requires_grad or w_VD.requires_grad)
     parts = []
