@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import openk2.model.moe as moe_module
-from openk2.model import K2Model, build_model, get_preset
-from openk2.model import transformer
+from openk2.model import K2Model, build_model, get_preset, transformer
 from openk2.model.transformer import linear_cross_entropy, loss_chunk_rows
 
 

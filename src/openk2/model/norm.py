@@ -3,9 +3,9 @@
 Why: `nn.RMSNorm` is a composite of pow, mean, add, rsqrt and two products, and autograd differentiates each of them:
 about fifteen ops and their temporaries per norm and step, on tensors as large as the residual stream. This function
 computes the same numbers in four forward passes (the row norms, two products) and five backward ones, with the row
-dot products as `vecdot` reductions (no temporaries): the training step 1.021x on config A (17 norms a step, in-process
-A/B, docs/benchmarks.md, "Loss chunks and RMSNorm's backward"). Only plain fp32 CPU training takes it; inference, CUDA (which has a
-fused kernel), DTensors and other dtypes keep torch's.
+dot products as `vecdot` reductions (no temporaries): the training step 1.021x on config A (17 norms a step,
+in-process A/B, docs/benchmarks.md, "Loss chunks, RMSNorm's backward, the experts' sum"). Only plain fp32 CPU training
+takes it; inference, CUDA (which has a fused kernel), DTensors and other dtypes keep torch's.
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def loss_chunk_rows(vocab_size: int, device: torch.device) -> int:
     (8 MiB on an 8 MiB L3, 16 MiB on the 32 MiB L3 of config A's Zen 4 host: the training step 1.034x over 8 MiB there,
     fewer and larger products and fewer passes over the [V, D] gradient). Not more: glibc's malloc serves a freed size
     up to 32 MiB from its heap, but maps anything larger afresh, page fault by page fault, on every step (32 MiB chunks:
-    1.004x; docs/benchmarks.md, "Loss chunks and RMSNorm's backward"). Elsewhere 2M logits (8 MiB)."""
+    1.004x; docs/benchmarks.md, "Loss chunks, RMSNorm's backward, the experts' sum"). Elsewhere 2M logits (8 MiB)."""
     chunk_bytes = min(_last_level_cache_bytes(), 16 << 20) if device.type == "cpu" else 8 << 20
     return max(64, chunk_bytes // 4 // vocab_size)
 

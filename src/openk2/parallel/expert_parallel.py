@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single, all_to_all_single_autograd
 
-from openk2.model.moe import MoE
+from openk2.model.moe import MoE, sum_over_slots
 from openk2.parallel.activation import tag
 
 
@@ -58,7 +58,6 @@ def _exclusive_cumsum(x: torch.Tensor) -> torch.Tensor:
 
 def ep_dispatch(moe: MoE, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
     """Sum over k of gate weight x expert_k(token), with the experts on other ranks of `moe.ep_group`."""
-    N, D = x_ND.shape
     ep, n_local, group = moe.ep_size, moe.n_local_experts, moe.ep_group
     flat_ids = expert_ids_NK.reshape(-1)
     counts_E = torch.bincount(flat_ids, minlength=moe.n_experts)
@@ -82,8 +81,7 @@ def ep_dispatch(moe: MoE, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, weigh
     y_local = moe.experts(x_recv.index_select(0, perm), recv_counts_RL.sum(0), w_recv.index_select(0, perm))
     y_recv = y_local.new_empty(y_local.shape).index_copy(0, perm, y_local)
     y_SD = all_to_all_single_autograd(y_recv, send_splits, recv_splits, group)
-    y_NKD = y_SD.new_empty(y_SD.shape).index_copy(0, order_S, y_SD).view(N, -1, D)
-    return y_NKD.sum(dim=1)  # a sum over K (not scatter_add) is deterministic
+    return sum_over_slots(y_SD, order_S, moe.top_k)
 
 
 __all__ = ["apply_expert_parallel", "ep_dispatch", "expert_offset"]
