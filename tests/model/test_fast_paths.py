@@ -51,9 +51,16 @@ def test_loss_chunks_fill_the_last_level_cache_up_to_16_mib(monkeypatch, l3, row
     assert loss_chunk_rows(8192, torch.device("meta")) == 256
 
 
-def test_last_level_cache_size_is_read_or_defaults():
+def test_last_level_cache_size_is_read_or_defaults(monkeypatch, tmp_path):
     transformer._last_level_cache_bytes.cache_clear()
     assert transformer._last_level_cache_bytes() >= 1 << 20
+    reads = {"32768K": 32 << 20, "8M": 8 << 20, "0K": 8 << 20, "garbage": 8 << 20}
+    for text, expected in reads.items():
+        (tmp_path / "size").write_text(text + "\n")
+        monkeypatch.setattr(transformer, "Path", lambda _: tmp_path / "size")
+        transformer._last_level_cache_bytes.cache_clear()
+        assert transformer._last_level_cache_bytes() == expected, text
+    transformer._last_level_cache_bytes.cache_clear()
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -60,6 +60,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x_ND = torch.empty_like(x_ND) if needs_grad else None
         grad_w_VD = torch.zeros_like(w_VD, dtype=torch.float32) if needs_grad else None
         for start in range(0, x_ND.shape[0], chunk):
+            # The previous chunk's logits go before the next product allocates: the allocator hands their block back
+            # instead of mapping a second one, whose pages fault in on every step (4,096 faults, ~3 ms at 16 MiB).
+            logits_VC = exp_VC = grad_VC = None
             x_CD, labels_C = x_ND[start:start + chunk], labels_N[start:start + chunk]
             logits_VC = mm(w_VD, x_CD.t()).float()
             valid_1C = (labels_C != IGNORE_INDEX).unsqueeze(0)
@@ -130,9 +133,10 @@ def _last_level_cache_bytes() -> int:
     try:
         size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip().upper()
         scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
-        return int(size.rstrip("KMG")) * scale
+        reported = int(size.rstrip("KMG")) * scale
     except (OSError, ValueError):
-        return 8 << 20
+        reported = 0
+    return reported if reported > 0 else 8 << 20
 
 
 class DecoderLayer(nn.Module):
