@@ -305,8 +305,8 @@ class _SumOverSlots(torch.autograd.Function):
     """y_ND[n] = sum over k of y_SD[slot_NK[n, k]]: each token's K expert outputs, rows of the expert-sorted y_SD,
     summed in k order (a sum, not a scatter-add: deterministic on every device). Its backward is one gather of the
     tokens' gradients, y_SD's row s getting token_S[s]'s; autograd's formula for the same forward written as
-    index_copy + view + sum also materialized the expanded [N, K, D] gradient (a second [S, D] copy: ~1% of a bench
-    training step, 2.7 ms a layer on config B)."""
+    index_copy + view + sum also materialized the expanded [N, K, D] gradient and gathered from it (bench training step
+    1.09-1.13x on config B, 6 experts a token; 1.02x on A, 2 a token; docs/benchmarks.md)."""
 
     @staticmethod
     def forward(ctx, y_SD: torch.Tensor, slot_NK: torch.Tensor, token_S: torch.Tensor) -> torch.Tensor:
@@ -375,7 +375,6 @@ class MoE(nn.Module):
         token_of_slot = order // self.top_k
         y_sorted_SD = self.experts(x_ND.index_select(0, token_of_slot), counts_E, weights_NK.view(-1, 1)[order])
         return sum_over_slots(y_sorted_SD, order, self.top_k)
-
 
     def _seq_aux_loss(self, ids_BTK: torch.Tensor, scores_BTE: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 sequence-wise balance loss: coef * sum_e f_e * P_e, averaged over sequences."""
