@@ -65,7 +65,8 @@ def _weight_grad(a_MK: torch.Tensor, grad_MN: torch.Tensor) -> torch.Tensor:
     """a.T @ grad [K, N], a product's right-operand gradient, by oneDNN, which copies its left operand contiguous: the
     smaller of the two transposes, the activations [K, M] or (as (grad.T @ a).T, when N < K) the gradient [N, M]. A
     `Linear`'s weight gradient is then laid out like the weight in the second case. The eight weight-gradient shapes of
-    the bench's configs A and B: 15.5 vs 17.1 ms (the training step 1.01-1.03x, docs/benchmarks.md)."""
+    the bench's configs A and B: 15.5 vs 17.1 ms (the training step 1.01-1.03x, docs/benchmarks.md); the two forms'
+    numbers were the same bit for bit on every shape checked."""
     if grad_MN.shape[1] < a_MK.shape[1]:
         return _onednn(grad_MN.t(), a_MK).t()
     return _onednn(a_MK.t(), grad_MN)
