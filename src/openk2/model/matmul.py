@@ -16,6 +16,8 @@ environment turns it off: aten's (MKL) matmuls everywhere, as before.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,15 +63,17 @@ def _(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
     return a_MK.new_empty(a_MK.shape[0], b_KN.shape[1])
 
 
-def _weight_grad(a_MK: torch.Tensor, grad_MN: torch.Tensor) -> torch.Tensor:
-    """a.T @ grad [K, N], a product's right-operand gradient, by oneDNN, which copies its left operand contiguous: the
-    smaller of the two transposes, the activations [K, M] or (as (grad.T @ a).T, when N < K) the gradient [N, M]. A
-    `Linear`'s weight gradient is then laid out like the weight in the second case. The eight weight-gradient shapes of
-    the bench's configs A and B: 15.5 vs 17.1 ms (the training step 1.01-1.03x, docs/benchmarks.md); the two forms'
-    numbers were the same bit for bit on every shape checked."""
+def _weight_grad(a_MK: torch.Tensor, grad_MN: torch.Tensor,
+                 product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _onednn) -> torch.Tensor:
+    """a.T @ grad [K, N], a product's right-operand gradient, by oneDNN (`product`: `_onednn`, or the op `onednn_mm`
+    in compiled code), which copies its left operand contiguous: the smaller of the two transposes, the activations
+    [K, M] or (as (grad.T @ a).T, when N < K) the gradient [N, M]. A `Linear`'s weight gradient is then laid out like
+    the weight in the second case. The eight weight-gradient shapes of the bench's configs A and B: 15.5 vs 17.1 ms
+    (the training step 1.01-1.03x, docs/benchmarks.md); the two forms' numbers were the same bit for bit on every shape
+    checked."""
     if grad_MN.shape[1] < a_MK.shape[1]:
-        return _onednn(grad_MN.t(), a_MK).t()
-    return _onednn(a_MK.t(), grad_MN)
+        return product(grad_MN.t(), a_MK).t()
+    return product(a_MK.t(), grad_MN)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -79,9 +83,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_MN: torch.Tensor):
     a_MK, b_KN = ctx.saved_tensors
     grad_a = onednn_mm(grad_MN, b_KN.t()) if ctx.needs_input_grad[0] else None
-    grad_b = None
-    if ctx.needs_input_grad[1]:  # as `_weight_grad`: the smaller operand transposed
-        grad_b = onednn_mm(grad_MN.t(), a_MK).t() if grad_MN.shape[1] < a_MK.shape[1] else onednn_mm(a_MK.t(), grad_MN)
+    grad_b = _weight_grad(a_MK, grad_MN, onednn_mm) if ctx.needs_input_grad[1] else None
     return grad_a, grad_b
 
 
