@@ -54,12 +54,13 @@ MAX_ROWS = 32
 #: products, at 128 at 1.6x / 1.9x, at 256 at 1.2x / 1.0x (2 threads; docs/benchmarks.md, "Prefill").
 MAX_SLOTS_PER_EXPERT = 128
 _CSRC = Path(__file__).with_name("csrc")
-SOURCES = tuple(_CSRC / name for name in ("few_rows.cpp", "latent_attention.cpp", "masked_attention.cpp"))
+SOURCES = tuple(_CSRC / name for name in ("few_rows.cpp", "latent_attention.cpp", "masked_attention.cpp",
+                                          "block_cache.cpp"))
 HEADERS = (_CSRC / "tiles.h", _CSRC / "work_split.h")  # included by the sources: part of the cache key
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
 
 _lock = threading.Lock()
-_state: dict[str, bool | str] = {}  # "available": bool, "error": why not
+_state: dict[str, bool | str] = {}  # "enabled" (the switch), "available" (the library): bool, "error": why not
 
 
 def enabled_by_env() -> bool:
@@ -142,19 +143,27 @@ def _load() -> None:
 def available() -> bool:
     """Whether `mm` can run here: switched on, a CPU it supports, and the library built and loaded (built on the
     first call; a failed build warns once and stays unavailable for the process)."""
+    if "enabled" not in _state:
+        _state["enabled"] = enabled_by_env()
+    return bool(_state["enabled"]) and library_loaded()
+
+
+def library_loaded() -> bool:
+    """Whether the kernel library is loaded on a CPU it supports (built and loaded on the first call, whatever
+    `OPENK2_FEW_ROWS` says: `block_cache` lives in it too; a failed build warns once and stays unavailable)."""
     if "available" in _state:
         return bool(_state["available"])
     with _lock:
         if "available" not in _state:
-            ok = enabled_by_env() and cpu_supports()
+            ok = cpu_supports()
             if ok:
                 try:
                     _load()
                 except Exception as exc:  # no compiler, no headers, a linker error: fall back, say why once
                     ok = False
                     _state["error"] = str(exc)
-                    warnings.warn(f"openk2: the few-row product kernel is unavailable ({exc}); decode falls back "
-                                  "to oneDNN's products", stacklevel=2)
+                    warnings.warn(f"openk2: the few-row kernel library is unavailable ({exc}); decode falls back "
+                                  "to oneDNN's products, training to torch's own CPU allocator", stacklevel=2)
             _state["available"] = ok
     return bool(_state["available"])
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openk2.model import block_cache
 from openk2.model.attention import MLA
 from openk2.model.config import ModelConfig
 from openk2.model.kv_cache import KVCache
@@ -115,6 +116,16 @@ def linear_cross_entropy(
     chunk = chunk_rows or loss_chunk_rows(w_VD.shape[0], x_ND.device)
     with torch.autocast(x_ND.device.type, enabled=False):
         return _LinearCrossEntropy.apply(x_ND, w_VD, labels_N, chunk)
+
+
+@contextlib.contextmanager
+def _cached_blocks(device: torch.device) -> Iterator[bool]:
+    """Within the block, a CPU training forward takes its large blocks from `block_cache` (yields whether it does)."""
+    if not block_cache.applies(device):
+        yield False
+        return
+    with block_cache.training_forward():
+        yield True
 
 
 def loss_chunk_rows(vocab_size: int, device: torch.device) -> int:
@@ -271,17 +282,21 @@ class K2Model(nn.Module):
         """The final-norm hidden states [B, T, D] that `lm_head` maps to logits (callers that need only some
         positions' logits, like `openk2.rl.logprobs`, project just those)."""
         B, T = input_ids_BT.shape
-        x_BTD = self.model.embed_tokens(input_ids_BT)
-        if position_ids_BT is None:
-            position_ids_BT = torch.arange(T, device=input_ids_BT.device).unsqueeze(0)
-        cos_BTR, sin_BTR = self._cos_sin(position_ids_BT, x_BTD.dtype)
-        if cache is not None:
-            cache.begin_chunk(valid_BT if valid_BT is not None else input_ids_BT.new_ones(B, T, dtype=torch.bool))
-        for layer in self.model.layers:
-            x_BTD = layer(x_BTD, cos_BTR, sin_BTR, None if cache is None else cache.layers[layer.self_attn.layer_idx])
-        if cache is not None:
-            cache.end_chunk(T)
-        return self.model.norm(x_BTD)
+        with _cached_blocks(input_ids_BT.device) as cached:
+            x_BTD = self.model.embed_tokens(input_ids_BT)
+            if cached:
+                block_cache.end_backward_at(x_BTD)
+            if position_ids_BT is None:
+                position_ids_BT = torch.arange(T, device=input_ids_BT.device).unsqueeze(0)
+            cos_BTR, sin_BTR = self._cos_sin(position_ids_BT, x_BTD.dtype)
+            if cache is not None:
+                cache.begin_chunk(valid_BT if valid_BT is not None else input_ids_BT.new_ones(B, T, dtype=torch.bool))
+            for layer in self.model.layers:
+                layer_cache = None if cache is None else cache.layers[layer.self_attn.layer_idx]
+                x_BTD = layer(x_BTD, cos_BTR, sin_BTR, layer_cache)
+            if cache is not None:
+                cache.end_chunk(T)
+            return self.model.norm(x_BTD)
 
     def forward(
         self,
@@ -304,6 +319,15 @@ class K2Model(nn.Module):
         them (then the loss comes from those logits). Without `labels`, logits are always returned.
         `cache`/`valid_BT`/`position_ids_BT` are used by `generate`.
         """
+        with _cached_blocks(input_ids_BT.device) as cached:
+            out = self._forward(input_ids_BT, labels, reduction, position_ids_BT, cache, valid_BT, last_logits_only,
+                                return_logits)
+        if cached:
+            block_cache.begin_backward_at(out.loss, out.logits)
+        return out
+
+    def _forward(self, input_ids_BT, labels, reduction, position_ids_BT, cache, valid_BT, last_logits_only,
+                 return_logits) -> CausalLMOutput:
         x_BTD = self.hidden_states(input_ids_BT, position_ids_BT=position_ids_BT, cache=cache, valid_BT=valid_BT)
         if last_logits_only:
             x_BTD = x_BTD[:, -1:]

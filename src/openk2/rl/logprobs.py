@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from openk2.model import block_cache
+
 if TYPE_CHECKING:
     from openk2.model.transformer import K2Model
 
@@ -95,7 +97,10 @@ def token_logprobs(
         parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if checkpointed
                      else _chunk_logprobs(*args))
     logp_N = torch.cat(parts)
-    return logp_BR.index_put((torch.tensor(out_rows, device=device), torch.tensor(out_cols, device=device)), logp_N)
+    logp_BR = logp_BR.index_put((torch.tensor(out_rows, device=device), torch.tensor(out_cols, device=device)), logp_N)
+    if block_cache.applies(device):  # the backward, to the embeddings' output (`hidden_states`), reuses blocks too
+        block_cache.begin_backward_at(logp_BR)
+    return logp_BR
 
 
 def response_mask(prompt_lens: Sequence[int], seq_lens: Sequence[int], device: torch.device | None = None
