@@ -14,7 +14,8 @@ decode step or of a prefill of up to a few hundred tokens on the same tiles, eac
 call instead of several per expert. The same library holds the decode step's absorbed MLA attention over the
 latent cache (`csrc/latent_attention.cpp`, `latent_attention`), whose sum over keys Inductor compiles into
 latency-bound chains, and a cached prefill's masked attention (`csrc/masked_attention.cpp`, `masked_attention`:
-register-tiled scores where batched matmuls make five passes over them).
+register-tiled scores where batched matmuls make five passes over them), and the training steps' caching allocator
+(`csrc/block_cache.cpp`, `openk2.model.block_cache`).
 It is compiled on first use with the C++ compiler torch.compile's CPU backend needs anyway (~5-15 s), into
 `~/.cache/openk2/kernels` (`OPENK2_KERNEL_CACHE`), keyed by the sources, torch's version and the flags, and loaded as
 the ops `torch.ops.openk2_kernels.few_rows_mm`, `.few_rows_experts`, `.latent_attention` and `.masked_attention`,
