@@ -122,3 +122,23 @@ def test_switched_off_by_the_environment():
     env = {**os.environ, "OPENK2_BLOCK_CACHE": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "False", "None"]
+
+
+def test_rl_log_probs_backward_is_served_too(monkeypatch):
+    """`rl.logprobs.token_logprobs` projects `hidden_states` itself: its backward opens the cache as the loss's does."""
+    from openk2.rl.logprobs import token_logprobs
+
+    monkeypatch.setitem(block_cache._state, "available", True)
+    model, ids = _model_and_batch()
+    seen = []
+
+    def watch_gradient(_module, _inputs, out: torch.Tensor) -> None:
+        out.register_hook(lambda grad: seen.append(block_cache.active()))
+
+    hook = model.model.layers[1].register_forward_hook(watch_gradient)
+    before = block_cache.stats()
+    logp = token_logprobs(model, ids.tolist(), [SEQ // 2] * BATCH)
+    logp.sum().backward()
+    hook.remove()
+    assert seen == [True] and not block_cache.active()
+    assert block_cache.stats().hits + block_cache.stats().misses > before.hits + before.misses

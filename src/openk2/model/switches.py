@@ -1,4 +1,5 @@
-"""Environment switches of the model's fast paths (`OPENK2_ONEDNN`, `OPENK2_FEW_ROWS`, `OPENK2_COMPILE`)."""
+"""Environment switches of the model's fast paths (`OPENK2_ONEDNN`, `OPENK2_FEW_ROWS`, `OPENK2_COMPILE`,
+`OPENK2_HUGE_PAGES`, `OPENK2_BLOCK_CACHE`)."""
 
 from __future__ import annotations
 
