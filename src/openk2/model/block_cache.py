@@ -3,8 +3,8 @@
 Why: a CPU training step allocates its activations in the forward and frees them in the backward, and the C library
 (glibc's malloc) gives memory it gets back above its thresholds to the kernel: the top of its heap beyond 2x the
 mmap threshold, and every block above that threshold outright. The next step's forward then touches fresh pages,
-each a page fault and a zeroed 4 KiB: on bench config A, 21k-33k faults and ~47 ms of system time in a ~450 ms step
-(docs/benchmarks.md, "A caching allocator for training"). torch keeps freed blocks for reuse on CUDA (its caching
+each a page fault and a zeroed 4 KiB: on bench config A, 16k-22k faults and ~47 ms of system time in a ~450 ms step
+(docs/benchmarks.md, "A caching allocator for training steps"). torch keeps freed blocks for reuse on CUDA (its caching
 allocator) but not on CPU. Process-wide malloc settings (`GLIBC_TUNABLES`, `mallopt`) would change every library in
 the process; this cache changes only the allocations of openk2's own training steps.
 
@@ -14,8 +14,9 @@ at least 64 KiB requested by a thread inside a training forward of `K2Model` (CP
 backward of one (from the loss's or the logits' gradient to the embeddings' output). Those come from, and return to,
 per-size-class lists of freed blocks. A block freed and not taken again by the next step is released when the step
 after begins, and at most `MAX_CACHED_BYTES` stay cached (the oldest go first); `release()` frees them all. Values
-are unchanged: only where the memory comes from differs. The training step on bench configs A and B: 1.05-1.11x
-(in-process A/B).
+are unchanged: only where the memory comes from differs. On bench configs A and B, each setting in its own process
+(`bench/train_switch.py OPENK2_BLOCK_CACHE`): 13-821 faults and 2-5 ms of system time a step instead of 16k-22k and
+47-53 ms, the step 2-7% faster, beyond the VM's noise in 5 of 6 pairs.
 
 `OPENK2_BLOCK_CACHE=0` in the environment turns it off; a CPU without AVX2/FMA (the library's requirement) or a
 failed library build leaves torch's allocator alone.
@@ -33,9 +34,17 @@ import torch
 from openk2.model import few_rows
 from openk2.model.switches import env_switch
 
+
+def _quarter_of_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name: assume 16 GiB
+        return 4 << 30
+
+
 #: At most this many freed bytes stay cached: a quarter of the machine's memory, at most 8 GiB. A step that frees more
 #: hands the rest back to the C library (oldest first).
-MAX_CACHED_BYTES = min(8 << 30, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4)
+MAX_CACHED_BYTES = min(8 << 30, _quarter_of_memory())
 
 _state: dict[str, bool] = {}
 
