@@ -320,38 +320,36 @@ class K2Model(nn.Module):
         `cache`/`valid_BT`/`position_ids_BT` are used by `generate`.
         """
         with _cached_blocks(input_ids_BT.device) as cached:
-            out = self._forward(input_ids_BT, labels, reduction, position_ids_BT, cache, valid_BT, last_logits_only,
-                                return_logits)
+            x_BTD = self.hidden_states(input_ids_BT, position_ids_BT=position_ids_BT, cache=cache, valid_BT=valid_BT)
+            if last_logits_only:
+                x_BTD = x_BTD[:, -1:]
+            logits_BTV = None
+            if labels is None or return_logits:  # None (the default) = logits only when there is no loss
+                logits_BTV = self.lm_head(x_BTD)
+            loss = None if labels is None else self._loss(x_BTD, logits_BTV, labels, reduction)
         if cached:
-            block_cache.begin_backward_at(out.loss, out.logits)
-        return out
-
-    def _forward(self, input_ids_BT, labels, reduction, position_ids_BT, cache, valid_BT, last_logits_only,
-                 return_logits) -> CausalLMOutput:
-        x_BTD = self.hidden_states(input_ids_BT, position_ids_BT=position_ids_BT, cache=cache, valid_BT=valid_BT)
-        if last_logits_only:
-            x_BTD = x_BTD[:, -1:]
-        logits_BTV = None
-        if labels is None or return_logits:  # None (the default) = logits only when there is no loss
-            logits_BTV = self.lm_head(x_BTD)
-        loss = None
-        if labels is not None:
-            if logits_BTV is None:
-                loss = linear_cross_entropy(x_BTD.reshape(-1, x_BTD.shape[-1]), self.lm_head.weight, labels.reshape(-1))
-            else:
-                loss = F.cross_entropy(
-                    logits_BTV.float().view(-1, logits_BTV.shape[-1]), labels.reshape(-1),
-                    ignore_index=IGNORE_INDEX, reduction="sum",
-                )
-            if reduction == "mean":
-                loss = loss / (labels != IGNORE_INDEX).sum().clamp(min=1)
-            if self.training:
-                aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-                if aux:
-                    loss = loss + torch.stack(aux).sum() * (1.0 if reduction == "mean" else labels.numel())
-                    for m in self.moe_layers():
-                        m.aux_loss = None
+            block_cache.begin_backward_at(loss, logits_BTV)
         return CausalLMOutput(logits=logits_BTV, loss=loss)
+
+    def _loss(self, x_BTD: torch.Tensor, logits_BTV: torch.Tensor | None, labels: torch.Tensor,
+              reduction: str) -> torch.Tensor:
+        """`forward`'s loss: from the logits if it computed them, else chunk by chunk from the hidden states."""
+        if logits_BTV is None:
+            loss = linear_cross_entropy(x_BTD.reshape(-1, x_BTD.shape[-1]), self.lm_head.weight, labels.reshape(-1))
+        else:
+            loss = F.cross_entropy(
+                logits_BTV.float().view(-1, logits_BTV.shape[-1]), labels.reshape(-1),
+                ignore_index=IGNORE_INDEX, reduction="sum",
+            )
+        if reduction == "mean":
+            loss = loss / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        if self.training:
+            aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+            if aux:
+                loss = loss + torch.stack(aux).sum() * (1.0 if reduction == "mean" else labels.numel())
+                for m in self.moe_layers():
+                    m.aux_loss = None
+        return loss
 
     # ------------------------------------------------------------- generate
     def generate(self, input_ids_BT, max_new_tokens: int, **kwargs) -> torch.Tensor:
