@@ -188,9 +188,9 @@ def test_linear_cross_entropy_rejects_a_second_backward():
         loss.backward()
 
 
-def test_blocked_causal_attention_matches_sdpa(monkeypatch):
-    """Training attention: the CPU blocked path equals SDPA (V padded for the flash kernel), with gradients,
-    at a length that leaves a partial last block."""
+def test_cpu_training_attention_matches_sdpa(monkeypatch):
+    """Training attention: the kernel library's causal attention (where it builds) and the blocked path equal SDPA
+    (V padded for the flash kernel), with gradients, at a length that leaves a partial last block."""
     import openk2.model.attention as attention_module
 
     model = _random_model()
@@ -198,14 +198,19 @@ def test_blocked_causal_attention_matches_sdpa(monkeypatch):
     x = torch.randn(2, 300, 64)
     cos, sin = model._cos_sin(torch.arange(300)[None], x.dtype)
     outs = []
-    for max_len in (10**6, 0):  # blocked, then SDPA
+    for kernel, max_len in ((True, 10**6), (False, 10**6), (False, 0)):  # kernel, blocked, then SDPA
+        monkeypatch.setattr(attention_module, "_CAUSAL_ATTENTION_KERNEL", kernel)
         monkeypatch.setattr(attention_module, "_BLOCKED_ATTENTION_MAX_LEN", max_len)
         x_ = x.clone().requires_grad_()
         y = attn(x_, cos, sin)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        outs.append((y.detach(), x_.grad))
-    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
-    assert torch.allclose(outs[0][1], outs[1][1], atol=1e-5)
+        outs.append((y.detach(), x_.grad, {n: p.grad for n, p in attn.named_parameters()}))
+        attn.zero_grad(set_to_none=True)
+    for y, x_grad, grads in outs[:2]:
+        assert torch.allclose(y, outs[2][0], atol=1e-5)
+        assert torch.allclose(x_grad, outs[2][1], atol=1e-5)
+        for name, grad in grads.items():
+            assert torch.allclose(grad, outs[2][2][name], atol=1e-4), name
 
 
 @pytest.mark.parametrize("B, T, S", [(1, 300, 300), (2, 130, 200), (3, 5, 9)])

@@ -1,13 +1,13 @@
 """Multi-head Latent Attention (MLA) as in DeepSeek-V3 / Kimi K2.
 
-Training runs the expanded form, through `scaled_dot_product_attention` or, on CPU for short sequences,
-`blocked_causal_attention`. Cached generation runs the absorbed form: the cache holds only the normalized
-latent `c_kv` and the rotated shared `k_pe` (`kv_lora_rank + qk_rope_head_dim` values per token per layer),
-`W_uk` is folded into the query and `W_uv` into the output, so attention is one multi-query attention over
-the latent. A long chunk with a cache (a prompt's prefill) stores its latents the same way but attends in the
-expanded form, where that costs fewer FLOPs (`MLA._expand_pays`), as DeepSeek-V3's own inference does; on CPU
-through the kernel library's `masked_attention` (fp32; `few_rows`) or `blocked_masked_attention`, both of which skip
-the causal blocks no query of a block can see."""
+Training runs the expanded form, through `scaled_dot_product_attention` or, on CPU for short sequences, the kernel
+library's `causal_attention` (fp32, forward and backward; `few_rows`) or the reference `blocked_causal_attention`.
+Cached generation runs the absorbed form: the cache holds only the normalized latent `c_kv` and the rotated shared
+`k_pe` (`kv_lora_rank + qk_rope_head_dim` values per token per layer), `W_uk` is folded into the query and `W_uv`
+into the output, so attention is one multi-query attention over the latent. A long chunk with a cache (a prompt's
+prefill) stores its latents the same way but attends in the expanded form, where that costs fewer FLOPs
+(`MLA._expand_pays`), as DeepSeek-V3's own inference does; on CPU through the kernel library's `masked_attention`
+(fp32; `few_rows`) or `blocked_masked_attention`, both of which skip the causal blocks no query of a block can see."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ _ABSORBED_SCORE_BLOCK = 1 << 25
 # `blocked_masked_attention` at the bench configs' heads (docs/benchmarks.md, "Prefill attention as a kernel");
 # False keeps the reference.
 _MASKED_ATTENTION_KERNEL = True
+# Training attention on CPU in fp32 up to `_BLOCKED_ATTENTION_MAX_LEN` runs the kernel library's `causal_attention`
+# (`few_rows`, forward and backward); False keeps `blocked_causal_attention`.
+_CAUSAL_ATTENTION_KERNEL = True
 
 
 def blocked_causal_attention(
@@ -92,6 +95,25 @@ def blocked_masked_attention(
             probs_HtS = scores_HtS.softmax(dim=-1, dtype=torch.float32).to(v_BHSV.dtype)
             blocks_B[b].append(torch.bmm(probs_HtS, v_BHSV[b, :, :keys]))
     return torch.stack([torch.cat(blocks, dim=1) for blocks in blocks_B])
+
+
+class _KernelCausalAttention(torch.autograd.Function):
+    """`blocked_causal_attention` by the kernel library's `causal_attention` (`few_rows`): the backward recomputes
+    the probabilities from the forward's log-sum-exp. The output is laid out [B, T, H, V] (a [B, H, T, V] view)."""
+
+    @staticmethod
+    def forward(ctx, q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor, v_BHTV: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        out_BHTV, lse_BHT = few_rows.causal_attention(q_BHTQ, k_BHTQ, v_BHTV, scale)
+        ctx.save_for_backward(q_BHTQ, k_BHTQ, v_BHTV, out_BHTV, lse_BHT)
+        ctx.scale = scale
+        return out_BHTV
+
+    @staticmethod
+    def backward(ctx, grad_BHTV: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q_BHTQ, k_BHTQ, v_BHTV, out_BHTV, lse_BHT = ctx.saved_tensors
+        return (*few_rows.causal_attention_backward(grad_BHTV, q_BHTQ, k_BHTQ, v_BHTV, out_BHTV, lse_BHT,
+                                                    ctx.scale), None)
 
 
 class MLA(nn.Module):
@@ -161,7 +183,10 @@ class MLA(nn.Module):
             self._record_max_logits(q_BHTQ, k_BHTQ)
         v_BHTV = v_BTHV.transpose(1, 2)
         if q_BHTQ.device.type == "cpu" and T <= _BLOCKED_ATTENTION_MAX_LEN:
-            out_BHTV = blocked_causal_attention(q_BHTQ, k_BHTQ, v_BHTV, self.scale)
+            if _CAUSAL_ATTENTION_KERNEL and few_rows.takes_causal_attention(q_BHTQ, k_BHTQ, v_BHTV):
+                out_BHTV = _KernelCausalAttention.apply(q_BHTQ, k_BHTQ, v_BHTV, self.scale)
+            else:
+                out_BHTV = blocked_causal_attention(q_BHTQ, k_BHTQ, v_BHTV, self.scale)
         else:
             if self.v_dim < self.qk_dim:
                 # Zero-padding V to the QK head dim lets SDPA use its fused (flash) kernel instead of the math path

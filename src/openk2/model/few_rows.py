@@ -13,17 +13,20 @@ and splits the weight's rows over torch's intra-op threads; its experts op runs 
 decode step or of a prefill of up to a few hundred tokens on the same tiles, each chosen expert read once, in one
 call instead of several per expert. The same library holds the decode step's absorbed MLA attention over the
 latent cache (`csrc/latent_attention.cpp`, `latent_attention`), whose sum over keys Inductor compiles into
-latency-bound chains, and a cached prefill's masked attention (`csrc/masked_attention.cpp`, `masked_attention`:
-register-tiled scores where batched matmuls make five passes over them), and the training steps' caching allocator
-(`csrc/block_cache.cpp`, `openk2.model.block_cache`).
+latency-bound chains, a cached prefill's masked attention (`csrc/masked_attention.cpp`, `masked_attention`:
+register-tiled scores where batched matmuls make five passes over them), training's causal attention and its
+backward (`csrc/causal_attention.cpp`, `causal_attention`, `causal_attention_backward`: one head at a time in a
+thread's cache, where MLA's small heads ran batched matmuls at half the fp32 peak), and the training steps' caching
+allocator (`csrc/block_cache.cpp`, `openk2.model.block_cache`).
 It is compiled on first use with the C++ compiler torch.compile's CPU backend needs anyway (~5-15 s), into
 `~/.cache/openk2/kernels` (`OPENK2_KERNEL_CACHE`), keyed by the sources, torch's version and the flags, and loaded as
-the ops `torch.ops.openk2_kernels.few_rows_mm`, `.few_rows_experts`, `.latent_attention` and `.masked_attention`,
-which Dynamo and Inductor see as plain ops.
+the ops `torch.ops.openk2_kernels.few_rows_mm`, `.few_rows_experts`, `.latent_attention`, `.masked_attention`,
+`.causal_attention` and `.causal_attention_backward`, which Dynamo and Inductor see as plain ops.
 
-Forward only (no autograd formula): the decode step and other inference products call it. CPUs without AVX2 and
-FMA, other architectures, or a failed build fall back to the caller's path (oneDNN or aten's), with one warning
-for a failed build. `OPENK2_FEW_ROWS=0` in the environment turns it off.
+The ops have no autograd formulas: the decode step and other inference code call them, and training attention
+calls the backward op from `attention._KernelCausalAttention`. CPUs without AVX2 and FMA, other architectures, or
+a failed build fall back to the caller's path (oneDNN or aten's), with one warning for a failed build.
+`OPENK2_FEW_ROWS=0` in the environment turns it off.
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ MAX_ROWS = 32
 MAX_SLOTS_PER_EXPERT = 128
 _CSRC = Path(__file__).with_name("csrc")
 SOURCES = tuple(_CSRC / name for name in ("few_rows.cpp", "latent_attention.cpp", "masked_attention.cpp",
-                                          "block_cache.cpp"))
-HEADERS = (_CSRC / "tiles.h", _CSRC / "work_split.h")  # included by the sources: part of the cache key
+                                          "causal_attention.cpp", "block_cache.cpp"))
+# Included by the sources: part of the cache key.
+HEADERS = (_CSRC / "tiles.h", _CSRC / "attention_tiles.h", _CSRC / "work_split.h")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
 
 _lock = threading.Lock()
@@ -138,6 +142,17 @@ def _load() -> None:
     @torch.library.register_fake("openk2_kernels::masked_attention")
     def _(q_BHTQ, k_BHSQ, v_BHSV, mask_BTS, scale) -> torch.Tensor:
         return q_BHTQ.new_empty(*q_BHTQ.shape[:3], v_BHSV.shape[3])
+
+    @torch.library.register_fake("openk2_kernels::causal_attention")
+    def _(q_BHTQ, k_BHTQ, v_BHTV, scale):
+        B, H, T, _ = q_BHTQ.shape
+        out_BTHV = q_BHTQ.new_empty(B, T, H, v_BHTV.shape[3])
+        return out_BTHV.transpose(1, 2), q_BHTQ.new_empty(B, H, T)
+
+    @torch.library.register_fake("openk2_kernels::causal_attention_backward")
+    def _(dout_BHTV, q_BHTQ, k_BHTQ, v_BHTV, out_BHTV, lse_BHT, scale):
+        B, H, T, Q = q_BHTQ.shape
+        return tuple(q_BHTQ.new_empty(B, T, H, n).transpose(1, 2) for n in (Q, Q, v_BHTV.shape[3]))
 
 
 @torch.compiler.assume_constant_result  # compiled code asks too: a constant of the trace, not a graph break
@@ -229,3 +244,24 @@ def masked_attention(q_BHTQ: torch.Tensor, k_BHSQ: torch.Tensor, v_BHSV: torch.T
     """Softmax attention under a boolean mask (True: attend), [B, H, T, V]: `attention.blocked_masked_attention`'s
     numbers (`csrc/masked_attention.cpp`), for a cached prefill. A row that sees no key gets zeros. Forward only."""
     return torch.ops.openk2_kernels.masked_attention(q_BHTQ, k_BHSQ, v_BHSV, mask_BTS, scale)
+
+
+def takes_causal_attention(q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor, v_BHTV: torch.Tensor) -> bool:
+    """`takes` for `causal_attention`: fp32 CPU operands, not DTensors, and the kernel available."""
+    return _kernel_operands(q_BHTQ, k_BHTQ, v_BHTV) and available()
+
+
+def causal_attention(q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor, v_BHTV: torch.Tensor,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal softmax attention for training: the output [B, H, T, V] (a view of a [B, T, H, V] tensor) and each
+    query's log-sum-exp of its scaled scores [B, H, T], which the backward takes (`csrc/causal_attention.cpp`;
+    `attention.blocked_causal_attention`'s numbers)."""
+    return torch.ops.openk2_kernels.causal_attention(q_BHTQ, k_BHTQ, v_BHTV, scale)
+
+
+def causal_attention_backward(grad_BHTV: torch.Tensor, q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor,
+                              v_BHTV: torch.Tensor, out_BHTV: torch.Tensor, lse_BHT: torch.Tensor,
+                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of `causal_attention`'s output with respect to q, k and v (views of [B, T, H, *] tensors)."""
+    return torch.ops.openk2_kernels.causal_attention_backward(grad_BHTV, q_BHTQ, k_BHTQ, v_BHTV, out_BHTV, lse_BHT,
+                                                              scale)

@@ -24,85 +24,23 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "attention_tiles.h"
 #include "tiles.h"
 #include "work_split.h"
 
 namespace {
 
 using openk2_kernels::exp_sum;
+using openk2_kernels::kKeyStep;
 using openk2_kernels::mask_scale_max;
 using openk2_kernels::parallel_by_work;
+using openk2_kernels::scores_rows;
+using openk2_kernels::weighted_values_rows;
 
 // Query rows per block: the scores' register tile is 6 rows x 16 keys (12 accumulators).
 constexpr int kRows = 6;
 // A thread's share is at least this many multiply-adds: less is not worth a fork (as in few_rows.cpp).
 constexpr int64_t kMinFmasPerThread = 1 << 16;
-// Keys per panel (a score tile's width); the packed keys are padded with zero keys to a multiple of it.
-constexpr int64_t kKeyStep = 16;
-
-// p[r, s] = q[r] . k[s] for R query rows and keys [0, S) (S a multiple of 16), the keys packed in panels of 16:
-// panel j is [Q, 16], keys 16 j to 16 j + 15 transposed, so a tile reads one contiguous panel.
-template <int R>
-void scores_tile(const float* q, int64_t ldq, const float* panels, int64_t Q, int64_t S, float* p, int64_t ldp) {
-  for (int64_t s = 0; s < S; s += kKeyStep) {
-    const float* panel = panels + s * Q;
-    __m256 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < Q; ++d) {
-      const __m256 k0 = _mm256_loadu_ps(panel + d * kKeyStep), k1 = _mm256_loadu_ps(panel + d * kKeyStep + 8);
-      for (int r = 0; r < R; ++r) {
-        const __m256 q_v = _mm256_broadcast_ss(q + r * ldq + d);
-        acc[r][0] = _mm256_fmadd_ps(q_v, k0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(q_v, k1, acc[r][1]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      _mm256_storeu_ps(p + r * ldp + s, acc[r][0]);
-      _mm256_storeu_ps(p + r * ldp + s + 8, acc[r][1]);
-    }
-  }
-}
-
-// out[r, :NV*8] = sum_s p[r, s] * v[s, :NV*8] for R rows (R * NV <= 12 accumulators).
-template <int R, int NV>
-void weighted_values(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t S, float* out,
-                     int64_t ldo) {
-  __m256 acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_setzero_ps();
-  for (int64_t s = 0; s < S; ++s) {
-    __m256 v_v[NV];
-    for (int j = 0; j < NV; ++j) v_v[j] = _mm256_loadu_ps(v + s * ldv + 8 * j);
-    for (int r = 0; r < R; ++r) {
-      const __m256 p_v = _mm256_broadcast_ss(p + r * ldp + s);
-      for (int j = 0; j < NV; ++j) acc[r][j] = _mm256_fmadd_ps(p_v, v_v[j], acc[r][j]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(out + r * ldo + 8 * j, acc[r][j]);
-}
-
-// All V columns of R rows: 32 columns (3 rows at a time), then 8, then the scalar rest.
-void weighted_values_rows(int R, const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t S, int64_t V,
-                          float* out, int64_t ldo) {
-  int64_t c = 0;
-  for (; c + 32 <= V; c += 32) {
-    int r = 0;
-    for (; r + 3 <= R; r += 3) weighted_values<3, 4>(p + r * ldp, ldp, v + c, ldv, S, out + r * ldo + c, ldo);
-    for (; r < R; ++r) weighted_values<1, 4>(p + r * ldp, ldp, v + c, ldv, S, out + r * ldo + c, ldo);
-  }
-  for (; c + 8 <= V; c += 8) {
-    int r = 0;
-    for (; r + 6 <= R; r += 6) weighted_values<6, 1>(p + r * ldp, ldp, v + c, ldv, S, out + r * ldo + c, ldo);
-    for (; r < R; ++r) weighted_values<1, 1>(p + r * ldp, ldp, v + c, ldv, S, out + r * ldo + c, ldo);
-  }
-  for (; c < V; ++c)
-    for (int r = 0; r < R; ++r) {
-      float sum = 0.0f;
-      for (int64_t s = 0; s < S; ++s) sum += p[r * ldp + s] * v[s * ldv + c];
-      out[r * ldo + c] = sum;
-    }
-}
 
 // Masks a row's scores, exponentiates them in place (minus the row's max) and returns 1 / their sum (0 when the
 // row sees no key).
@@ -189,18 +127,11 @@ at::Tensor masked_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
       const int64_t keys_padded = (keys + kKeyStep - 1) / kKeyStep * kKeyStep;
       const float* q_r = q_p + b * q.stride(0) + h * q.stride(1) + t0 * q.stride(2);
       const float* panels_h = panels_p + (b * H + h) * ldk * Q;
-      switch (rows) {
-        case 6: scores_tile<6>(q_r, q.stride(2), panels_h, Q, keys_padded, p.data(), ldk); break;
-        case 5: scores_tile<5>(q_r, q.stride(2), panels_h, Q, keys_padded, p.data(), ldk); break;
-        case 4: scores_tile<4>(q_r, q.stride(2), panels_h, Q, keys_padded, p.data(), ldk); break;
-        case 3: scores_tile<3>(q_r, q.stride(2), panels_h, Q, keys_padded, p.data(), ldk); break;
-        case 2: scores_tile<2>(q_r, q.stride(2), panels_h, Q, keys_padded, p.data(), ldk); break;
-        default: scores_tile<1>(q_r, q.stride(2), panels_h, Q, keys_padded, p.data(), ldk); break;
-      }
+      scores_rows(static_cast<int>(rows), q_r, q.stride(2), panels_h, Q, keys_padded, p.data(), ldk);
       for (int64_t r = 0; r < rows; ++r)
         inv[r] = softmax_row(p.data() + r * ldk, mask_p + (b * T + t0 + r) * S, keys, sc);
       float* out_r = out_p + ((b * H + h) * T + t0) * V;
-      weighted_values_rows(static_cast<int>(rows), p.data(), ldk, v_p + b * v.stride(0) + h * v.stride(1),
+      weighted_values_rows(static_cast<int>(rows), p.data(), ldk, 1, v_p + b * v.stride(0) + h * v.stride(1),
                            v.stride(2), keys, V, out_r, V);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t c = 0; c < V; ++c) out_r[r * V + c] *= inv[r];

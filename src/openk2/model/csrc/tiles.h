@@ -8,6 +8,11 @@
 #include <cstdint>
 #include <limits>
 
+// Before a loop over a register tile's rows or columns: unrolled early, the tile's array of accumulators lives in
+// registers. Left to GCC 12's late unrolling, every step stored all of them to the stack (12 stores per 12 FMAs),
+// which halved the tiles' FMA rate.
+#define OPENK2_UNROLL _Pragma("GCC unroll 16")
+
 namespace openk2_kernels {
 
 inline float hsum(__m256 v) {
@@ -88,21 +93,30 @@ inline float exp_sum(float* p, int64_t n, float top) {
 template <int MR, int NR, bool PREFETCH = false>
 inline void tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K, float* y, int64_t ldy) {
   __m256 acc[MR][NR];
+  OPENK2_UNROLL
   for (int m = 0; m < MR; ++m)
+    OPENK2_UNROLL
     for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
     __m256 w_v[NR];
+    OPENK2_UNROLL
     for (int n = 0; n < NR; ++n) w_v[n] = _mm256_loadu_ps(w + n * ldw + k);
     if constexpr (PREFETCH)
-      if ((k & 15) == 0)
+      if ((k & 15) == 0) {
+        OPENK2_UNROLL
         for (int n = 0; n < NR; ++n) _mm_prefetch(reinterpret_cast<const char*>(w + (n + NR) * ldw + k), _MM_HINT_T0);
+      }
+    OPENK2_UNROLL
     for (int m = 0; m < MR; ++m) {
       const __m256 x_v = _mm256_loadu_ps(x + m * ldx + k);
+      OPENK2_UNROLL
       for (int n = 0; n < NR; ++n) acc[m][n] = _mm256_fmadd_ps(x_v, w_v[n], acc[m][n]);
     }
   }
+  OPENK2_UNROLL
   for (int m = 0; m < MR; ++m)
+    OPENK2_UNROLL
     for (int n = 0; n < NR; ++n) {
       float s = hsum(acc[m][n]);
       for (int64_t kk = k; kk < K; ++kk) s += x[m * ldx + kk] * w[n * ldw + kk];
