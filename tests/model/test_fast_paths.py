@@ -190,7 +190,8 @@ def test_linear_cross_entropy_rejects_a_second_backward():
 
 def test_cpu_training_attention_matches_sdpa(monkeypatch):
     """Training attention: the kernel library's causal attention (where it builds) and the blocked path equal SDPA
-    (V padded for the flash kernel), with gradients, at a length that leaves a partial last block."""
+    (V padded for the flash kernel), with gradients and QK-Clip's recorded max logits, at a length that leaves a
+    partial last block."""
     import openk2.model.attention as attention_module
 
     model = _random_model()
@@ -202,12 +203,14 @@ def test_cpu_training_attention_matches_sdpa(monkeypatch):
         monkeypatch.setattr(attention_module, "_CAUSAL_ATTENTION_KERNEL", kernel)
         monkeypatch.setattr(attention_module, "_BLOCKED_ATTENTION_MAX_LEN", max_len)
         x_ = x.clone().requires_grad_()
+        attn.record_max_logits, attn.max_logit_H = True, None
         y = attn(x_, cos, sin)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        outs.append((y.detach(), x_.grad, {n: p.grad for n, p in attn.named_parameters()}))
+        outs.append((y.detach(), x_.grad, {n: p.grad for n, p in attn.named_parameters()}, attn.max_logit_H))
         attn.zero_grad(set_to_none=True)
-    for y, x_grad, grads in outs[:2]:
+    for y, x_grad, grads, max_logit_H in outs[:2]:
         assert torch.allclose(y, outs[2][0], atol=1e-5)
+        assert torch.allclose(max_logit_H, outs[2][3], atol=1e-5)
         assert torch.allclose(x_grad, outs[2][1], atol=1e-5)
         for name, grad in grads.items():
             assert torch.allclose(grad, outs[2][2][name], atol=1e-4), name

@@ -182,9 +182,9 @@ def test_masked_attention_equals_float64_reference(batch, heads, queries, keys, 
 @pytest.mark.parametrize("batch, heads, T, qk, v", [(8, 4, 256, 48, 32), (2, 3, 37, 20, 13), (1, 2, 1, 8, 8),
                                                    (1, 1, 70, 96, 64)])
 def test_causal_attention_and_its_backward_equal_float64_reference(batch, heads, T, qk, v):
-    """Training attention (`causal_attention` and its backward) against float64 autograd: the output, each query's
-    log-sum-exp and the gradients of q, k and v, with q and v strided as `MLA.forward` passes them and tails of every
-    tile; the same numbers on 1 and 2 threads; the outputs laid out [B, T, H, *]."""
+    """Training attention (`causal_attention` and its backward) against float64 autograd: the output, each query's log-
+    sum-exp, each head's max logit and the gradients of q, k and v, with q and v strided as `MLA.forward` passes
+    them and tails of every tile; the same numbers on 1 and 2 threads; the outputs laid out [B, T, H, *]."""
     assert few_rows.available(), few_rows._state.get("error")
     gen = torch.Generator().manual_seed(batch * 1000 + T)
     q_BHTQ = torch.randn(batch, T, heads, qk, generator=gen).transpose(1, 2)
@@ -195,21 +195,22 @@ def test_causal_attention_and_its_backward_equal_float64_reference(batch, heads,
     runs = []
     for threads in (1, 2):
         with _threads(threads):
-            out, lse = few_rows.causal_attention(q_BHTQ, k_BHTQ, v_BHTV, scale)
+            out, lse, max_logit = few_rows.causal_attention(q_BHTQ, k_BHTQ, v_BHTV, scale)
             grads = few_rows.causal_attention_backward(grad_BHTV, q_BHTQ, k_BHTQ, v_BHTV, out, lse, scale)
-            runs.append((out, lse, *grads))
+            runs.append((out, lse, max_logit, *grads))
     q64, k64, v64 = (t.double().requires_grad_() for t in (q_BHTQ, k_BHTQ, v_BHTV))
     scores = (q64 @ k64.transpose(-1, -2) * scale).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1),
                                                                float("-inf"))
     ref_out = scores.softmax(dim=-1) @ v64
     ref_out.backward(grad_BHTV.double())
-    refs = (ref_out.detach(), scores.logsumexp(dim=-1).detach(), q64.grad, k64.grad, v64.grad)
+    refs = (ref_out.detach(), scores.logsumexp(dim=-1).detach(), scores.detach().amax(dim=(2, 3)), q64.grad, k64.grad,
+            v64.grad)
     for got, ref in zip(runs[0], refs, strict=True):
         assert got.shape == ref.shape
         assert torch.allclose(got.double(), ref, atol=2e-5), (got.double() - ref).abs().max()
     for one, two in zip(*runs, strict=True):
         assert torch.equal(one, two)  # each head on one thread
-    for t in (runs[0][0], *runs[0][2:]):
+    for t in (runs[0][0], *runs[0][3:]):
         assert t.transpose(1, 2).is_contiguous()
     with pytest.raises(RuntimeError, match="shapes do not match"):
         few_rows.causal_attention(q_BHTQ, k_BHTQ[:, :, :-1], v_BHTV, scale)

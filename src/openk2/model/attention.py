@@ -98,19 +98,21 @@ def blocked_masked_attention(
 
 
 class _KernelCausalAttention(torch.autograd.Function):
-    """`blocked_causal_attention` by the kernel library's `causal_attention` (`few_rows`): the backward recomputes
-    the probabilities from the forward's log-sum-exp. The output is laid out [B, T, H, V] (a [B, H, T, V] view)."""
+    """`blocked_causal_attention` by the kernel library's `causal_attention` (`few_rows`), and each head's largest
+    logit [B, H] (no gradient): the backward recomputes the probabilities from the forward's log-sum-exp. The output
+    is laid out [B, T, H, V] (a [B, H, T, V] view)."""
 
     @staticmethod
     def forward(ctx, q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor, v_BHTV: torch.Tensor,
-                scale: float) -> torch.Tensor:
-        out_BHTV, lse_BHT = few_rows.causal_attention(q_BHTQ, k_BHTQ, v_BHTV, scale)
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        out_BHTV, lse_BHT, max_logit_BH = few_rows.causal_attention(q_BHTQ, k_BHTQ, v_BHTV, scale)
         ctx.save_for_backward(q_BHTQ, k_BHTQ, v_BHTV, out_BHTV, lse_BHT)
         ctx.scale = scale
-        return out_BHTV
+        ctx.mark_non_differentiable(max_logit_BH)
+        return out_BHTV, max_logit_BH
 
     @staticmethod
-    def backward(ctx, grad_BHTV: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx, grad_BHTV: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         q_BHTQ, k_BHTQ, v_BHTV, out_BHTV, lse_BHT = ctx.saved_tensors
         return (*few_rows.causal_attention_backward(grad_BHTV, q_BHTQ, k_BHTQ, v_BHTV, out_BHTV, lse_BHT,
                                                     ctx.scale), None)
@@ -179,12 +181,11 @@ class MLA(nn.Module):
         q_BHTQ = torch.cat((q_nope_BTHN.transpose(1, 2), q_pe_BTHR.transpose(1, 2)), dim=-1)
         k_pe_BHTR = k_pe_BTR.unsqueeze(1).expand(B, H, T, self.rope_dim)
         k_BHTQ = torch.cat((k_nope_BTHN.transpose(1, 2), k_pe_BHTR), dim=-1)
-        if self.record_max_logits:
-            self._record_max_logits(q_BHTQ, k_BHTQ)
         v_BHTV = v_BTHV.transpose(1, 2)
+        max_logit_BH = None  # QK-Clip's per-sequence max logits, where the attention computes them anyway
         if q_BHTQ.device.type == "cpu" and T <= _BLOCKED_ATTENTION_MAX_LEN:
             if _CAUSAL_ATTENTION_KERNEL and few_rows.takes_causal_attention(q_BHTQ, k_BHTQ, v_BHTV):
-                out_BHTV = _KernelCausalAttention.apply(q_BHTQ, k_BHTQ, v_BHTV, self.scale)
+                out_BHTV, max_logit_BH = _KernelCausalAttention.apply(q_BHTQ, k_BHTQ, v_BHTV, self.scale)
             else:
                 out_BHTV = blocked_causal_attention(q_BHTQ, k_BHTQ, v_BHTV, self.scale)
         else:
@@ -194,6 +195,8 @@ class MLA(nn.Module):
                 v_BHTV = F.pad(v_BHTV, (0, self.qk_dim - self.v_dim))
             out_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.scale)
             out_BHTV = out_BHTV[..., : self.v_dim]
+        if self.record_max_logits:
+            self._record_max_logits(q_BHTQ, k_BHTQ, max_logit_BH)
         return self.o_proj(out_BHTV.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
     def _expand_pays(self, T: int) -> bool:
@@ -276,8 +279,14 @@ class MLA(nn.Module):
         return torch.bmm(probs_BMS, latent_BSL[..., :C]).view(B, T, H, C)
 
     @torch.no_grad()
-    def _record_max_logits(self, q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor) -> None:
-        """Signed per-head max of scale * q.k over causal (unmasked) pairs, folded into max_logit_H."""
+    def _record_max_logits(self, q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor,
+                           max_logit_BH: torch.Tensor | None = None) -> None:
+        """Signed per-head max of scale * q.k over causal (unmasked) pairs, folded into max_logit_H; computed here
+        unless the attention kernel's per-sequence maxima are given."""
+        if max_logit_BH is not None:
+            best_H = max_logit_BH.amax(dim=0)
+            self.max_logit_H = best_H if self.max_logit_H is None else torch.maximum(self.max_logit_H, best_H)
+            return
         T = q_BHTQ.shape[2]
         best_H = q_BHTQ.new_full((q_BHTQ.shape[1],), float("-inf"), dtype=torch.float32)
         for start in range(0, T, _MAX_LOGIT_QUERY_BLOCK):

@@ -147,7 +147,7 @@ def _load() -> None:
     def _(q_BHTQ, k_BHTQ, v_BHTV, scale):
         B, H, T, _ = q_BHTQ.shape
         out_BTHV = q_BHTQ.new_empty(B, T, H, v_BHTV.shape[3])
-        return out_BTHV.transpose(1, 2), q_BHTQ.new_empty(B, H, T)
+        return out_BTHV.transpose(1, 2), q_BHTQ.new_empty(B, H, T), q_BHTQ.new_empty(B, H)
 
     @torch.library.register_fake("openk2_kernels::causal_attention_backward")
     def _(dout_BHTV, q_BHTQ, k_BHTQ, v_BHTV, out_BHTV, lse_BHT, scale):
@@ -252,10 +252,11 @@ def takes_causal_attention(q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor, v_BHTV: t
 
 
 def causal_attention(q_BHTQ: torch.Tensor, k_BHTQ: torch.Tensor, v_BHTV: torch.Tensor,
-                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal softmax attention for training: the output [B, H, T, V] (a view of a [B, T, H, V] tensor) and each
-    query's log-sum-exp of its scaled scores [B, H, T], which the backward takes (`csrc/causal_attention.cpp`;
-    `attention.blocked_causal_attention`'s numbers)."""
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal softmax attention for training: the output [B, H, T, V] (a view of a [B, T, H, V] tensor), each
+    query's log-sum-exp of its scaled scores [B, H, T], which the backward takes, and each head's largest scaled
+    score [B, H] (QK-Clip's max logit) (`csrc/causal_attention.cpp`; `attention.blocked_causal_attention`'s
+    numbers)."""
     return torch.ops.openk2_kernels.causal_attention(q_BHTQ, k_BHTQ, v_BHTV, scale)
 
 

@@ -13,6 +13,7 @@
 //
 // For each batch row b, head h and query t (s <= t):
 //   p[t, s] = softmax_s(scale * q[t] . k[s]),  out[t] = sum_s p[t, s] v[s],  lse[t] = log sum_s exp(scale q[t].k[s])
+// and the head's largest logit, max_{t, s} scale * q[t] . k[s] (QK-Clip's input, free here).
 // Backward, with D[t] = dout[t] . out[t] and ds[t, s] = p[t, s] (dout[t] . v[s] - D[t]):
 //   dq[t] = scale sum_s ds[t, s] k[s],  dk[s] = scale sum_t ds[t, s] q[t],  dv[s] = sum_t p[t, s] dout[t]
 // q, k, v, dout: [B, H, T, *] with unit stride along the last dim. out, dq, dk, dv are laid out [B, T, H, *] (views
@@ -27,6 +28,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <torch/library.h>
 
 #include "attention_tiles.h"
@@ -110,14 +112,15 @@ void check_operands(const char* name, const at::Tensor& q, const at::Tensor& k, 
 
 at::Tensor unit_last_stride(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
 
-std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                    const at::Tensor& v_in, double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                                const at::Tensor& v_in, double scale) {
   check_operands("causal_attention", q_in, k_in, v_in);
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), Q = q.size(3), V = v.size(3);
   at::Tensor out = heads_view_of_rows(B, H, T, V, q.options());
   at::Tensor lse = at::empty({B, H, T}, q.options());
-  if (out.numel() == 0) return {out, lse};
+  at::Tensor max_logit = at::full({B, H}, -std::numeric_limits<float>::infinity(), q.options());
+  if (out.numel() == 0) return {out, lse, max_logit};
   const int64_t Tp = padded_keys(T);
   // Per thread: the head's key panels and one block's scores.
   const int64_t per_thread = Tp * Q + kRows * Tp;
@@ -132,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q_in, cons
       const float* v_h = v.data_ptr<float>() + b * v.stride(0) + h * v.stride(1);
       float* out_h = out.data_ptr<float>() + b * out.stride(0) + h * out.stride(1);
       float* lse_h = lse.data_ptr<float>() + i * T;
+      float head_max = -std::numeric_limits<float>::infinity();
       pack_key_panels(k.data_ptr<float>() + b * k.stride(0) + h * k.stride(1), k.stride(2), T, Q, panels);
       for (int64_t t0 = 0; t0 < T; t0 += kRows) {
         const int64_t rows = std::min(kRows, T - t0), keys = t0 + rows;
@@ -141,6 +145,7 @@ std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q_in, cons
           float* p_r = p + r * Tp;
           const int64_t seen = t0 + r + 1;
           const float top = scale_max(p_r, seen, sc);
+          head_max = std::max(head_max, top);
           const float total = exp_sum(p_r, seen, top);
           std::fill(p_r + seen, p_r + keys, 0.0f);
           inv[r] = 1.0f / total;
@@ -150,9 +155,10 @@ std::tuple<at::Tensor, at::Tensor> causal_attention(const at::Tensor& q_in, cons
         weighted_values_rows(static_cast<int>(rows), p, Tp, 1, v_h, v.stride(2), keys, V, out_r, out.stride(2));
         for (int64_t r = 0; r < rows; ++r) scale_rows(out_r + r * out.stride(2), 1, 0, V, inv[r]);
       }
+      max_logit.data_ptr<float>()[i] = head_max;
     }
   });
-  return {out, lse};
+  return {out, lse, max_logit};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
@@ -228,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(openk2_kernels, m) {
-  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("causal_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "float scale) -> (Tensor, Tensor, Tensor)");
 }
