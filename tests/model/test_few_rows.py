@@ -182,8 +182,8 @@ def test_masked_attention_equals_float64_reference(batch, heads, queries, keys, 
 @pytest.mark.parametrize("batch, heads, T, qk, v", [(8, 4, 256, 48, 32), (2, 3, 37, 20, 13), (1, 2, 1, 8, 8),
                                                    (1, 1, 70, 96, 64)])
 def test_causal_attention_and_its_backward_equal_float64_reference(batch, heads, T, qk, v):
-    """Training attention (`causal_attention` and its backward) against float64 autograd: the output, each query's log-
-    sum-exp, each head's max logit and the gradients of q, k and v, with q and v strided as `MLA.forward` passes
+    """Training attention (`causal_attention` and its backward) against float64 autograd: the output, each query's
+    log-sum-exp, each head's max logit and the gradients of q, k and v, with q and v strided as `MLA.forward` passes
     them and tails of every tile; the same numbers on 1 and 2 threads; the outputs laid out [B, T, H, *]."""
     assert few_rows.available(), few_rows._state.get("error")
     gen = torch.Generator().manual_seed(batch * 1000 + T)
