@@ -59,7 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss = x_ND.new_zeros((), dtype=torch.float32)
         grad_x_ND = torch.empty_like(x_ND) if needs_grad else None
-        grad_w_VD = torch.zeros_like(w_VD, dtype=torch.float32) if needs_grad else None
+        grad_w_VD = None  # the first chunk's product, then the sum (no zeroed [V, D] to add the first one to)
         for start in range(0, x_ND.shape[0], chunk):
             # The previous chunk's logits go before the next product allocates: the allocator hands their block back
             # instead of mapping a second one, whose pages fault in on every step (4,096 faults, ~3 ms at 16 MiB).
@@ -83,12 +83,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # first copies it (~6 ms per chunk of config A's LM head; the training step 1.02-1.05x on configs A and B,
             # in-process A/B, docs/benchmarks.md).
             torch.mm(grad_VC.t(), w_VD, out=grad_x_ND[start:start + chunk])
-            if takes_onednn(grad_VC, w_VD):
+            if grad_w_VD is None:  # fp32 accumulation across chunks, whatever the matmuls' dtype
+                grad_w_VD = (mm(grad_VC, x_CD) if takes_onednn(grad_VC, w_VD) else grad_VC @ x_CD).float()
+            elif takes_onednn(grad_VC, w_VD):
                 grad_w_VD += mm(grad_VC, x_CD)
             elif grad_w_VD.dtype == x_CD.dtype:
                 grad_w_VD.addmm_(grad_VC, x_CD)
-            else:  # low-precision matmul, fp32 accumulation across chunks
+            else:  # low-precision matmul
                 grad_w_VD += grad_VC @ x_CD
+        if needs_grad and grad_w_VD is None:  # no rows
+            grad_w_VD = torch.zeros_like(w_VD, dtype=torch.float32)
         # Plain attributes, not save_for_backward (they are neither inputs nor outputs): backward takes the only
         # references, scales them in place and hands them over, with no new [V, D] allocation.
         ctx.grads = (grad_x_ND, grad_w_VD)
