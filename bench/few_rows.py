@@ -4,6 +4,7 @@ weight shapes: time per product and the weight's read bandwidth, at 1, 2, 4, 8 a
     PYTHONPATH=src .venv/bin/python bench/few_rows.py [--threads 2] [--config C]
     PYTHONPATH=src .venv/bin/python bench/few_rows.py --eager-model --config C   # the model's eager calls instead
     PYTHONPATH=src .venv/bin/python bench/few_rows.py --prefill --config A       # a prefill's experts and attention
+    PYTHONPATH=src .venv/bin/python bench/few_rows.py --training-attention --config A   # training's attention
 
 Shapes are the bench config's (bench/common.py): the LM head, the dense MLP's up and down projections, an expert's
 and the attention's largest matrices. Each timing is the median of `--iters` calls after a warm-up; the weight is
@@ -17,6 +18,9 @@ its few tokens' experts dispatched), alternating in one process: a forward over 
 routed experts over 64-2048 tokens through the experts op vs dispatched (per-expert oneDNN products), and the
 whole cached prefill of 512 tokens with the experts op and `blocked_masked_attention` vs dispatched experts and
 SDPA under the cache's mask (what each replaced).
+
+`--training-attention`: training's causal attention, forward + backward, at the config's heads (batch 8, 256-1,024
+tokens) through the kernel library's `causal_attention`, `blocked_causal_attention` and SDPA, interleaved.
 """
 
 from __future__ import annotations
@@ -118,6 +122,55 @@ def prefill(config: str, rounds: int = 5) -> None:
           f"{before * 1e3:.1f} ms ({512 / before:,.0f} tok/s) | {before / ours:.2f}x |")
 
 
+def _sdpa_causal(q_BHTQ, k_BHTQ, v_BHTV, scale):
+    """SDPA's causal attention, V padded to the QK dim for its fused kernel (`MLA.forward` beyond 1,024 tokens)."""
+    V = v_BHTV.shape[-1]
+    v_BHTQ = F.pad(v_BHTV, (0, q_BHTQ.shape[-1] - V))
+    return F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTQ, is_causal=True, scale=scale)[..., :V]
+
+
+def _fwd_bwd(attend, q, k, v, grad) -> tuple[torch.Tensor, ...]:
+    q.grad = k.grad = v.grad = None
+    attend(q, k, v).backward(grad)
+    return q.grad, k.grad, v.grad
+
+
+def training_attention(config: str, rounds: int = 5) -> None:
+    """Forward + backward of training's causal attention at the config's heads, batch 8: the kernel library's
+    `causal_attention` (through `attention._KernelCausalAttention`), `blocked_causal_attention` (the reference) and
+    SDPA, q and v strided as `MLA.forward` passes them; medians of interleaved rounds, and the rate over the causal
+    half's FLOPs."""
+    from common import BATCH
+
+    cfg = bench_config(config)
+    H, Q, V, scale = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim, cfg.softmax_scale
+    paths = {"kernel": lambda q, k, v: attention_module._KernelCausalAttention.apply(q, k, v, scale)[0],
+             "blocked": lambda q, k, v: attention_module.blocked_causal_attention(q, k, v, scale),
+             "SDPA": lambda q, k, v: _sdpa_causal(q, k, v, scale)}
+    print(f"# {machine_info()}; config {config} (B {BATCH}, H {H}, QK {Q}, V {V}); medians of {rounds} rounds")
+    print("| T | kernel fwd + bwd | blocked_causal_attention | SDPA | kernel vs blocked | kernel GFLOP/s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    gen = torch.Generator().manual_seed(0)
+    for T in (256, 512, 1024):
+        q = torch.randn(BATCH, T, H, Q, generator=gen).transpose(1, 2).requires_grad_()
+        k = torch.randn(BATCH, H, T, Q, generator=gen).requires_grad_()
+        v = torch.randn(BATCH, T, H, V, generator=gen).transpose(1, 2).requires_grad_()
+        grad = torch.randn(BATCH, H, T, V, generator=gen)
+
+        operands = (q, k, v, grad)
+        for got, ref in zip(_fwd_bwd(paths["kernel"], *operands), _fwd_bwd(paths["blocked"], *operands), strict=True):
+            assert torch.allclose(got, ref, atol=1e-4)
+        t = {p: [] for p in paths}
+        for _ in range(rounds):
+            for p, fn in paths.items():
+                t[p].append(timeit(partial(_fwd_bwd, fn, *operands), warmup=1, iters=5))
+        kernel, blocked, sdpa = (sorted(t[p])[rounds // 2] for p in paths)
+        # Forward: scores and values; backward: scores again, dP, dq, dk, dv; over the T (T + 1) / 2 causal pairs.
+        flops = 2 * BATCH * H * T * (T + 1) / 2 * (4 * Q + 3 * V)
+        print(f"| {T} | {kernel * 1e3:.2f} ms | {blocked * 1e3:.2f} ms | {sdpa * 1e3:.2f} ms | "
+              f"{blocked / kernel:.2f}x | {flops / kernel / 1e9:.0f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="C")
@@ -126,6 +179,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 32])
     ap.add_argument("--eager-model", action="store_true", help="time the bench model's eager calls instead")
     ap.add_argument("--prefill", action="store_true", help="time a prefill's experts and attention instead")
+    ap.add_argument("--training-attention", action="store_true",
+                    help="time training's causal attention, forward + backward, instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not few_rows.available():
@@ -134,6 +189,8 @@ def main() -> None:
         return eager_model(args.config)
     if args.prefill:
         return prefill(args.config)
+    if args.training_attention:
+        return training_attention(args.config)
     cfg = bench_config(args.config)
     D = cfg.hidden_size
     shapes = {"LM head": (cfg.vocab_size, D), "MLP up": (cfg.intermediate_size, D),
