@@ -69,11 +69,14 @@ def eager_model(config: str, rounds: int = 3) -> None:
         print(f"| {name} | {on * 1e3:.1f} ms | {off * 1e3:.1f} ms | {off / on:.2f}x |")
 
 
-def _sdpa_under_mask(q_BHTQ, k_BHSQ, v_BHSV, mask_BTS, scale):
-    """What cached prefill attention ran before `blocked_masked_attention`: SDPA, V padded for its fused kernel."""
+def _sdpa_padded(q_BHTQ, k_BHSQ, v_BHSV, scale, mask_BTS=None):
+    """SDPA with V padded to the QK dim for its fused kernel, under `mask_BTS` or causal: what cached prefill attention
+    ran before `blocked_masked_attention`, and what `MLA.forward` runs beyond 1,024 tokens."""
     V = v_BHSV.shape[-1]
     v_BHSQ = F.pad(v_BHSV, (0, q_BHTQ.shape[-1] - V))
-    return F.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSQ, attn_mask=mask_BTS[:, None], scale=scale)[..., :V]
+    mask = None if mask_BTS is None else mask_BTS[:, None]
+    return F.scaled_dot_product_attention(q_BHTQ, k_BHSQ, v_BHSQ, attn_mask=mask, is_causal=mask is None,
+                                          scale=scale)[..., :V]
 
 
 def prefill(config: str, rounds: int = 5) -> None:
@@ -102,8 +105,11 @@ def prefill(config: str, rounds: int = 5) -> None:
     ids = torch.randint(0, cfg.vocab_size, (1, 512), generator=gen)
     blocked, limit = attention_module.blocked_masked_attention, few_rows.MAX_SLOTS_PER_EXPERT
 
+    def sdpa_under_mask(q_BHTQ, k_BHSQ, v_BHSV, mask_BTS, scale):
+        return _sdpa_padded(q_BHTQ, k_BHSQ, v_BHSV, scale, mask_BTS)
+
     def run(ours: bool) -> torch.Tensor:
-        attention_module.blocked_masked_attention = blocked if ours else _sdpa_under_mask
+        attention_module.blocked_masked_attention = blocked if ours else sdpa_under_mask
         few_rows.MAX_SLOTS_PER_EXPERT = limit if ours else 0
         with torch.inference_mode():
             return model(ids, cache=model.new_cache(1, 512), last_logits_only=True).logits
@@ -120,13 +126,6 @@ def prefill(config: str, rounds: int = 5) -> None:
     print(f"\n| cached prefill, 512 tokens | experts op + blocked attention | dispatched + SDPA | speed-up |\n"
           f"|---|---:|---:|---:|\n| config {config} | {ours * 1e3:.1f} ms ({512 / ours:,.0f} tok/s) | "
           f"{before * 1e3:.1f} ms ({512 / before:,.0f} tok/s) | {before / ours:.2f}x |")
-
-
-def _sdpa_causal(q_BHTQ, k_BHTQ, v_BHTV, scale):
-    """SDPA's causal attention, V padded to the QK dim for its fused kernel (`MLA.forward` beyond 1,024 tokens)."""
-    V = v_BHTV.shape[-1]
-    v_BHTQ = F.pad(v_BHTV, (0, q_BHTQ.shape[-1] - V))
-    return F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTQ, is_causal=True, scale=scale)[..., :V]
 
 
 def _fwd_bwd(attend, q, k, v, grad) -> tuple[torch.Tensor, ...]:
@@ -146,7 +145,7 @@ def training_attention(config: str, rounds: int = 5) -> None:
     H, Q, V, scale = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim, cfg.softmax_scale
     paths = {"kernel": lambda q, k, v: attention_module._KernelCausalAttention.apply(q, k, v, scale)[0],
              "blocked": lambda q, k, v: attention_module.blocked_causal_attention(q, k, v, scale),
-             "SDPA": lambda q, k, v: _sdpa_causal(q, k, v, scale)}
+             "SDPA": lambda q, k, v: _sdpa_padded(q, k, v, scale)}
     print(f"# {machine_info()}; config {config} (B {BATCH}, H {H}, QK {Q}, V {V}); medians of {rounds} rounds")
     print("| T | kernel fwd + bwd | blocked_causal_attention | SDPA | kernel vs blocked | kernel GFLOP/s |")
     print("|---:|---:|---:|---:|---:|---:|")

@@ -83,14 +83,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # first copies it (~6 ms per chunk of config A's LM head; the training step 1.02-1.05x on configs A and B,
             # in-process A/B, docs/benchmarks.md).
             torch.mm(grad_VC.t(), w_VD, out=grad_x_ND[start:start + chunk])
-            if grad_w_VD is None:  # fp32 accumulation across chunks, whatever the matmuls' dtype
-                grad_w_VD = (mm(grad_VC, x_CD) if takes_onednn(grad_VC, w_VD) else grad_VC @ x_CD).float()
-            elif takes_onednn(grad_VC, w_VD):
-                grad_w_VD += mm(grad_VC, x_CD)
-            elif grad_w_VD.dtype == x_CD.dtype:
-                grad_w_VD.addmm_(grad_VC, x_CD)
-            else:  # low-precision matmul
-                grad_w_VD += grad_VC @ x_CD
+            onednn = takes_onednn(grad_VC, w_VD)
+            if grad_w_VD is not None and not onednn and grad_w_VD.dtype == x_CD.dtype:
+                grad_w_VD.addmm_(grad_VC, x_CD)  # BLAS accumulates in place
+            else:
+                part_VD = mm(grad_VC, x_CD) if onednn else grad_VC @ x_CD
+                # fp32 accumulation across chunks, whatever the matmuls' dtype
+                grad_w_VD = part_VD.float() if grad_w_VD is None else grad_w_VD.add_(part_VD)
         if needs_grad and grad_w_VD is None:  # no rows
             grad_w_VD = torch.zeros_like(w_VD, dtype=torch.float32)
         # Plain attributes, not save_for_backward (they are neither inputs nor outputs): backward takes the only

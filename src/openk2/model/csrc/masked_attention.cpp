@@ -21,7 +21,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "attention_tiles.h"
@@ -32,6 +31,7 @@ namespace {
 
 using openk2_kernels::exp_sum;
 using openk2_kernels::kKeyStep;
+using openk2_kernels::pack_key_panels;
 using openk2_kernels::mask_scale_max;
 using openk2_kernels::parallel_by_work;
 using openk2_kernels::scores_rows;
@@ -104,11 +104,15 @@ at::Tensor masked_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   // Rows that see no key are zeros; every other row is written by its block.
   if (skipped) out.zero_();
 
-  // Keys in panels of 16 per head, [B, H, S / 16, Q, 16] (S padded with zero keys): a score tile reads one panel.
+  // Keys in panels of 16 per head (`pack_key_panels`, S padded with zero keys): a score tile reads one panel.
   const int64_t ldk = (S + kKeyStep - 1) / kKeyStep * kKeyStep;
-  at::Tensor k_padded = at::zeros({B, H, ldk, Q}, q.options());
-  k_padded.narrow(2, 0, S).copy_(k_in);
-  const at::Tensor panels = k_padded.view({B, H, ldk / kKeyStep, kKeyStep, Q}).permute({0, 1, 2, 4, 3}).contiguous();
+  const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  at::Tensor panels = at::empty({B * H, ldk * Q}, q.options());
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      pack_key_panels(k.data_ptr<float>() + i / H * k.stride(0) + i % H * k.stride(1), k.stride(2), S, Q,
+                      panels.data_ptr<float>() + i * ldk * Q);
+  });
 
   // Threads take runs of blocks of about equal multiply-adds (a causal block's grow with its keys).
   std::vector<int64_t> work_end(blocks.size());
