@@ -141,9 +141,11 @@ def test_fused_gate_up_has_the_same_gradients(monkeypatch):
 
 
 @pytest.mark.parametrize("shape", [(300, 256), (3, 5, 64)])
-def test_swiglu_halves_is_bitwise_autograds_chunk_silu_mul(shape):
-    """The fused gate-up path's SwiGLU (one [S, 2F] gradient buffer) gives autograd's exact values and gradients,
-    so switching to it left the pretraining losses bit-identical."""
+def test_swiglu_halves_is_bitwise_autograds_chunk_silu_mul(shape, monkeypatch):
+    """The fused gate-up path's SwiGLU (one [S, 2F] gradient buffer) through aten's ops gives autograd's exact values
+    and gradients, so switching to it left the pretraining losses bit-identical (the kernel library's path is
+    checked against float64 in tests/model/test_few_rows.py)."""
+    monkeypatch.setattr(moe_module, "_SWIGLU_KERNEL", False)
     a = torch.randn(*shape, requires_grad=True)
     b = a.detach().clone().requires_grad_(True)
     grad = torch.randn(*shape[:-1], shape[-1] // 2)
@@ -153,6 +155,13 @@ def test_swiglu_halves_is_bitwise_autograds_chunk_silu_mul(shape):
     ref.backward(grad)
     out.backward(grad)
     assert torch.equal(ref, out) and torch.equal(a.grad, b.grad)
+    monkeypatch.setattr(moe_module, "_SWIGLU_KERNEL", True)  # the kernel library's path, where it builds
+    c = a.detach().clone().requires_grad_(True)
+    kernel_out = moe_module._SwiGLUHalves.apply(c)
+    kernel_out.backward(grad)
+    assert kernel_out.shape == ref.shape
+    assert torch.allclose(kernel_out, ref, rtol=1e-5, atol=1e-6) and torch.allclose(c.grad, a.grad, rtol=1e-5,
+                                                                                     atol=1e-6)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None}])

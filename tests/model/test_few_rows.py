@@ -217,6 +217,99 @@ def test_causal_attention_and_its_backward_equal_float64_reference(batch, heads,
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows, cols", [(2048, 128), (128, 2048), (16, 8), (17, 9), (37, 29), (8, 3), (1, 5), (40, 1)])
+def test_transpose_copy_equals_contiguous(rows, cols):
+    """The transposing copy oneDNN's left operands take (`matmul._onednn`): equal to `contiguous()` for transposed
+    views with padded rows, whole 16 x 8 blocks and every tail, on 1 and 2 threads; other layouts pass through."""
+    assert few_rows.available(), few_rows._state.get("error")
+    base_CR = torch.randn(cols, rows + 3, generator=torch.Generator().manual_seed(rows * cols))[:, :rows]
+    for threads in (1, 2):
+        with _threads(threads):
+            got_RC = few_rows.transpose_copy(base_CR.t())
+            assert got_RC.is_contiguous() and torch.equal(got_RC, base_CR.t().contiguous())
+    plain_RC = torch.randn(rows, cols)
+    assert torch.equal(few_rows.transpose_copy(plain_RC), plain_RC)
+    with pytest.raises(RuntimeError, match="2-D fp32 CPU tensor"):
+        few_rows.transpose_copy(plain_RC.double())
+
+
+@needs_kernel
+def test_weight_gradients_through_the_transposing_copy_equal_aten_copies(monkeypatch):
+    """A `Linear`'s gradients with oneDNN's transposed left operands copied by the kernel equal those with aten's
+    copy, bit for bit (both forms of `matmul._weight_grad`: N < K and N >= K)."""
+    from openk2.model import matmul
+    from openk2.model.matmul import Linear
+
+    if not matmul.ENABLED:
+        pytest.skip("oneDNN is not built into this torch")
+    grads = []
+    for copy in (few_rows.transpose_copy, lambda x: x.contiguous()):
+        monkeypatch.setattr(few_rows, "transpose_copy", copy)
+        for n_in, n_out in ((512, 256), (256, 1024)):
+            layer = Linear(n_in, n_out, bias=False)
+            torch.nn.init.normal_(layer.weight, generator=torch.Generator().manual_seed(n_in))
+            x = torch.randn(1024, n_in, generator=torch.Generator().manual_seed(n_out), requires_grad=True)
+            layer(x).square().sum().backward()
+            grads += [x.grad, layer.weight.grad]
+    for kernel_copy, aten_copy in zip(grads[:4], grads[4:], strict=True):
+        assert torch.equal(kernel_copy, aten_copy)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows, width", [(4096, 128), (33, 13), (7, 5), (1, 8)])
+def test_swiglu_and_its_backward_equal_float64_reference(rows, width):
+    """Training's SwiGLU (`swiglu`, `swiglu_backward`) against float64 autograd on the halves of one [S, 2F] tensor
+    (row stride 2F, as the fused gate-up product leaves them) with vector tails; the same numbers on 1 and 2
+    threads; shape errors named."""
+    assert few_rows.available(), few_rows._state.get("error")
+    gen = torch.Generator().manual_seed(rows + width)
+    gate_SF, up_SF = (torch.randn(rows, 2 * width, generator=gen) * 4).chunk(2, dim=-1)
+    grad_SF = torch.randn(rows, width, generator=gen)
+    runs = []
+    for threads in (1, 2):
+        with _threads(threads):
+            grad_S2F = torch.empty(rows, 2 * width)
+            few_rows.swiglu_backward(grad_SF, gate_SF, up_SF, *grad_S2F.chunk(2, dim=-1))
+            runs.append((few_rows.swiglu(gate_SF, up_SF), grad_S2F))
+    gate64, up64 = gate_SF.double().requires_grad_(), up_SF.double().requires_grad_()
+    ref_SF = F.silu(gate64) * up64
+    ref_SF.backward(grad_SF.double())
+    h_SF, grad_S2F = runs[0]
+    assert h_SF.is_contiguous()
+    assert torch.allclose(h_SF.double(), ref_SF.detach(), rtol=1e-6, atol=1e-6), (h_SF.double() - ref_SF).abs().max()
+    ref_S2F = torch.cat((gate64.grad, up64.grad), dim=-1)
+    assert torch.allclose(grad_S2F.double(), ref_S2F, rtol=1e-6, atol=1e-6), (grad_S2F.double() - ref_S2F).abs().max()
+    for one, two in zip(*runs, strict=True):
+        assert torch.equal(one, two)
+    with pytest.raises(RuntimeError, match="up has shape"):
+        few_rows.swiglu(gate_SF, up_SF[:, :-1])
+
+
+@needs_kernel
+def test_mlp_and_experts_through_the_swiglu_kernel_match_aten(monkeypatch):
+    """A dense MLP and a training step's routed experts (the fused gate-up path) give the same outputs and gradients
+    through the kernel as through aten's silu and mul, within fp32 rounding."""
+    from openk2.model import moe
+
+    cfg = get_preset("nano")
+    layer = moe.MoE(cfg)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(p.numel()))
+    x = torch.randn(2, 1024, cfg.hidden_size, generator=torch.Generator().manual_seed(0))  # >= 32 rows per expert
+    results = []
+    for kernel in (True, False):
+        monkeypatch.setattr(moe, "_SWIGLU_KERNEL", kernel)
+        layer.zero_grad()
+        x_in = x.clone().requires_grad_()
+        y = layer(x_in)
+        y.square().sum().backward()
+        results.append((y.detach(), x_in.grad, *(p.grad.clone() for p in layer.parameters() if p.grad is not None)))
+    assert len(results[0]) > 4
+    for got, ref in zip(*results, strict=True):
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), (got - ref).abs().max() / ref.abs().max()
+
+
+@needs_kernel
 def test_compiled_code_calls_the_kernel_without_graph_break():
     """Dynamo sees `available()` as a constant of the trace and the ops through their fake kernels."""
     gen = torch.Generator().manual_seed(0)

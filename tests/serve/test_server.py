@@ -156,9 +156,13 @@ def test_completions_echo_logprobs_equal_log_softmax(client, bundle):
         assert lp.token_logprobs[t] == pytest.approx(float(lsm[t - 1, full[t]]), abs=1e-4)
         assert max(lp.top_logprobs[t].values()) == pytest.approx(float(lsm[t - 1].max()), abs=1e-4)
     assert lp.text_offset[0] == lp.text_offset[1] == 0  # the added [BOS] is not part of the text
-    special = set(tok.special_ids)  # not printed: such a token sits at the end of the text, zero-width
-    assert all(o == len(choice.text) if t in special else choice.text[o:].startswith(t)
-               for o, t in zip(lp.text_offset[1:], lp.tokens[1:], strict=True))
+    special = set(tok.special_ids)  # not printed: zero-width, at the offset of the text that follows it
+    offsets, tokens = lp.text_offset[1:], lp.tokens[1:]
+    for i, (o, t) in enumerate(zip(offsets, tokens, strict=True)):
+        if t in special:
+            assert o == (offsets[i + 1] if i + 1 < len(offsets) else len(choice.text))
+        else:
+            assert choice.text[o:].startswith(t)
 
 
 def test_completions_scoring_like_an_eval_harness(client, bundle):

@@ -59,7 +59,8 @@ MAX_ROWS = 32
 MAX_SLOTS_PER_EXPERT = 128
 _CSRC = Path(__file__).with_name("csrc")
 SOURCES = tuple(_CSRC / name for name in ("few_rows.cpp", "latent_attention.cpp", "masked_attention.cpp",
-                                          "causal_attention.cpp", "block_cache.cpp"))
+                                          "causal_attention.cpp", "transpose.cpp", "swiglu.cpp",
+                                          "block_cache.cpp"))
 # Included by the sources: part of the cache key.
 HEADERS = (_CSRC / "tiles.h", _CSRC / "attention_tiles.h", _CSRC / "work_split.h")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
@@ -142,6 +143,18 @@ def _load() -> None:
     @torch.library.register_fake("openk2_kernels::masked_attention")
     def _(q_BHTQ, k_BHSQ, v_BHSV, mask_BTS, scale) -> torch.Tensor:
         return q_BHTQ.new_empty(*q_BHTQ.shape[:3], v_BHSV.shape[3])
+
+    @torch.library.register_fake("openk2_kernels::transpose_copy")
+    def _(x_RC: torch.Tensor) -> torch.Tensor:
+        return x_RC.new_empty(x_RC.shape)
+
+    @torch.library.register_fake("openk2_kernels::swiglu")
+    def _(gate_SF: torch.Tensor, up_SF: torch.Tensor) -> torch.Tensor:
+        return gate_SF.new_empty(gate_SF.shape)
+
+    @torch.library.register_fake("openk2_kernels::swiglu_backward")
+    def _(grad_SF, gate_SF, up_SF, grad_gate_SF, grad_up_SF) -> None:
+        return None
 
     @torch.library.register_fake("openk2_kernels::causal_attention")
     def _(q_BHTQ, k_BHTQ, v_BHTV, scale):
@@ -266,3 +279,22 @@ def causal_attention_backward(grad_BHTV: torch.Tensor, q_BHTQ: torch.Tensor, k_B
     """The gradients of `causal_attention`'s output with respect to q, k and v (views of [B, T, H, *] tensors)."""
     return torch.ops.openk2_kernels.causal_attention_backward(grad_BHTV, q_BHTQ, k_BHTQ, v_BHTV, out_BHTV, lse_BHT,
                                                               scale)
+
+
+def transpose_copy(x_RC: torch.Tensor) -> torch.Tensor:
+    """`x.contiguous()` of a 2-D fp32 CPU tensor, by 8 x 8 register transposes on torch's threads when x is a
+    transposed view (unit stride along its rows; `csrc/transpose.cpp`), where aten copies on one thread. Call it
+    where `available()`."""
+    return torch.ops.openk2_kernels.transpose_copy(x_RC)
+
+
+def swiglu(gate_SF: torch.Tensor, up_SF: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up [S, F] in one pass (`csrc/swiglu.cpp`); gate and up 2-D fp32 CPU with unit stride along F."""
+    return torch.ops.openk2_kernels.swiglu(gate_SF, up_SF)
+
+
+def swiglu_backward(grad_SF: torch.Tensor, gate_SF: torch.Tensor, up_SF: torch.Tensor, grad_gate_SF: torch.Tensor,
+                    grad_up_SF: torch.Tensor) -> None:
+    """`swiglu`'s gradients written into grad_gate and grad_up (views of one buffer where the caller wants them
+    together), one pass recomputing the sigmoid from gate."""
+    torch.ops.openk2_kernels.swiglu_backward(grad_SF, gate_SF, up_SF, grad_gate_SF, grad_up_SF)

@@ -44,9 +44,13 @@ MIN_ELEMENTS = 1 << 18
 def _onednn(a_MK: torch.Tensor, b_KN: torch.Tensor) -> torch.Tensor:
     """a @ b by oneDNN (`mkldnn._linear_pointwise` computes a @ w.T; strided operands are fine, except a broadcast
     one: a zero stride sends oneDNN down a reorder path that took 872 ms for a 2048 x 256 gradient, the backward of
-    `moe(x).sum()`, where a copy takes 0.3 ms)."""
+    `moe(x).sum()`, where a copy takes 0.3 ms). oneDNN copies a transposed left operand (every weight gradient's,
+    `_weight_grad`) contiguous through aten, on one thread: the kernel library's transposing copy does it at 4-5x
+    that speed (`few_rows.transpose_copy`)."""
     if 0 in a_MK.stride():
         a_MK = a_MK.contiguous()
+    elif a_MK.stride(0) == 1 and a_MK.shape[1] > 1 and few_rows.available():
+        a_MK = few_rows.transpose_copy(a_MK)
     if 0 in b_KN.stride():
         b_KN = b_KN.contiguous()
     return torch.ops.mkldnn._linear_pointwise(a_MK, b_KN.t(), None, "none", [], "")

@@ -29,7 +29,42 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _takes_swiglu_kernel(*tensors: torch.Tensor) -> bool:
+    return (_SWIGLU_KERNEL and not torch.compiler.is_compiling() and matmul.plain_fp32_cpu(*tensors)
+            and few_rows.available())
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up; eagerly on fp32 CPU tensors one pass of the kernel library's, forward and backward
+    (`csrc/swiglu.cpp`), where aten makes two and three."""
+    if not _takes_swiglu_kernel(gate, up) or gate.shape != up.shape or gate.numel() == 0:
+        return F.silu(gate) * up
+    return _SwiGLU.apply(gate, up)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """`swiglu` through the kernel: gate and up saved, the sigmoid recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return few_rows.swiglu(_rows(gate), _rows(up)).view(gate.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = ctx.saved_tensors
+        grad_gate, grad_up = gate.new_empty(gate.shape), up.new_empty(up.shape)
+        few_rows.swiglu_backward(_rows(grad), _rows(gate), _rows(up), _rows(grad_gate), _rows(grad_up))
+        return grad_gate, grad_up
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, last dim] with unit stride along the last dim, as the kernel takes it (a view where it can be)."""
+    x_RF = x.reshape(-1, x.shape[-1])
+    return x_RF if x_RF.stride(-1) == 1 else x_RF.contiguous()
 
 
 class Router(nn.Module):
@@ -169,19 +204,29 @@ class _SwiGLUHalves(torch.autograd.Function):
     """silu(gate) * up of the two halves of one [S, 2F] tensor (the fused gate-up matmul's output), whose backward
     writes both halves' gradients into one [S, 2F] buffer. `chunk` + silu + mul computes the same numbers, but
     autograd then builds each half's gradient as a zero-filled [S, 2F] tensor and adds the two (~3% of a nano CPU
-    training step). Same elementwise ops as autograd's (mul and silu_backward), so the gradients are equal."""
+    training step). Eagerly on fp32 CPU through the kernel library's one-pass forward and backward (`swiglu`);
+    elsewhere aten's ops as autograd runs them (mul and silu_backward), whose gradients equal autograd's."""
 
     @staticmethod
     def forward(ctx, gate_up_S2F: torch.Tensor) -> torch.Tensor:
         gate_SF, up_SF = gate_up_S2F.chunk(2, dim=-1)
+        if _takes_swiglu_kernel(gate_up_S2F) and gate_up_S2F.numel():
+            ctx.save_for_backward(gate_SF, up_SF)
+            return few_rows.swiglu(_rows(gate_SF), _rows(up_SF)).view(gate_SF.shape)
         silu_SF = F.silu(gate_SF)
         ctx.save_for_backward(gate_SF, up_SF, silu_SF)
         return silu_SF * up_SF
 
     @staticmethod
     def backward(ctx, grad_SF: torch.Tensor) -> torch.Tensor:
-        gate_SF, up_SF, silu_SF = ctx.saved_tensors
-        grad_S2F = grad_SF.new_empty(*grad_SF.shape[:-1], 2 * grad_SF.shape[-1])
+        saved = ctx.saved_tensors  # once: activation checkpointing unpacks each saved tensor once
+        width = grad_SF.shape[-1]
+        grad_S2F = grad_SF.new_empty(*grad_SF.shape[:-1], 2 * width)
+        if len(saved) == 2:  # the kernel's forward
+            grad_gate_RF, grad_up_RF = grad_S2F.view(-1, 2 * width).chunk(2, dim=-1)
+            few_rows.swiglu_backward(_rows(grad_SF), *map(_rows, saved), grad_gate_RF, grad_up_RF)
+            return grad_S2F
+        gate_SF, up_SF, silu_SF = saved
         grad_gate_SF, grad_up_SF = grad_S2F.chunk(2, dim=-1)
         torch.ops.aten.silu_backward(grad_SF * up_SF, gate_SF, grad_input=grad_gate_SF)
         torch.mul(grad_SF, silu_SF, out=grad_up_SF)
@@ -193,6 +238,8 @@ class _SwiGLUHalves(torch.autograd.Function):
 # less MoE time in training (measured on CPU, bench configs A and B). Forward-only calls (prefill, evaluation)
 # never fuse: there the copy was 40-110 ms of a 512-token config-C prefill on one thread, a third of its time.
 _FUSED_GATE_UP_MIN_ROWS_PER_EXPERT = 32
+# SwiGLU's elementwise part through the kernel library eagerly on fp32 CPU (`swiglu`); False: aten's silu and mul.
+_SWIGLU_KERNEL = True
 
 
 def default_moe_impl(device: torch.device) -> str:
