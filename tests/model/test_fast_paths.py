@@ -25,13 +25,14 @@ def _random_model(**overrides) -> K2Model:
     return model
 
 
-@pytest.mark.parametrize("chunk_rows", [None, 1, 7, 64])
-def test_linear_cross_entropy_matches_plain(chunk_rows):
+@pytest.mark.parametrize(("chunk_rows", "rows", "vocab"), [(None, 50, 30), (1, 50, 30), (7, 50, 30), (64, 50, 30),
+                                                          (256, 1000, 1024)])  # the last: oneDNN's products
+def test_linear_cross_entropy_matches_plain(chunk_rows, rows, vocab):
     torch.manual_seed(0)
-    x = torch.randn(50, 16, requires_grad=True)
-    w = torch.randn(30, 16, requires_grad=True)
-    labels = torch.randint(0, 30, (50,))
-    labels[[0, 3, 4, 49]] = -100
+    x = torch.randn(rows, 16, requires_grad=True)
+    w = torch.randn(vocab, 16, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows,))
+    labels[[0, 3, 4, rows - 1]] = -100
     x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     loss = linear_cross_entropy(x, w, labels, chunk_rows)
     ref = F.cross_entropy(x2 @ w2.t(), labels, ignore_index=-100, reduction="sum")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openk2.model import block_cache
+from openk2.model import block_cache, few_rows
 from openk2.model.attention import MLA
 from openk2.model.config import ModelConfig
 from openk2.model.kv_cache import KVCache
@@ -31,6 +31,8 @@ from openk2.model.rope import rope_cos_sin, rope_inv_freq
 IGNORE_INDEX = -100
 
 # Parameter groups by name (never by ndim): matrices, 3-D experts and the router go to Muon.
+# linear_cross_entropy's grad_x by oneDNN against a transposed copy of the LM head (False: aten's GEMM).
+_GRAD_X_BY_ONEDNN = True
 _ADAMW_PATTERN = re.compile(r"(embed_tokens|lm_head|norm)\.weight$|\.bias$")
 _MUON_PATTERN = re.compile(r"(_proj(_with_mqa)?\.weight|experts\.(gate|up|down)_proj|mlp\.gate\.weight)$")
 # Output projections that write into the residual stream get a depth-scaled init (GPT-2 style).
@@ -60,6 +62,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = x_ND.new_zeros((), dtype=torch.float32)
         grad_x_ND = torch.empty_like(x_ND) if needs_grad else None
         grad_w_VD = None  # the first chunk's product, then the sum (no zeroed [V, D] to add the first one to)
+        # With several chunks, w.T made contiguous once for all of them: oneDNN's (w.T @ grad).T for grad_x, 1.1x
+        # aten's grad.T @ w on config A's chunks (the training step 1.004-1.030x on A, 1.018x on B).
+        w_DV = (few_rows.transpose_copy(w_VD.t()) if needs_grad and _GRAD_X_BY_ONEDNN and takes_onednn(w_VD)
+                and few_rows.available() and x_ND.shape[0] > chunk else None)
         for start in range(0, x_ND.shape[0], chunk):
             # The previous chunk's logits go before the next product allocates: the allocator hands their block back
             # instead of mapping a second one, whose pages fault in on every step (4,096 faults, ~3 ms at 16 MiB).
@@ -79,10 +85,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d(loss)/d(logits) = softmax - onehot(target), zero on ignored rows.
             grad_VC = exp_VC.mul_(valid_1C / sum_1C).scatter_add_(0, target_1C, -valid_1C.to(exp_VC.dtype))
             grad_VC = grad_VC.to(x_ND.dtype)
-            # grad_x by aten's GEMM in every case: BLAS reads the transposed grad in place, where oneDNN's linear
-            # first copies it (~6 ms per chunk of config A's LM head; the training step 1.02-1.05x on configs A and B,
-            # in-process A/B, docs/benchmarks.md).
-            torch.mm(grad_VC.t(), w_VD, out=grad_x_ND[start:start + chunk])
+            # grad_x: oneDNN's (w.T @ grad).T, or aten's GEMM, which reads the transposed grad in place, where
+            # oneDNN's grad.T @ w would first copy it (~6 ms per chunk of config A's LM head; docs/benchmarks.md).
+            if w_DV is not None:
+                grad_x_ND[start:start + chunk] = mm(w_DV, grad_VC).t()
+            else:
+                torch.mm(grad_VC.t(), w_VD, out=grad_x_ND[start:start + chunk])
             onednn = takes_onednn(grad_VC, w_VD)
             if grad_w_VD is not None and not onednn and grad_w_VD.dtype == x_CD.dtype:
                 grad_w_VD.addmm_(grad_VC, x_CD)  # BLAS accumulates in place
