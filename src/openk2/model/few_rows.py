@@ -16,15 +16,19 @@ latent cache (`csrc/latent_attention.cpp`, `latent_attention`), whose sum over k
 latency-bound chains, a cached prefill's masked attention (`csrc/masked_attention.cpp`, `masked_attention`:
 register-tiled scores where batched matmuls make five passes over them), training's causal attention and its
 backward (`csrc/causal_attention.cpp`, `causal_attention`, `causal_attention_backward`: one head at a time in a
-thread's cache, where MLA's small heads ran batched matmuls at half the fp32 peak), and the training steps' caching
-allocator (`csrc/block_cache.cpp`, `openk2.model.block_cache`).
+thread's cache, where MLA's small heads ran batched matmuls at half the fp32 peak), training's one-pass SwiGLU and
+RMSNorm forward and backward (`csrc/swiglu.cpp`, `csrc/rms_norm.cpp`), the transposing copy oneDNN's weight-gradient
+operands need (`csrc/transpose.cpp`), and the training steps' caching allocator (`csrc/block_cache.cpp`,
+`openk2.model.block_cache`).
 It is compiled on first use with the C++ compiler torch.compile's CPU backend needs anyway (~5-15 s), into
 `~/.cache/openk2/kernels` (`OPENK2_KERNEL_CACHE`), keyed by the sources, torch's version and the flags, and loaded as
 the ops `torch.ops.openk2_kernels.few_rows_mm`, `.few_rows_experts`, `.latent_attention`, `.masked_attention`,
-`.causal_attention` and `.causal_attention_backward`, which Dynamo and Inductor see as plain ops.
+`.causal_attention`, `.causal_attention_backward`, `.swiglu`, `.rms_norm` (each with its backward) and
+`.transpose_copy`, which Dynamo and Inductor see as plain ops.
 
-The ops have no autograd formulas: the decode step and other inference code call them, and training attention
-calls the backward op from `attention._KernelCausalAttention`. CPUs without AVX2 and FMA, other architectures, or
+The ops have no autograd formulas: the decode step and other inference code call them, and training calls the
+backward ops from its own autograd functions (`attention._KernelCausalAttention`, `moe._SwiGLU`,
+`norm._KernelRMSNorm`). CPUs without AVX2 and FMA, other architectures, or
 a failed build fall back to the caller's path (oneDNN or aten's), with one warning for a failed build.
 `OPENK2_FEW_ROWS=0` in the environment turns it off.
 """
@@ -60,7 +64,7 @@ MAX_SLOTS_PER_EXPERT = 128
 _CSRC = Path(__file__).with_name("csrc")
 SOURCES = tuple(_CSRC / name for name in ("few_rows.cpp", "latent_attention.cpp", "masked_attention.cpp",
                                           "causal_attention.cpp", "transpose.cpp", "swiglu.cpp",
-                                          "block_cache.cpp"))
+                                          "rms_norm.cpp", "block_cache.cpp"))
 # Included by the sources: part of the cache key.
 HEADERS = (_CSRC / "tiles.h", _CSRC / "attention_tiles.h", _CSRC / "work_split.h")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c++20")
@@ -155,6 +159,15 @@ def _load() -> None:
     @torch.library.register_fake("openk2_kernels::swiglu_backward")
     def _(grad_SF, gate_SF, up_SF, grad_gate_SF, grad_up_SF) -> None:
         return None
+
+    @torch.library.register_fake("openk2_kernels::rms_norm")
+    def _(x_ND: torch.Tensor, w_D: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return x_ND.new_empty(x_ND.shape), x_ND.new_empty(x_ND.shape[0])
+
+    @torch.library.register_fake("openk2_kernels::rms_norm_backward")
+    def _(grad_ND, x_ND, rstd_N, w_D, need_dx, need_dw) -> tuple[torch.Tensor, torch.Tensor]:
+        N, D = x_ND.shape
+        return x_ND.new_empty(N if need_dx else 0, D), x_ND.new_empty(D if need_dw else 0)
 
     @torch.library.register_fake("openk2_kernels::causal_attention")
     def _(q_BHTQ, k_BHTQ, v_BHTV, scale):
@@ -298,3 +311,16 @@ def swiglu_backward(grad_SF: torch.Tensor, gate_SF: torch.Tensor, up_SF: torch.T
     """`swiglu`'s gradients written into grad_gate and grad_up (views of one buffer where the caller wants them
     together), one pass recomputing the sigmoid from gate."""
     torch.ops.openk2_kernels.swiglu_backward(grad_SF, gate_SF, up_SF, grad_gate_SF, grad_up_SF)
+
+
+def rms_norm(x_ND: torch.Tensor, w_D: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm's output [N, D] and each row's 1 / rms [N], one pass over x (`csrc/rms_norm.cpp`); x with unit
+    stride along D."""
+    return torch.ops.openk2_kernels.rms_norm(x_ND, w_D, eps)
+
+
+def rms_norm_backward(grad_ND: torch.Tensor, x_ND: torch.Tensor, rstd_N: torch.Tensor, w_D: torch.Tensor,
+                      need_dx: bool = True, need_dw: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rms_norm`'s gradients (dx [N, D], dw [D]; empty where not asked for), one pass over the rows; dw the same
+    on any number of threads."""
+    return torch.ops.openk2_kernels.rms_norm_backward(grad_ND, x_ND, rstd_N, w_D, need_dx, need_dw)

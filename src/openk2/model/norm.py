@@ -4,8 +4,10 @@ Why: `nn.RMSNorm` is a composite of pow, mean, add, rsqrt and two products, and 
 about fifteen ops and their temporaries per norm and step, on tensors as large as the residual stream. This function
 computes the same numbers in four forward passes (the row norms, two products) and five backward ones, with the row
 dot products as `vecdot` reductions (no temporaries): the training step 1.021x on config A (17 norms a step,
-in-process A/B, docs/benchmarks.md, "Loss chunks, RMSNorm's backward, the experts' sum"). Only plain fp32 CPU training
-takes it; inference, CUDA (which has a fused kernel), DTensors and other dtypes keep torch's.
+in-process A/B, docs/benchmarks.md, "Loss chunks, RMSNorm's backward, the experts' sum"). Where the kernel library
+builds (`openk2.model.few_rows`), one pass of its own forward and one backward take their place (`csrc/rms_norm.cpp`:
+the training step 1.008-1.028x on config A, 1.018x on B). Only plain fp32 CPU training takes either; inference, CUDA
+(which has a fused kernel), DTensors and other dtypes keep torch's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from openk2.model import few_rows
 from openk2.model.matmul import plain_fp32_cpu
 
 
@@ -42,6 +45,35 @@ class _RMSNormFunction(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+class _KernelRMSNorm(torch.autograd.Function):
+    """`_RMSNormFunction` through the kernel library (`few_rows.rms_norm`): one pass forward, one backward; saves x
+    (alive anyway as the residual stream) and rstd."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
+        x_ND = _rows(x)
+        y_ND, rstd_N = few_rows.rms_norm(x_ND, w_D, eps)
+        ctx.save_for_backward(x_ND, rstd_N, w_D)
+        return y_ND.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x_ND, rstd_N, w_D = ctx.saved_tensors
+        grad_x_ND, grad_w = few_rows.rms_norm_backward(_rows(grad), x_ND, rstd_N, w_D, ctx.needs_input_grad[0],
+                                                       ctx.needs_input_grad[1])
+        return (grad_x_ND.view(grad.shape) if ctx.needs_input_grad[0] else None,
+                grad_w if ctx.needs_input_grad[1] else None, None)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x_ND = x.reshape(-1, x.shape[-1])
+    return x_ND if x_ND.stride(-1) == 1 else x_ND.contiguous()
+
+
+# CPU training norms through the kernel library where it builds (`_KernelRMSNorm`); False: `_RMSNormFunction`.
+_KERNEL = True
+
+
 class RMSNorm(nn.RMSNorm):
     """`nn.RMSNorm` (same parameter and state-dict names) whose CPU training forward and backward run
     `_RMSNormFunction`."""
@@ -51,5 +83,7 @@ class RMSNorm(nn.RMSNorm):
         if (w is not None and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
                 and plain_fp32_cpu(x, w)):
             eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+            if _KERNEL and x.numel() and few_rows.available():
+                return _KernelRMSNorm.apply(x, w, eps)
             return _RMSNormFunction.apply(x, w, eps)
         return super().forward(x)
