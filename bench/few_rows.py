@@ -5,6 +5,7 @@ weight shapes: time per product and the weight's read bandwidth, at 1, 2, 4, 8 a
     PYTHONPATH=src .venv/bin/python bench/few_rows.py --eager-model --config C   # the model's eager calls instead
     PYTHONPATH=src .venv/bin/python bench/few_rows.py --prefill --config A       # a prefill's experts and attention
     PYTHONPATH=src .venv/bin/python bench/few_rows.py --training-attention --config A   # training's attention
+    PYTHONPATH=src .venv/bin/python bench/few_rows.py --training-ops --config A   # transposes, SwiGLU, RMSNorm
 
 Shapes are the bench config's (bench/common.py): the LM head, the dense MLP's up and down projections, an expert's
 and the attention's largest matrices. Each timing is the median of `--iters` calls after a warm-up; the weight is
@@ -21,6 +22,10 @@ SDPA under the cache's mask (what each replaced).
 
 `--training-attention`: training's causal attention, forward + backward, at the config's heads (batch 8, 256-1,024
 tokens) through the kernel library's `causal_attention`, `blocked_causal_attention` and SDPA, interleaved.
+
+`--training-ops`: the training step's other kernels against the aten ops they replace, at the bench step's shapes
+(batch 8 x 256 tokens), interleaved: the transposing copy oneDNN's weight gradients need, SwiGLU forward and
+backward, RMSNorm forward + backward.
 """
 
 from __future__ import annotations
@@ -170,6 +175,62 @@ def training_attention(config: str, rounds: int = 5) -> None:
               f"{blocked / kernel:.2f}x | {flops / kernel / 1e9:.0f} |", flush=True)
 
 
+def training_ops(config: str, rounds: int = 7) -> None:
+    """The transposing copy, SwiGLU and RMSNorm kernels against aten's ops at the config's training shapes; medians
+    of interleaved rounds."""
+    from common import BATCH, SEQ
+
+    from openk2.model.norm import _KernelRMSNorm, _RMSNormFunction
+
+    cfg = bench_config(config)
+    N, D, F_ = BATCH * SEQ, cfg.hidden_size, cfg.moe_intermediate_size
+    slots = N * cfg.num_experts_per_tok
+    gen = torch.Generator().manual_seed(0)
+    grad_NF, x_ND = torch.randn(N, F_, generator=gen), torch.randn(N, D, generator=gen)
+    gate_up = torch.randn(slots, 2 * F_, generator=gen)
+    gate, up = gate_up.chunk(2, dim=-1)
+    grad_SF = torch.randn(slots, F_, generator=gen)
+    grad_S2F = torch.empty(slots, 2 * F_)
+    w_D = torch.rand(D, generator=gen) + 0.5
+    x_req = x_ND.clone().requires_grad_()
+    w_req = w_D.clone().requires_grad_()
+
+    silu = F.silu(gate)  # aten's path saves it in the forward
+
+    def aten_swiglu_backward():
+        torch.ops.aten.silu_backward(grad_SF * up, gate, grad_input=grad_S2F[:, :F_])
+        torch.mul(grad_SF, silu, out=grad_S2F[:, F_:])
+
+    def norm(fn):
+        x_req.grad = w_req.grad = None
+        fn(x_req, w_req, 1e-6).backward(x_ND)
+
+    cases = {
+        f"transposed gradient [{N}, {F_}] made contiguous": (
+            lambda: grad_NF.t().contiguous(), lambda: few_rows.transpose_copy(grad_NF.t())),
+        f"transposed activations [{N}, {D}] made contiguous": (
+            lambda: x_ND.t().contiguous(), lambda: few_rows.transpose_copy(x_ND.t())),
+        f"SwiGLU forward, routed experts [{slots}, {F_}]": (
+            lambda: F.silu(gate) * up, lambda: few_rows.swiglu(gate, up)),
+        f"SwiGLU backward, routed experts [{slots}, {F_}]": (
+            aten_swiglu_backward,
+            lambda: few_rows.swiglu_backward(grad_SF, gate, up, grad_S2F[:, :F_], grad_S2F[:, F_:])),
+        f"RMSNorm forward + backward [{N}, {D}]": (
+            partial(norm, _RMSNormFunction.apply), partial(norm, _KernelRMSNorm.apply)),
+    }
+    assert torch.allclose(few_rows.swiglu(gate, up), F.silu(gate) * up, atol=1e-4)
+    print(f"# {machine_info()}; config {config}; medians of {rounds} interleaved rounds")
+    print("| op | aten | kernel | speedup |")
+    print("|---|---:|---:|---:|")
+    for name, (aten_fn, kernel_fn) in cases.items():
+        t = {"aten": [], "kernel": []}
+        for _ in range(rounds):
+            t["aten"].append(timeit(aten_fn, warmup=2, iters=10))
+            t["kernel"].append(timeit(kernel_fn, warmup=2, iters=10))
+        aten, kernel = (sorted(v)[rounds // 2] for v in t.values())
+        print(f"| {name} | {aten * 1e3:.3f} ms | {kernel * 1e3:.3f} ms | {aten / kernel:.2f}x |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="C")
@@ -180,6 +241,8 @@ def main() -> None:
     ap.add_argument("--prefill", action="store_true", help="time a prefill's experts and attention instead")
     ap.add_argument("--training-attention", action="store_true",
                     help="time training's causal attention, forward + backward, instead")
+    ap.add_argument("--training-ops", action="store_true",
+                    help="time training's transposing copy, SwiGLU and RMSNorm kernels against aten instead")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not few_rows.available():
@@ -190,6 +253,8 @@ def main() -> None:
         return prefill(args.config)
     if args.training_attention:
         return training_attention(args.config)
+    if args.training_ops:
+        return training_ops(args.config)
     cfg = bench_config(args.config)
     D = cfg.hidden_size
     shapes = {"LM head": (cfg.vocab_size, D), "MLP up": (cfg.intermediate_size, D),
