@@ -301,6 +301,13 @@ def transpose_copy(x_RC: torch.Tensor) -> torch.Tensor:
     return torch.ops.openk2_kernels.transpose_copy(x_RC)
 
 
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, last dim] with unit stride along the last dim, as the training kernels take it (a view where it
+    can be)."""
+    x_RF = x.reshape(-1, x.shape[-1])
+    return x_RF if x_RF.stride(-1) == 1 else x_RF.contiguous()
+
+
 def swiglu(gate_SF: torch.Tensor, up_SF: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up [S, F] in one pass (`csrc/swiglu.cpp`); gate and up 2-D fp32 CPU with unit stride along F."""
     return torch.ops.openk2_kernels.swiglu(gate_SF, up_SF)

@@ -16,6 +16,7 @@ from torch import nn
 
 from openk2.model import few_rows, matmul
 from openk2.model.config import ModelConfig
+from openk2.model.few_rows import as_rows
 from openk2.model.matmul import Linear
 
 
@@ -51,20 +52,14 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return few_rows.swiglu(_rows(gate), _rows(up)).view(gate.shape)
+        return few_rows.swiglu(as_rows(gate), as_rows(up)).view(gate.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
         grad_gate, grad_up = gate.new_empty(gate.shape), up.new_empty(up.shape)
-        few_rows.swiglu_backward(_rows(grad), _rows(gate), _rows(up), _rows(grad_gate), _rows(grad_up))
+        few_rows.swiglu_backward(as_rows(grad), as_rows(gate), as_rows(up), as_rows(grad_gate), as_rows(grad_up))
         return grad_gate, grad_up
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as [rows, last dim] with unit stride along the last dim, as the kernel takes it (a view where it can be)."""
-    x_RF = x.reshape(-1, x.shape[-1])
-    return x_RF if x_RF.stride(-1) == 1 else x_RF.contiguous()
 
 
 class Router(nn.Module):
@@ -212,7 +207,7 @@ class _SwiGLUHalves(torch.autograd.Function):
         gate_SF, up_SF = gate_up_S2F.chunk(2, dim=-1)
         if _takes_swiglu_kernel(gate_up_S2F) and gate_up_S2F.numel():
             ctx.save_for_backward(gate_SF, up_SF)
-            return few_rows.swiglu(_rows(gate_SF), _rows(up_SF)).view(gate_SF.shape)
+            return few_rows.swiglu(as_rows(gate_SF), as_rows(up_SF)).view(gate_SF.shape)
         silu_SF = F.silu(gate_SF)
         ctx.save_for_backward(gate_SF, up_SF, silu_SF)
         return silu_SF * up_SF
@@ -224,7 +219,7 @@ class _SwiGLUHalves(torch.autograd.Function):
         grad_S2F = grad_SF.new_empty(*grad_SF.shape[:-1], 2 * width)
         if len(saved) == 2:  # the kernel's forward
             grad_gate_RF, grad_up_RF = grad_S2F.view(-1, 2 * width).chunk(2, dim=-1)
-            few_rows.swiglu_backward(_rows(grad_SF), *map(_rows, saved), grad_gate_RF, grad_up_RF)
+            few_rows.swiglu_backward(as_rows(grad_SF), *map(as_rows, saved), grad_gate_RF, grad_up_RF)
             return grad_S2F
         gate_SF, up_SF, silu_SF = saved
         grad_gate_SF, grad_up_SF = grad_S2F.chunk(2, dim=-1)

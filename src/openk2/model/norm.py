@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from openk2.model import few_rows
+from openk2.model.few_rows import as_rows
 from openk2.model.matmul import plain_fp32_cpu
 
 
@@ -51,7 +52,7 @@ class _KernelRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w_D: torch.Tensor, eps: float) -> torch.Tensor:
-        x_ND = _rows(x)
+        x_ND = as_rows(x)
         y_ND, rstd_N = few_rows.rms_norm(x_ND, w_D, eps)
         ctx.save_for_backward(x_ND, rstd_N, w_D)
         return y_ND.view(x.shape)
@@ -59,15 +60,10 @@ class _KernelRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x_ND, rstd_N, w_D = ctx.saved_tensors
-        grad_x_ND, grad_w = few_rows.rms_norm_backward(_rows(grad), x_ND, rstd_N, w_D, ctx.needs_input_grad[0],
+        grad_x_ND, grad_w = few_rows.rms_norm_backward(as_rows(grad), x_ND, rstd_N, w_D, ctx.needs_input_grad[0],
                                                        ctx.needs_input_grad[1])
         return (grad_x_ND.view(grad.shape) if ctx.needs_input_grad[0] else None,
                 grad_w if ctx.needs_input_grad[1] else None, None)
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    x_ND = x.reshape(-1, x.shape[-1])
-    return x_ND if x_ND.stride(-1) == 1 else x_ND.contiguous()
 
 
 # CPU training norms through the kernel library where it builds (`_KernelRMSNorm`); False: `_RMSNormFunction`.
@@ -76,7 +72,7 @@ _KERNEL = True
 
 class RMSNorm(nn.RMSNorm):
     """`nn.RMSNorm` (same parameter and state-dict names) whose CPU training forward and backward run
-    `_RMSNormFunction`."""
+    `_KernelRMSNorm` (or `_RMSNormFunction` without the kernel library)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight

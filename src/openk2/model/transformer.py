@@ -30,9 +30,9 @@ from openk2.model.rope import rope_cos_sin, rope_inv_freq
 
 IGNORE_INDEX = -100
 
-# Parameter groups by name (never by ndim): matrices, 3-D experts and the router go to Muon.
 # linear_cross_entropy's grad_x by oneDNN against a transposed copy of the LM head (False: aten's GEMM).
 _GRAD_X_BY_ONEDNN = True
+# Parameter groups by name (never by ndim): matrices, 3-D experts and the router go to Muon.
 _ADAMW_PATTERN = re.compile(r"(embed_tokens|lm_head|norm)\.weight$|\.bias$")
 _MUON_PATTERN = re.compile(r"(_proj(_with_mqa)?\.weight|experts\.(gate|up|down)_proj|mlp\.gate\.weight)$")
 # Output projections that write into the residual stream get a depth-scaled init (GPT-2 style).
