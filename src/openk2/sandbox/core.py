@@ -228,6 +228,15 @@ def _user_task_count(uid: int) -> int:
     return count
 
 
+def _await_namespace_teardown(uid: int, timeout_s: float = 10.0) -> None:
+    """Wait until no process runs as `uid`. Killing bwrap or unshare on a timeout ends the program's PID namespace,
+    but the kernel kills and reaps its processes after the launcher is gone: a fork bomb's thousands took longer than
+    0.2 s on a loaded 2-core host. A run returns only once they are."""
+    deadline = time.monotonic() + timeout_s
+    while _user_task_count(uid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def _kill_uid(uid: int) -> None:
     """SIGKILL every process running as `uid` (what a run left behind: daemons, setsid'd fork bombs). A child
     that switches to `uid` and calls kill(-1) reaches exactly those processes, with no race against pid reuse."""
@@ -459,6 +468,8 @@ class Sandbox:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 returncode = proc.wait()
+                if uid is not None and self.isolation != "rlimits-only":
+                    _await_namespace_teardown(uid)
             wall_s = time.monotonic() - start
             if uid is None:
                 # Children that stayed in the session (a backgrounded loop) must not outlive the run.
