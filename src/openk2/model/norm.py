@@ -79,7 +79,8 @@ class RMSNorm(nn.RMSNorm):
         if (w is not None and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
                 and plain_fp32_cpu(x, w)):
             eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-            if _KERNEL and x.numel() and few_rows.available():
+            # Compiled code keeps aten's passes, which Inductor fuses with the ops around them.
+            if _KERNEL and x.numel() and not torch.compiler.is_compiling() and few_rows.available():
                 return _KernelRMSNorm.apply(x, w, eps)
             return _RMSNormFunction.apply(x, w, eps)
         return super().forward(x)
