@@ -228,12 +228,25 @@ def _user_task_count(uid: int) -> int:
     return count
 
 
+def _live_process_of(uid: int) -> bool:
+    """Whether a process other than a zombie runs as `uid` (a zombie has exited and holds no resources; it waits
+    for a parent outside our control to reap it)."""
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if entry.stat().st_uid == uid:
+                    stat = Path(entry.path, "stat").read_bytes()
+                    if stat[stat.rindex(b")") + 2:][:1] != b"Z":
+                        return True
+    return False
+
+
 def _await_namespace_teardown(uid: int, timeout_s: float = 10.0) -> None:
-    """Wait until no process runs as `uid`. Killing bwrap or unshare on a timeout ends the program's PID namespace,
-    but the kernel kills and reaps its processes after the launcher is gone: a fork bomb's thousands took longer than
-    0.2 s on a loaded 2-core host. A run returns only once they are."""
+    """Wait until no live process runs as `uid`. Killing bwrap or unshare on a timeout ends the program's PID
+    namespace, but the kernel kills its processes after the launcher is gone: a fork bomb's thousands were still
+    running 0.2 s after a run on a loaded 2-core host. A run returns once they have exited."""
     deadline = time.monotonic() + timeout_s
-    while _user_task_count(uid) and time.monotonic() < deadline:
+    while _live_process_of(uid) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -468,9 +481,9 @@ class Sandbox:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 returncode = proc.wait()
-                if uid is not None and self.isolation != "rlimits-only":
-                    _await_namespace_teardown(uid)
             wall_s = time.monotonic() - start
+            if timed_out and uid is not None and self.isolation != "rlimits-only":
+                _await_namespace_teardown(uid)
             if uid is None:
                 # Children that stayed in the session (a backgrounded loop) must not outlive the run.
                 with contextlib.suppress(ProcessLookupError, PermissionError):
