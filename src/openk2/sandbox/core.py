@@ -20,7 +20,8 @@ stdout and stderr as files (so a chatty program cannot fill our memory or deadlo
 When the host runs as root, each concurrent run gets its own unprivileged uid (from ``uid_base``, claimed with a lock
 file so that sandboxes in other threads and processes never share one): files owned by
 root or other users are then not writable, the harness cannot be signalled, RLIMIT_NPROC counts only that run's
-processes (the kernel does not apply it to root), and after the run every process left with that uid is killed.
+processes (the kernel does not apply it to root), and after the run every process left with that uid is killed
+(``rlimits-only``) or, with a PID namespace, a timed-out run returns once the namespace's processes have exited.
 """
 
 from __future__ import annotations
