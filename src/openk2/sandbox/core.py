@@ -219,26 +219,31 @@ def _python_for(uid: int | None, notes: list[str]) -> str:
     return sys.executable
 
 
-def _user_task_count(uid: int) -> int:
-    count = 0
+def _processes_of(uid: int) -> Iterator[str]:
+    """The /proc directories of the processes running as `uid` (any of them may exit while the caller reads it)."""
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
                 if entry.stat().st_uid == uid:
-                    count += len(os.listdir(f"/proc/{entry.name}/task"))
+                    yield entry.path
+
+
+def _user_task_count(uid: int) -> int:
+    count = 0
+    for path in _processes_of(uid):
+        with contextlib.suppress(OSError):
+            count += len(os.listdir(f"{path}/task"))
     return count
 
 
 def _live_process_of(uid: int) -> bool:
     """Whether a process other than a zombie runs as `uid` (a zombie has exited and holds no resources; it waits
     for a parent outside our control to reap it)."""
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if entry.stat().st_uid == uid:
-                    stat = Path(entry.path, "stat").read_bytes()
-                    if stat[stat.rindex(b")") + 2:][:1] != b"Z":
-                        return True
+    for path in _processes_of(uid):
+        with contextlib.suppress(OSError):
+            stat = Path(path, "stat").read_bytes()
+            if stat[stat.rindex(b")") + 2:][:1] != b"Z":
+                return True
     return False
 
 

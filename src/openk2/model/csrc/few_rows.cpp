@@ -26,6 +26,7 @@ namespace {
 
 using openk2_kernels::exp8;
 using openk2_kernels::parallel_by_work;
+using openk2_kernels::swiglu_row;
 using openk2_kernels::tile;
 
 // All M rows of x against NR rows of w, 4 input rows at a time; the first block of input rows prefetches the next
@@ -104,19 +105,6 @@ at::Tensor few_rows_mm(const at::Tensor& x_in, const at::Tensor& w_in) {
     rows_range(x_p, ldx, M, w_p, ldw, K, y_p, N, b0 * kBlockRows, std::min(N, b1 * kBlockRows));
   });
   return y;
-}
-
-// h[i] = silu(h[i]) * up[i] * weight, 8 at a time: at a prefill's rows per expert, std::exp one value at a time
-// took a fifth of the experts op (config A, 512 tokens).
-inline void swiglu(float* h, const float* up, int64_t n, float weight) {
-  const __m256 one = _mm256_set1_ps(1.0f), weight_v = _mm256_set1_ps(weight);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 g = _mm256_loadu_ps(h + i);
-    const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-    _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_mul_ps(silu, _mm256_loadu_ps(up + i)), weight_v));
-  }
-  for (; i < n; ++i) h[i] = h[i] / (1.0f + std::exp(-h[i])) * up[i] * weight;
 }
 
 // A weight-row block of one expert: the unit of work of the routed experts' products.
@@ -213,7 +201,8 @@ at::Tensor few_rows_experts(const at::Tensor& x_in, const at::Tensor& ids_in, co
       rows_range(xr_p + r0 * D, D, M, gw_p + e * F * D, D, D, hr_p + r0 * 2 * F, 2 * F, n0, n1);
       rows_range(xr_p + r0 * D, D, M, uw_p + e * F * D, D, D, hr_p + r0 * 2 * F + F, 2 * F, n0, n1);
       for (int64_t r = r0; r < r0 + M; ++r)
-        swiglu(hr_p + r * 2 * F + n0, hr_p + r * 2 * F + F + n0, n1 - n0, gate_of_row[r]);
+        swiglu_row(hr_p + r * 2 * F + n0, hr_p + r * 2 * F + F + n0, hr_p + r * 2 * F + n0, n1 - n0,
+                   gate_of_row[r]);
     }
   });
   // down: y_rows = h @ down_e.T per expert.

@@ -24,6 +24,7 @@
 namespace {
 
 using openk2_kernels::exp8;
+using openk2_kernels::swiglu_row;
 
 // sigmoid(g) for 8 lanes: 1 / (1 + exp(-g)).
 inline __m256 sigmoid8(__m256 g) {
@@ -54,19 +55,7 @@ at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) {
   const float* g_p = gate.data_ptr<float>();
   const float* u_p = up.data_ptr<float>();
   float* h_p = h.data_ptr<float>();
-  over_rows(S, F, [&](int64_t r) {
-    const float* g = g_p + r * ldg;
-    const float* u = u_p + r * ldu;
-    float* out = h_p + r * F;
-    int64_t i = 0;
-    for (; i + 8 <= F; i += 8) {
-      const __m256 g8 = _mm256_loadu_ps(g + i);
-      const __m256 silu8 = _mm256_div_ps(g8, _mm256_add_ps(_mm256_set1_ps(1.0f),
-                                                           exp8(_mm256_sub_ps(_mm256_setzero_ps(), g8))));
-      _mm256_storeu_ps(out + i, _mm256_mul_ps(silu8, _mm256_loadu_ps(u + i)));
-    }
-    for (; i < F; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-  });
+  over_rows(S, F, [&](int64_t r) { swiglu_row(g_p + r * ldg, u_p + r * ldu, h_p + r * F, F, 1.0f); });
   return h;
 }
 

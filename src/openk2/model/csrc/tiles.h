@@ -1,4 +1,4 @@
-// Shared AVX2 + FMA building blocks of the kernel library (few_rows.cpp, latent_attention.cpp).
+// Shared AVX2 + FMA building blocks of the kernel library (included by its sources).
 #pragma once
 
 #include <immintrin.h>
@@ -68,6 +68,20 @@ inline float mask_scale_max(float* p, const bool* mask, int64_t n, float scale) 
     top = std::max(top, p[s]);
   }
   return top;
+}
+
+// out[i] = silu(gate[i]) * up[i] * weight, 8 at a time (out may be gate): the decode experts' activations
+// (`few_rows_experts`, weighted by the token's gate) and training's SwiGLU forward (`csrc/swiglu.cpp`, weight 1). At a
+// prefill's rows per expert, std::exp one value at a time took a fifth of the experts op (config A, 512 tokens).
+inline void swiglu_row(const float* gate, const float* up, float* out, int64_t n, float weight) {
+  const __m256 one = _mm256_set1_ps(1.0f), weight_v = _mm256_set1_ps(weight);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(silu, _mm256_loadu_ps(up + i)), weight_v));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i] * weight;
 }
 
 // Its second half: p[s] = exp(p[s] - top), 8 at a time (masked keys: exp8 of -inf is 0); returns their sum.
