@@ -1,7 +1,9 @@
-"""GPU check (run by bench/gpu_check.sh): bf16 training throughput and MFU of a ~1B-parameter K2-shaped model, and
-peak memory with and without the activation-memory switches. One process, one GPU, under 8 minutes.
+"""GPU check (run by bench/gpu_check.sh): bf16 training throughput and MFU of a ~1B-parameter K2-shaped model, peak
+memory with and without the activation-memory switches, and the compiled decode step (CUDA graphs) against the eager
+path. One process, one GPU, under 9 minutes.
 
     .venv/bin/python bench/gpu_check.py [--out DIR]          # on a CUDA machine
+    .venv/bin/python bench/gpu_check.py --parts decode       # only the decode check
     .venv/bin/python bench/gpu_check.py --cpu-smoke          # the same code path on CPU with the tiny preset
 
 The model ("k2-1b") keeps K2's shape at 1/1000 of its size: MLA with q/kv LoRA, 64 routed experts top-4 plus one
@@ -9,6 +11,12 @@ shared expert (K2: 384 top-8 + 1), the first layer dense. Training is the single
 master weights, bf16 autocast, fused chunked cross-entropy, MuonClip). MFU = model FLOPs per token (6 x activated
 matmul parameters + attention, bench/common.py) x tokens/s over the GPU's dense bf16 peak (spec sheet for
 H100/H200/A100, else a measured bf16 matmul peak; both are reported).
+
+Decode: the same model in the serving dtype (bf16 weights on CUDA, `openk2.model.dtype`), greedy `generate` of
+`--decode-tokens` tokens after a 16-token prompt at batch 1 and 8, compiled (`DecodeStep`: Inductor with
+`mode="reduce-overhead"`, i.e. CUDA graphs) and eager. It reports tokens/s of each, the first (compiling) call's
+seconds, and how many greedy tokens the two paths share before they first differ (bf16 rounding may flip a near-tie
+between random weights' logits; the CPU tests hold the paths to equal tokens in fp32).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import matmul_peak_flops, train_flops_per_token  # noqa: E402
 
 from openk2.model import build_model, count_params, get_preset  # noqa: E402
+from openk2.model.generate import generate  # noqa: E402
 from openk2.optim import MuonClip  # noqa: E402
 from openk2.parallel.activation import apply_activation_memory  # noqa: E402
 from openk2.parallel.layout import ParallelLayout  # noqa: E402
@@ -90,6 +99,43 @@ def run_config(name: str, switches: dict, cfg, args, device: torch.device) -> di
     return out
 
 
+def _timed_generate(model, prompt_BT: torch.Tensor, n: int, compile: bool, device: torch.device
+                    ) -> tuple[torch.Tensor, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out_BT = generate(model, prompt_BT, max_new_tokens=n, compile=compile)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out_BT, time.perf_counter() - t0
+
+
+def run_decode(cfg, args, device: torch.device) -> list[dict]:
+    """Compiled vs eager greedy decode at batch 1 and 8 (see the module docstring)."""
+    model = build_model(cfg, device=device, seed=0).eval()
+    if device.type == "cuda":
+        model.to(torch.bfloat16)
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    rows = []
+    for batch in (1, 8):
+        prompt_BT = torch.randint(0, cfg.vocab_size, (batch, 16), generator=gen).to(device)
+        r: dict = {"batch": batch, "new_tokens": args.decode_tokens}
+        for label, compiled in (("compiled", True), ("eager", False)):
+            _, r[f"{label}_first_call_s"] = _timed_generate(model, prompt_BT, args.decode_tokens, compiled, device)
+            times = []
+            for _ in range(args.decode_rounds):
+                out_BT, seconds = _timed_generate(model, prompt_BT, args.decode_tokens, compiled, device)
+                times.append(seconds)
+            r[f"{label}_tokens_per_s"] = batch * args.decode_tokens / statistics.median(times)
+            r[f"{label}_tokens"] = out_BT[:, 16:].cpu()
+        same_BN = (r.pop("compiled_tokens") == r.pop("eager_tokens")).long()
+        r["greedy_tokens_shared"] = int(same_BN.cumprod(dim=1).sum(dim=1).min())  # the shortest shared prefix
+        r["compiled_over_eager"] = r["compiled_tokens_per_s"] / r["eager_tokens_per_s"]
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=8)
@@ -97,6 +143,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--configs", default=",".join(SWITCHES))
+    ap.add_argument("--parts", default="train,decode", help="train, decode or both (comma-separated)")
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--decode-rounds", type=int, default=3)
     ap.add_argument("--cpu-smoke", action="store_true", help="run the code path on CPU with the tiny preset")
     ap.add_argument("--out", type=Path, help="directory for gpu_check.json")
     args = ap.parse_args()
@@ -104,6 +153,7 @@ def main() -> None:
         device = torch.device("cpu")
         cfg = get_preset("tiny", vocab_size=256)
         args.batch, args.seq, args.warmup, args.steps = 2, 64, 1, 1
+        args.decode_tokens, args.decode_rounds = 8, 1
     else:
         if not torch.cuda.is_available():
             sys.exit("no CUDA device: run with --cpu-smoke to check the script, or on a GPU machine")
@@ -115,9 +165,14 @@ def main() -> None:
     measured_peak = matmul_peak_flops(4096 if device.type == "cuda" else 256,
                                       torch.bfloat16 if device.type == "cuda" else torch.float32)
     peak = spec_peak(name) or measured_peak
-    rows = []
+    parts = set(args.parts.split(","))
+    if not parts <= {"train", "decode"}:
+        sys.exit(f"--parts takes train and/or decode, got {args.parts!r}")
+    rows, decode_rows = [], []
     t_start = time.perf_counter()
-    for c in args.configs.split(","):
+    if "decode" in parts:
+        decode_rows = run_decode(cfg, args, device)
+    for c in (args.configs.split(",") if "train" in parts else []):
         r = run_config(c, SWITCHES[c], cfg, args, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the previous config's model and optimizer are gone
@@ -128,17 +183,29 @@ def main() -> None:
     result = {
         "device": name, "torch": torch.__version__, "params_total": counts.total, "params_activated": counts.activated,
         "batch": args.batch, "seq": args.seq, "flops_per_token": flops_per_token, "peak_flops_spec": spec_peak(name),
-        "peak_flops_measured_matmul": measured_peak, "rows": rows, "wall_s": time.perf_counter() - t_start,
+        "peak_flops_measured_matmul": measured_peak, "rows": rows, "decode": decode_rows,
+        "wall_s": time.perf_counter() - t_start,
     }
     model_name = "tiny (CPU smoke run: nothing measured)" if args.cpu_smoke else "k2-1b"
     dtype = "fp32" if args.cpu_smoke else "bf16 autocast"
-    print(f"\n{name}: {model_name} {counts.total / 1e9:.2f}B total / {counts.activated / 1e9:.3f}B activated, "
-          f"batch {args.batch} x {args.seq}, {dtype}, MuonClip")
-    print("| config | tokens/s | MFU | peak memory GiB | step s |")
-    print("|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['config']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_mem_gib']:.2f} | "
-              f"{r['step_s']:.3f} |")
+    print(f"\n{name}: {model_name} {counts.total / 1e9:.2f}B total / {counts.activated / 1e9:.3f}B activated")
+    if rows:
+        print(f"training: batch {args.batch} x {args.seq}, {dtype}, MuonClip")
+        print("| config | tokens/s | MFU | peak memory GiB | step s |")
+        print("|---|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['config']} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | {r['peak_mem_gib']:.2f} | "
+                  f"{r['step_s']:.3f} |")
+    if decode_rows:
+        print(f"\ngreedy decode, {args.decode_tokens} tokens after a 16-token prompt, "
+              f"{'bf16' if device.type == 'cuda' else 'fp32'} weights")
+        print("| batch | compiled tok/s | eager tok/s | compiled / eager | first call s (compiled / eager) | "
+              "greedy tokens shared |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for r in decode_rows:
+            print(f"| {r['batch']} | {r['compiled_tokens_per_s']:,.0f} | {r['eager_tokens_per_s']:,.0f} | "
+                  f"{r['compiled_over_eager']:.2f}x | {r['compiled_first_call_s']:.1f} / "
+                  f"{r['eager_first_call_s']:.1f} | {r['greedy_tokens_shared']} of {r['new_tokens']} |")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2))
