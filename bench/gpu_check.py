@@ -120,6 +120,7 @@ def run_decode(cfg, args, device: torch.device) -> list[dict]:
     for batch in (1, 8):
         prompt_BT = torch.randint(0, cfg.vocab_size, (batch, 16), generator=gen).to(device)
         r: dict = {"batch": batch, "new_tokens": args.decode_tokens}
+        new_BN = {}
         for label, compiled in (("compiled", True), ("eager", False)):
             _, r[f"{label}_first_call_s"] = _timed_generate(model, prompt_BT, args.decode_tokens, compiled, device)
             times = []
@@ -127,8 +128,8 @@ def run_decode(cfg, args, device: torch.device) -> list[dict]:
                 out_BT, seconds = _timed_generate(model, prompt_BT, args.decode_tokens, compiled, device)
                 times.append(seconds)
             r[f"{label}_tokens_per_s"] = batch * args.decode_tokens / statistics.median(times)
-            r[f"{label}_tokens"] = out_BT[:, 16:].cpu()
-        same_BN = (r.pop("compiled_tokens") == r.pop("eager_tokens")).long()
+            new_BN[label] = out_BT[:, 16:].cpu()
+        same_BN = (new_BN["compiled"] == new_BN["eager"]).long()
         r["greedy_tokens_shared"] = int(same_BN.cumprod(dim=1).sum(dim=1).min())  # the shortest shared prefix
         r["compiled_over_eager"] = r["compiled_tokens_per_s"] / r["eager_tokens_per_s"]
         rows.append(r)
